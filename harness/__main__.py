@@ -1,0 +1,72 @@
+"""quantbench command line.
+
+    python -m harness run    [hydra overrides]   one configuration
+    python -m harness sweep  [hydra overrides]   comma lists expand to the cross product (Hydra multirun)
+    python -m harness report [--check]           MLflow runs -> reports/runs.jsonl, leaderboard.md, pareto.png
+    python -m harness ui                         MLflow UI on 127.0.0.1 against the configured store
+    python -m harness list                       models, methods, tasks, bit grammar
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+
+COMMANDS = ("run", "sweep", "report", "ui", "list")
+
+
+def _tracking_uri(value: str | None) -> str:
+    return value or os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if command in ("run", "sweep"):
+        from harness import cli_sweep
+
+        return cli_sweep.main(rest, multirun=command == "sweep")
+    if command == "report":
+        from harness import report
+
+        return report.main(rest)
+    if command == "ui":
+        parser = argparse.ArgumentParser(prog="python -m harness ui")
+        parser.add_argument("--tracking-uri", default=None)
+        parser.add_argument("--port", default="5000")
+        args = parser.parse_args(rest)
+        uri = _tracking_uri(args.tracking_uri)
+        print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}")
+        return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                "--host", "127.0.0.1", "--port", args.port])
+    return _list()
+
+
+def _list() -> int:
+    from harness.cli_sweep import group_options
+    from harness.data import CALIB_DATASETS, PPL_DATASETS
+    from harness.spec import BITS_GRAMMAR
+    from methods import METHODS
+
+    print("models:     " + ", ".join(group_options("model")) + "  (model=hf model.id=<hub id or path>)")
+    print("methods:    " + ", ".join(sorted(METHODS)))
+    print("perplexity: " + ", ".join(PPL_DATASETS))
+    print("calib:      " + ", ".join(CALIB_DATASETS))
+    print("budgets:    " + ", ".join(group_options("budget")))
+    print("bits:       " + BITS_GRAMMAR)
+    print(f"tracking:   {DEFAULT_TRACKING_URI} (env MLFLOW_TRACKING_URI), experiment {DEFAULT_EXPERIMENT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

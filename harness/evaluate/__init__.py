@@ -1,0 +1,1 @@
+"""Evaluators: perplexity, memory (and later zero-shot, latency)."""

@@ -1,0 +1,118 @@
+"""Honest memory accounting: bits per weight, model bytes as deployed, KV-cache bytes, peak RSS.
+
+* Quantized decoder linears count their codes + fp16 scales + zeros (+ codebooks when a method has them)
+  through `QLinear.storage_bits()`.
+* Every other parameter (embeddings, lm_head, norms, any linear left unquantized) is counted at 16 bits:
+  that is how the model is deployed. Tied embeddings are counted once (shared storage); a method that
+  unties them (rotations) pays for both.
+* KV cache per token: layers · 2 · kv_heads · head_dim elements at `kv` bits, plus an fp16 scale and,
+  for asymmetric grids, an fp16 zero per (token, head, group).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import psutil
+from torch import nn
+
+from methods.core.qlinear import QLinear, decoder_linears
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    quantized_weights: int
+    quantized_bits_per_weight: float  # over the quantized decoder linears
+    model_bits_per_weight: float  # over every stored parameter, 16-bit layers included
+    model_bytes: int
+    sixteen_bit_params: int
+    sixteen_bit_layers: str
+    kv_bytes_per_token: float
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "bits_per_weight": self.quantized_bits_per_weight,
+            "model_bits_per_weight": self.model_bits_per_weight,
+            "model_mb": self.model_bytes / 2**20,
+            "sixteen_bit_params": float(self.sixteen_bit_params),
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+        }
+
+
+def _unique_parameters(module: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
+    seen: dict[int, tuple[str, nn.Parameter]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(param), (name, param))
+    return seen
+
+
+def memory_report(model: nn.Module, kv_bits: int, kv_sym: bool = False, kv_group_size: int | None = None) -> MemoryReport:
+    linear_bits, linear_weights, linear_param_ids = 0, 0, set()
+    for _, _, _, module in decoder_linears(model):
+        if isinstance(module, QLinear):
+            linear_param_ids.add(id(module.weight))
+            linear_bits += module.storage_bits()
+            linear_weights += module.weight.numel()
+    other_params, other_names = 0, set()
+    for name, param in _unique_parameters(model).values():
+        if id(param) in linear_param_ids:
+            continue
+        other_params += param.numel()
+        if "norm" not in name and "layers." not in name:
+            other_names.add(name.rsplit(".", 1)[0])
+    total_bits = linear_bits + 16 * other_params
+    total_weights = linear_weights + other_params
+    return MemoryReport(
+        quantized_weights=linear_weights,
+        quantized_bits_per_weight=(linear_bits / linear_weights) if linear_weights else 16.0,
+        model_bits_per_weight=total_bits / total_weights,
+        model_bytes=total_bits // 8,
+        sixteen_bit_params=other_params,
+        sixteen_bit_layers=", ".join(sorted(other_names)) + ", norms" + (
+            "" if linear_weights else ", all decoder linears"
+        ),
+        kv_bytes_per_token=kv_bytes_per_token(model.config, kv_bits, kv_sym, kv_group_size),
+    )
+
+
+def kv_bytes_per_token(config, kv_bits: int, sym: bool = False, group_size: int | None = None) -> float:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    elements = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
+    if kv_bits >= 16:
+        return elements * 2.0
+    groups = elements / (group_size or head_dim)
+    meta_bytes = groups * (2 if sym else 4)
+    return elements * kv_bits / 8 + meta_bytes
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a background thread; `peak_mb` after the block."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._process = psutil.Process(os.getpid())
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20

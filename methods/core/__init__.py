@@ -1,0 +1,1 @@
+"""Shared quantization primitives; every method composes these."""

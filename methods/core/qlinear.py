@@ -1,0 +1,86 @@
+"""A linear layer with fake-quantized weights, an input (activation) quantizer and an optional online
+transform applied to the input before it is quantized (QuaRot's online Hadamard before down_proj)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from methods.core.quantizers import QuantizedWeight, fake_quantize_dynamic
+
+
+@dataclass(frozen=True)
+class ActQuantizer:
+    """Per-token dynamic activation quantizer (QuaRot §4: symmetric, per token, clip ratio 0.9)."""
+
+    bits: int
+    sym: bool = True
+    clip_ratio: float = 1.0
+    group_size: int | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_dynamic(x, self.bits, self.sym, self.clip_ratio, self.group_size)
+
+
+class QLinear(nn.Module):
+    """y = (Q_w(W)) · Q_a(T(x)) + b, simulated in floating point (the protocol every paper uses).
+
+    `weight` holds the dequantized weight; `qweight` keeps the codes/scales for packing and accounting.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        qweight: QuantizedWeight | None = None,
+        act_quant: ActQuantizer | None = None,
+        input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.qweight = qweight
+        self.act_quant = act_quant
+        self.input_transform = input_transform
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, **kwargs) -> QLinear:
+        return cls(linear.weight.data, None if linear.bias is None else linear.bias.data, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def storage_bits(self) -> int:
+        """Weight storage: packed codes + scales + zeros if quantized, else 16 bits per weight."""
+        if self.qweight is not None:
+            return self.qweight.storage_bits()
+        return self.weight.numel() * 16
+
+    def extra_repr(self) -> str:
+        wq = f"w{self.qweight.bits}g{self.qweight.group_size}" if self.qweight else "w16"
+        aq = f"a{self.act_quant.bits}" if self.act_quant else "a16"
+        return f"{self.in_features}->{self.out_features}, {wq}, {aq}, transform={self.input_transform is not None}"
+
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def decoder_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """Yield (qualified name, parent module, attribute, linear) for every linear inside decoder blocks.
+
+    Embeddings and lm_head are not decoder linears: they stay 16-bit, as in GPTQ/QuaRot/SpinQuant.
+    """
+    for layer_idx, layer in enumerate(model.model.layers):
+        for parent_name, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+            for attr in DECODER_LINEARS:
+                child = getattr(parent, attr, None)
+                if isinstance(child, (nn.Linear, QLinear)):
+                    yield f"model.layers.{layer_idx}.{parent_name}.{attr}", parent, attr, child

@@ -1,0 +1,173 @@
+"""Uniform quantizers: the grids every method shares.
+
+Conventions (those of GPTQ / QuaRot reference code, and of auto-round):
+* asymmetric, `b` bits: range [min(x, 0), max(x, 0)] scaled by `clip_ratio`,
+  scale = (max - min) / (2^b - 1), zero = round(-min / scale), q = clamp(round(x / scale) + zero, 0, 2^b - 1),
+  x̂ = scale · (q - zero).
+* symmetric, `b` bits: scale = clip_ratio · max|x| / (2^(b-1) - 1), q = clamp(round(x / scale), -2^(b-1), 2^(b-1) - 1),
+  x̂ = scale · q (codes are stored offset by 2^(b-1) so they are unsigned).
+The range always contains 0, so zero-padding a trailing partial group changes nothing: that is how
+per-group statistics handle widths that are not a multiple of the group size (e.g. 576 with g128).
+An all-zero group gets scale 1 (every code maps back to 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def _pad_to_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """Reshape the last dim into groups of `group_size`, zero-padding the trailing partial group."""
+    cols = x.shape[-1]
+    pad = (-cols) % group_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, group_size), cols
+
+
+def scale_zero(
+    x: torch.Tensor, bits: int, sym: bool, clip_ratio: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for a reduction over the last dim (keepdim). Zero is 0 for symmetric grids."""
+    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
+    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
+    if sym:
+        absmax = torch.maximum(xmin.abs(), xmax)
+        scale = absmax / (2 ** (bits - 1) - 1)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale, torch.zeros_like(scale)
+    scale = (xmax - xmin) / (2**bits - 1)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def code_range(bits: int, sym: bool) -> tuple[int, int]:
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    lo, hi = code_range(bits, sym)
+    return torch.clamp(torch.round(x / scale) + zero, lo, hi)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes - zero)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    """Round-to-nearest onto a given grid and back (Eq. 1 of most papers: x̂ = s·(clamp(⌊x/s⌉+z) − z))."""
+    return dequantize_codes(quantize_codes(x, scale, zero, bits, sym), scale, zero)
+
+
+def fake_quantize_dynamic(
+    x: torch.Tensor, bits: int, sym: bool, clip_ratio: float = 1.0, group_size: int | None = None
+) -> torch.Tensor:
+    """Per-row (per-token) dynamic quantization over the last dim, optionally in groups of `group_size`.
+
+    Used for activations (per token) and the KV cache (per token and head, group = head_dim or smaller).
+    """
+    if bits >= 16:
+        return x
+    dtype = x.dtype
+    xf = x.float()
+    if group_size is None or group_size >= x.shape[-1]:
+        scale, zero = scale_zero(xf, bits, sym, clip_ratio)
+        return fake_quantize(xf, scale, zero, bits, sym).to(dtype)
+    grouped, cols = _pad_to_groups(xf, group_size)
+    scale, zero = scale_zero(grouped, bits, sym, clip_ratio)
+    out = fake_quantize(grouped, scale, zero, bits, sym).reshape(*x.shape[:-1], -1)[..., :cols]
+    return out.to(dtype)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes plus per-(row, group) scales and zeros; enough to build a packed format later."""
+
+    codes: torch.Tensor  # int8, [out, in]; symmetric codes are signed
+    scales: torch.Tensor  # float, [out, n_groups]
+    zeros: torch.Tensor  # float (integer valued), [out, n_groups]
+    bits: int
+    sym: bool
+    group_size: int  # = in_features for per-channel
+
+    def dequantize(self) -> torch.Tensor:
+        out, cols = self.codes.shape
+        grouped, _ = _pad_to_groups(self.codes.float(), self.group_size)
+        w = dequantize_codes(grouped, self.scales.unsqueeze(-1), self.zeros.unsqueeze(-1))
+        return w.reshape(out, -1)[:, :cols]
+
+    def storage_bits(self, scale_bits: int = 16) -> int:
+        """Code bits + one fp16 scale per group + one `bits`-bit zero per group (asymmetric only)."""
+        n_groups = self.scales.numel()
+        zero_bits = 0 if self.sym else self.bits * n_groups
+        return self.codes.numel() * self.bits + n_groups * scale_bits + zero_bits
+
+
+@dataclass(frozen=True)
+class WeightQuantizer:
+    """Round-to-nearest weight quantizer: per output channel (`group_size=None`) or per group of inputs.
+
+    `mse_clip` searches the clip ratio per (row, group) on a grid in [`mse_min_ratio`, 1] minimising
+    ‖w − ŵ‖^p (p = 2.4, the GPTQ/QuaRot reference setting); otherwise `clip_ratio` is fixed.
+    """
+
+    bits: int
+    group_size: int | None = None
+    sym: bool = False
+    clip_ratio: float = 1.0
+    mse_clip: bool = False
+    mse_grid: int = 100
+    mse_min_ratio: float = 0.2
+    mse_norm: float = 2.4
+
+    def group_params(self, w_grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale/zero for weights already shaped [..., group]; picks the MSE-best clip if asked."""
+        if not self.mse_clip:
+            return scale_zero(w_grouped, self.bits, self.sym, self.clip_ratio)
+        best_err = torch.full(w_grouped.shape[:-1] + (1,), math.inf, device=w_grouped.device)
+        best_scale, best_zero = scale_zero(w_grouped, self.bits, self.sym, 1.0)
+        steps = int(round((1 - self.mse_min_ratio) * self.mse_grid))
+        for i in range(steps + 1):
+            ratio = 1.0 - i / self.mse_grid
+            scale, zero = scale_zero(w_grouped, self.bits, self.sym, ratio)
+            err = (fake_quantize(w_grouped, scale, zero, self.bits, self.sym) - w_grouped).abs()
+            err = err.pow(self.mse_norm).sum(dim=-1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+        return best_scale, best_zero
+
+    def effective_group(self, in_features: int) -> int:
+        return self.group_size if self.group_size else in_features
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        w = weight.detach().float()
+        group = self.effective_group(w.shape[1])
+        grouped, cols = _pad_to_groups(w, group)
+        scale, zero = self.group_params(grouped)
+        codes = quantize_codes(grouped, scale, zero, self.bits, self.sym).reshape(w.shape[0], -1)[:, :cols]
+        return QuantizedWeight(
+            codes=codes.to(torch.int8),
+            scales=scale.squeeze(-1),
+            zeros=zero.squeeze(-1),
+            bits=self.bits,
+            sym=self.sym,
+            group_size=group,
+        )
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """Straight-through rounding: forward round, backward identity (for QAT methods)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    """Fake quantization with a straight-through estimator; gradients reach x and (LSQ-style) scale."""
+    lo, hi = code_range(bits, sym)
+    q = torch.clamp(ste_round(x / scale) + zero, lo, hi)
+    return scale * (q - zero)

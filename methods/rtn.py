@@ -1,0 +1,78 @@
+"""RTN: round-to-nearest baseline for weights, activations and the KV cache (no calibration data).
+
+Weights: per output channel or per group of `g` inputs, symmetric or asymmetric, optional fixed clip ratio
+or MSE clip search. Activations: per-token dynamic quantization at the input of every decoder linear
+(QuaRot's RTN baseline setting). KV cache: per token and head, group-wise asymmetric, after RoPE.
+Embeddings and lm_head stay 16-bit, as in every paper compared here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from harness.spec import BitSpec
+from methods.base import QuantContext, QuantSummary, UnsupportedBits
+from methods.core.kv import KVQuantizer, attach_kv_quantization
+from methods.core.qlinear import ActQuantizer, QLinear, decoder_linears
+from methods.core.quantizers import WeightQuantizer
+
+INTEGER_WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16)
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    w_sym: bool = False
+    w_clip_ratio: float = 1.0
+    w_mse_clip: bool = False
+    a_sym: bool = True
+    a_clip_ratio: float = 1.0
+    kv_sym: bool = False
+    kv_clip_ratio: float = 1.0
+    kv_group_size: int | None = None
+
+
+def check_integer_bits(bits: BitSpec, method: str) -> None:
+    """Uniform-grid methods run integer weight widths 2..8 (or 16); 1 and 1.58 bit need ParetoQ's grids."""
+    if bits.w not in INTEGER_WEIGHT_BITS:
+        raise UnsupportedBits(
+            f"{method} does not support {bits}: weight bits must be one of "
+            f"{', '.join(str(b) for b in INTEGER_WEIGHT_BITS)} (1 and 1.58 bit need a ternary/binary method)"
+        )
+
+
+def attach_act_and_kv(model: nn.Module, bits: BitSpec, a_sym: bool, a_clip: float, kv_sym: bool, kv_clip: float,
+                      kv_group: int | None) -> None:
+    """Activation quantizers on every decoder linear's input and KV-cache quantizers, as `bits` asks."""
+    if bits.quantizes_activations:
+        act = ActQuantizer(bits.a, sym=a_sym, clip_ratio=a_clip)
+        for _, parent, attr, module in decoder_linears(model):
+            if not isinstance(module, QLinear):
+                module = QLinear.wrap(module)
+                setattr(parent, attr, module)
+            module.act_quant = act
+    if bits.quantizes_kv:
+        kvq = KVQuantizer(bits.kv, sym=kv_sym, clip_ratio=kv_clip, group_size=kv_group)
+        attach_kv_quantization(model, kvq, kvq)
+
+
+def quantize_weights_rtn(model: nn.Module, quantizer: WeightQuantizer) -> None:
+    for _, parent, attr, linear in decoder_linears(model):
+        qweight = quantizer.quantize(linear.weight.data)
+        qlinear = QLinear(qweight.dequantize().to(linear.weight.dtype), linear.bias, qweight=qweight)
+        setattr(parent, attr, qlinear)
+
+
+def supports(bits: BitSpec) -> None:
+    check_integer_bits(bits, "rtn")
+
+
+def quantize(model: nn.Module, cfg: RTNConfig, bits: BitSpec, ctx: QuantContext) -> QuantSummary:
+    if bits.quantizes_weights:
+        quantizer = WeightQuantizer(
+            int(bits.w), bits.group, sym=cfg.w_sym, clip_ratio=cfg.w_clip_ratio, mse_clip=cfg.w_mse_clip
+        )
+        quantize_weights_rtn(model, quantizer)
+    attach_act_and_kv(model, bits, cfg.a_sym, cfg.a_clip_ratio, cfg.kv_sym, cfg.kv_clip_ratio, cfg.kv_group_size)
+    return QuantSummary()
