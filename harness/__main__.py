@@ -1,10 +1,10 @@
 """quantbench command line.
 
-    python -m harness run    [hydra overrides]   one configuration
-    python -m harness sweep  [hydra overrides]   comma lists expand to the cross product (Hydra multirun)
-    python -m harness report [--check]           MLflow runs -> reports/runs.jsonl, leaderboard.md, pareto.png
-    python -m harness ui                         MLflow UI on 127.0.0.1 against the configured store
-    python -m harness list                       models, methods, tasks, bit grammar
+python -m harness run    [hydra overrides]   one configuration
+python -m harness sweep  [hydra overrides]   comma lists expand to the cross product (Hydra multirun)
+python -m harness report [--check]           MLflow runs -> reports/runs.jsonl, leaderboard.md, pareto.png
+python -m harness ui                         MLflow UI on 127.0.0.1 against the configured store
+python -m harness list                       models, methods, tasks, bit grammar
 """
 
 from __future__ import annotations
@@ -47,8 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(rest)
         uri = _tracking_uri(args.tracking_uri)
         print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}")
-        return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                "--host", "127.0.0.1", "--port", args.port])
+        return subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "ui",
+                "--backend-store-uri",
+                uri,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                args.port,
+            ]
+        )
     return _list()
 
 

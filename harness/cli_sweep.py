@@ -9,6 +9,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from harness.runner import Outcome, execute, run_name, spec_from_config
@@ -46,7 +47,11 @@ def plan(overrides: list[str]) -> tuple[list[str], list[str]]:
     runnable, unsupported = [], []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for combo in expand(overrides):
-            cfg = compose(config_name="config", overrides=combo)
+            try:
+                cfg = compose(config_name="config", overrides=combo)
+            except HydraException as err:
+                first = str(err).splitlines()[0]
+                raise SpecError(f"{first} (a key that does not exist; see conf/ or `python -m harness list`)") from err
             spec = spec_from_config(cfg)
             try:
                 METHODS[spec.method].supports(spec.bits)

@@ -47,23 +47,27 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
         tags, params = run.data.tags, run.data.params
         if "run_key" not in tags:
             continue
-        method_params = {k[len("method."):]: v for k, v in params.items() if k.startswith("method.") and k != "method.name"}
-        records.append({
-            "run_key": tags["run_key"],
-            "run_id": run.info.run_id,
-            "model": tags.get("model"),
-            "method": tags.get("method"),
-            "bits": tags.get("bits"),
-            "status": run.info.status,
-            "error": tags.get("error", ""),
-            "start_time": run.info.start_time,
-            "end_time": run.info.end_time,
-            "git_commit": tags.get("git_commit", ""),
-            "protocol": {name: params.get(key) for name, key in PROTOCOL_PARAMS.items()},
-            "method_params": dict(sorted(method_params.items())),
-            "sixteen_bit_layers": tags.get("sixteen_bit_layers", ""),
-            "metrics": dict(sorted(run.data.metrics.items())),
-        })
+        method_params = {
+            k[len("method.") :]: v for k, v in params.items() if k.startswith("method.") and k != "method.name"
+        }
+        records.append(
+            {
+                "run_key": tags["run_key"],
+                "run_id": run.info.run_id,
+                "model": tags.get("model"),
+                "method": tags.get("method"),
+                "bits": tags.get("bits"),
+                "status": run.info.status,
+                "error": tags.get("error", ""),
+                "start_time": run.info.start_time,
+                "end_time": run.info.end_time,
+                "git_commit": tags.get("git_commit", ""),
+                "protocol": {name: params.get(key) for name, key in PROTOCOL_PARAMS.items()},
+                "method_params": dict(sorted(method_params.items())),
+                "sixteen_bit_layers": tags.get("sixteen_bit_layers", ""),
+                "metrics": dict(sorted(run.data.metrics.items())),
+            }
+        )
     return select_latest(records)
 
 
@@ -103,14 +107,25 @@ def _frame(records: list[dict]) -> pd.DataFrame:
     for rec in records:
         metrics = rec["metrics"]
         ppl_name = f"{rec['protocol']['ppl_dataset']}_ppl"
-        rows.append({
-            "model": rec["model"], "method": rec["method"], "bits": rec["bits"], "status": rec["status"],
-            "error": rec["error"], "ppl": metrics.get(ppl_name), "bpw": metrics.get("bits_per_weight"),
-            "model_mb": metrics.get("model_mb"), "kv": metrics.get("kv_bytes_per_token"),
-            "qsec": metrics.get("quantize_seconds"), "tokens": metrics.get("ppl_tokens_total"),
-            "windows": metrics.get("ppl_windows"), "end_time": rec["end_time"] or 0,
-            "protocol": json.dumps(rec["protocol"], sort_keys=True), **{f"p_{k}": v for k, v in rec["protocol"].items()},
-        })
+        rows.append(
+            {
+                "model": rec["model"],
+                "method": rec["method"],
+                "bits": rec["bits"],
+                "status": rec["status"],
+                "error": rec["error"],
+                "ppl": metrics.get(ppl_name),
+                "bpw": metrics.get("bits_per_weight"),
+                "model_mb": metrics.get("model_mb"),
+                "kv": metrics.get("kv_bytes_per_token"),
+                "qsec": metrics.get("quantize_seconds"),
+                "tokens": metrics.get("ppl_tokens_total"),
+                "windows": metrics.get("ppl_windows"),
+                "end_time": rec["end_time"] or 0,
+                "protocol": json.dumps(rec["protocol"], sort_keys=True),
+                **{f"p_{k}": v for k, v in rec["protocol"].items()},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -126,7 +141,7 @@ def _section_header(group: pd.DataFrame) -> list[str]:
     lines = [f"## {first.model} — budget `{first.p_budget}`", ""]
     if len(tokens):
         lines.append(
-            f"- Perplexity: WikiText-2 raw test ({scope}), rows joined with \"\\n\\n\", {int(tokens.iloc[0]):,} tokens, "
+            f'- Perplexity: WikiText-2 raw test ({scope}), rows joined with "\\n\\n", {int(tokens.iloc[0]):,} tokens, '
             f"non-overlapping windows of {seqlen} ({int(windows.max())} windows), eval dtype {first.p_ppl_dtype}"
         )
     lines.append(
@@ -158,9 +173,12 @@ def render_leaderboard(records: list[dict]) -> str:
             table = group[group.bits == bits].copy()
             table["failed"] = table.status != "FINISHED"
             table = table.sort_values(["failed", "ppl", "method"], na_position="last")
-            lines += [f"### `{bits}`", "",
-                      "| method | bits/weight | WikiText-2 PPL | Δ vs FP | model MB | KV bytes/token | quantize s | status |",
-                      "|---|---:|---:|---:|---:|---:|---:|---|"]
+            lines += [
+                f"### `{bits}`",
+                "",
+                "| method | bits/weight | WikiText-2 PPL | Δ vs FP | model MB | KV bytes/token | quantize s | status |",
+                "|---|---:|---:|---:|---:|---:|---:|---|",
+            ]
             for row in table.itertuples():
                 delta = "–"
                 if fp_ppl is not None and row.ppl is not None and row.ppl == row.ppl and not row.failed:
@@ -184,7 +202,7 @@ def plot_pareto(records: list[dict], path: Path) -> None:
     frame = frame[(frame.status == "FINISHED") & frame.ppl.notna() & frame.bpw.notna()]
     groups = sorted(frame.groupby(["model", "protocol"]), key=lambda kv: kv[0]) if len(frame) else []
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 4.5), squeeze=False)
-    for ax, ((model, _), group) in zip(axes[0], groups):
+    for ax, ((model, _), group) in zip(axes[0], groups, strict=False):
         for method, rows in sorted(group.groupby("method")):
             ax.scatter(rows.bpw, rows.ppl, label=method)
             for row in rows.itertuples():
@@ -206,22 +224,31 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     parser.add_argument("--out", default="reports", help="directory for runs.jsonl, leaderboard.md, pareto.png")
-    parser.add_argument("--check", action="store_true",
-                        help="verify that <out>/leaderboard.md is what <out>/runs.jsonl renders to (no MLflow)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="verify that <out>/leaderboard.md is what <out>/runs.jsonl renders to (no MLflow)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.check:
         records_path, board_path = out / "runs.jsonl", out / "leaderboard.md"
         if not records_path.exists() or not board_path.exists():
-            print(f"error: {records_path} or {board_path} missing; run `python -m harness report` first", file=sys.stderr)
+            print(
+                f"error: {records_path} or {board_path} missing; run `python -m harness report` first", file=sys.stderr
+            )
             return 2
         expected = render_leaderboard(read_records(records_path))
         actual = board_path.read_text(encoding="utf-8")
         if expected != actual:
-            diff = difflib.unified_diff(actual.splitlines(), expected.splitlines(), "committed", "rendered", lineterm="")
+            diff = difflib.unified_diff(
+                actual.splitlines(), expected.splitlines(), "committed", "rendered", lineterm=""
+            )
             print("\n".join(list(diff)[:60]), file=sys.stderr)
-            print(f"error: {board_path} does not match {records_path}; regenerate with `python -m harness report`",
-                  file=sys.stderr)
+            print(
+                f"error: {board_path} does not match {records_path}; regenerate with `python -m harness report`",
+                file=sys.stderr,
+            )
             return 1
         print(f"{board_path} matches {records_path} ({len(read_records(records_path))} runs)")
         return 0

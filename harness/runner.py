@@ -46,8 +46,17 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
     ppl_cfg = OmegaConf.to_container(cfg.eval.ppl, resolve=True)
     ppl = PerplexitySpec(max_windows=cfg.budget.ppl_max_windows, **ppl_cfg)
     models.torch_dtype(ppl.dtype)
-    return RunSpec(model=model, method=method, method_params=method_cfg, bits=bits, calib=calib, ppl=ppl,
-                   seed=int(cfg.seed), budget=str(cfg.budget.name), data_dir=cfg.data_dir)
+    return RunSpec(
+        model=model,
+        method=method,
+        method_params=method_cfg,
+        bits=bits,
+        calib=calib,
+        ppl=ppl,
+        seed=int(cfg.seed),
+        budget=str(cfg.budget.name),
+        data_dir=cfg.data_dir,
+    )
 
 
 def run_name(spec: RunSpec) -> str:
@@ -64,10 +73,18 @@ def execute(spec: RunSpec, cfg: DictConfig, tracker: Tracker, force: bool = Fals
         return Outcome(name, "unsupported", str(err))
     if not force and tracker.finished_run_id(spec.run_key):
         return Outcome(name, "done-before", f"run key {spec.run_key} already finished")
-    params = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
-              if k not in ("force", "tracking_uri")}
-    tags = {"model": spec.model.id or spec.model.name, "method": spec.method, "bits": str(spec.bits),
-            "budget": spec.budget, **provenance_tags(spec.model.device)}
+    params = {
+        k: v
+        for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+        if k not in ("force", "tracking_uri")
+    }
+    tags = {
+        "model": spec.model.id or spec.model.name,
+        "method": spec.method,
+        "bits": str(spec.bits),
+        "budget": spec.budget,
+        **provenance_tags(spec.model.device),
+    }
     try:
         with tracker.run(spec.run_key, name, params, tags, OmegaConf.to_yaml(cfg, resolve=True)):
             _quantize_and_evaluate(spec, tracker)
@@ -94,8 +111,9 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
         start = time.perf_counter()
         summary = entry.quantize(model, config, spec.bits, ctx)
         quantize_seconds = time.perf_counter() - start
-    tracker.log_metrics({"quantize_seconds": quantize_seconds, "peak_rss_quantize_mb": rss_quant.peak_mb,
-                         **summary.metrics})
+    tracker.log_metrics(
+        {"quantize_seconds": quantize_seconds, "peak_rss_quantize_mb": rss_quant.peak_mb, **summary.metrics}
+    )
     if summary.notes:
         tracker.set_tags({f"note.{k}": v for k, v in summary.notes.items()})
 
@@ -108,15 +126,23 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
     token_ids = data.ppl_token_ids(spec.ppl.dataset, tokenizer, spec.data_dir)
     with PeakRSS() as rss_eval:
         result = perplexity(model, token_ids, spec.ppl.seqlen, spec.ppl.batch_size, spec.ppl.max_windows)
-    tracker.log_metrics({
-        f"{spec.ppl.dataset}_ppl": result.ppl,
-        "ppl_nll": result.nll,
-        "ppl_windows": result.windows,
-        "ppl_tokens_scored": result.tokens_scored,
-        "ppl_tokens_total": result.tokens_total,
-        "ppl_seconds": result.seconds,
-        "ppl_tokens_per_second": result.tokens_per_second,
-        "peak_rss_eval_mb": rss_eval.peak_mb,
-    })
-    log.info("%s: %s PPL %.4f over %d windows (%.1f s)", run_name(spec), spec.ppl.dataset, result.ppl,
-             result.windows, result.seconds)
+    tracker.log_metrics(
+        {
+            f"{spec.ppl.dataset}_ppl": result.ppl,
+            "ppl_nll": result.nll,
+            "ppl_windows": result.windows,
+            "ppl_tokens_scored": result.tokens_scored,
+            "ppl_tokens_total": result.tokens_total,
+            "ppl_seconds": result.seconds,
+            "ppl_tokens_per_second": result.tokens_per_second,
+            "peak_rss_eval_mb": rss_eval.peak_mb,
+        }
+    )
+    log.info(
+        "%s: %s PPL %.4f over %d windows (%.1f s)",
+        run_name(spec),
+        spec.ppl.dataset,
+        result.ppl,
+        result.windows,
+        result.seconds,
+    )

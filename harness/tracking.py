@@ -47,8 +47,13 @@ def git_commit() -> str:
 
 
 def provenance_tags(device: str) -> dict[str, str]:
-    tags = {"git_commit": git_commit(), "host": socket.gethostname(), "device": device,
-            "platform": platform.platform(), "python": platform.python_version()}
+    tags = {
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "device": device,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     for package in ("quantbench", "torch", "transformers", "mlflow", "lm_eval"):
         try:
             tags[f"version.{package}"] = metadata.version(package)
@@ -82,8 +87,9 @@ class Tracker:
             self.client.set_terminated(run.info.run_id, "KILLED")
 
     @contextlib.contextmanager
-    def run(self, run_key: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-            config_yaml: str) -> Iterator[Any]:
+    def run(
+        self, run_key: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], config_yaml: str
+    ) -> Iterator[Any]:
         """Yield an active MLflow run; end FINISHED, or FAILED with the error tag if the body raises."""
         self._kill_stale(run_key)
         active = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)

@@ -42,8 +42,9 @@ def check_integer_bits(bits: BitSpec, method: str) -> None:
         )
 
 
-def attach_act_and_kv(model: nn.Module, bits: BitSpec, a_sym: bool, a_clip: float, kv_sym: bool, kv_clip: float,
-                      kv_group: int | None) -> None:
+def attach_act_and_kv(
+    model: nn.Module, bits: BitSpec, a_sym: bool, a_clip: float, kv_sym: bool, kv_clip: float, kv_group: int | None
+) -> None:
     """Activation quantizers on every decoder linear's input and KV-cache quantizers, as `bits` asks."""
     if bits.quantizes_activations:
         act = ActQuantizer(bits.a, sym=a_sym, clip_ratio=a_clip)

@@ -49,7 +49,9 @@ def _unique_parameters(module: nn.Module) -> dict[int, tuple[str, nn.Parameter]]
     return seen
 
 
-def memory_report(model: nn.Module, kv_bits: int, kv_sym: bool = False, kv_group_size: int | None = None) -> MemoryReport:
+def memory_report(
+    model: nn.Module, kv_bits: int, kv_sym: bool = False, kv_group_size: int | None = None
+) -> MemoryReport:
     linear_bits, linear_weights, linear_param_ids = 0, 0, set()
     for _, _, _, module in decoder_linears(model):
         if isinstance(module, QLinear):
@@ -71,9 +73,9 @@ def memory_report(model: nn.Module, kv_bits: int, kv_sym: bool = False, kv_group
         model_bits_per_weight=total_bits / total_weights,
         model_bytes=total_bits // 8,
         sixteen_bit_params=other_params,
-        sixteen_bit_layers=", ".join(sorted(other_names)) + ", norms" + (
-            "" if linear_weights else ", all decoder linears"
-        ),
+        sixteen_bit_layers=", ".join(sorted(other_names))
+        + ", norms"
+        + ("" if linear_weights else ", all decoder linears"),
         kv_bytes_per_token=kv_bytes_per_token(model.config, kv_bits, kv_sym, kv_group_size),
     )
 

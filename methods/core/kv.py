@@ -75,8 +75,10 @@ def attach_kv_quantization(
     pre_rope_keys: bool = False,
 ) -> None:
     """Quantize the KV cache of every attention block; switches the model to `quantbench_sdpa`."""
-    head_dim = model.config.head_dim if hasattr(model.config, "head_dim") else (
-        model.config.hidden_size // model.config.num_attention_heads
+    head_dim = (
+        model.config.head_dim
+        if hasattr(model.config, "head_dim")
+        else (model.config.hidden_size // model.config.num_attention_heads)
     )
     for layer in model.model.layers:
         attn = layer.self_attn

@@ -87,7 +87,7 @@ def fake_quantize_dynamic(
 class QuantizedWeight:
     """Integer codes plus per-(row, group) scales and zeros; enough to build a packed format later."""
 
-    codes: torch.Tensor  # int8, [out, in]; symmetric codes are signed
+    codes: torch.Tensor  # [out, in]; int8 for symmetric (signed) codes, uint8 for asymmetric
     scales: torch.Tensor  # float, [out, n_groups]
     zeros: torch.Tensor  # float (integer valued), [out, n_groups]
     bits: int
@@ -152,7 +152,7 @@ class WeightQuantizer:
         scale, zero = self.group_params(grouped)
         codes = quantize_codes(grouped, scale, zero, self.bits, self.sym).reshape(w.shape[0], -1)[:, :cols]
         return QuantizedWeight(
-            codes=codes.to(torch.int8),
+            codes=codes.to(torch.int8 if self.sym else torch.uint8),
             scales=scale.squeeze(-1),
             zeros=zero.squeeze(-1),
             bits=self.bits,

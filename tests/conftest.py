@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MIRROR = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    """The local data mirror (QUANTBENCH_DATA, else ../shared/data next to the checkout)."""
+    path = Path(os.environ.get("QUANTBENCH_DATA", DEFAULT_MIRROR))
+    if not (path / "wikitext-2-raw" / "wiki.test.raw").exists():
+        pytest.fail(f"data mirror not found at {path}: export QUANTBENCH_DATA=/path/to/shared/data")
+    return str(path)
+
+
+@pytest.fixture()
+def tiny():
+    from harness.models import tiny_llama
+
+    return tiny_llama(seed=0)

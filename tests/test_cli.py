@@ -1,0 +1,118 @@
+"""The CLI end to end on tiny-llama: sweeps, resumption, failures, bad input, report and --check."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import cli_sweep
+from harness.spec import BITS_GRAMMAR, SpecError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(args, tmp_path, data_dir):
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "QUANTBENCH_DATA": data_dir,
+        "QUANTBENCH_CACHE": str(tmp_path / "cache"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _runs(tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlflow.get_experiment_by_name("quantbench")
+    return mlflow.MlflowClient().search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["method=nope"], "unknown method 'nope'; valid: rtn"),
+        (["model=gpt9"], "unknown model 'gpt9'; valid: hf, smollm2-135m, tiny-llama"),
+        (["bits=w2a4"], BITS_GRAMMAR),
+        (["bits=w4a16kv16,w0a4kv4"], BITS_GRAMMAR),
+        (["method.w_symm=true"], "Could not override 'method.w_symm'"),
+        (["method=rtn", "+method.w_symm=true"], "has no parameter(s) w_symm"),
+    ],
+)
+def test_bad_input_fails_before_anything_runs(overrides, expected):
+    with pytest.raises(SpecError) as err:
+        cli_sweep.plan(["model=tiny-llama", *overrides])
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unsupported_pairs_are_listed_not_run():
+    runnable, unsupported = cli_sweep.plan(["model=tiny-llama", "bits=w4a16kv16,w1.58a16kv16"])
+    assert runnable == ["tiny-llama/rtn/w4a16kv16"]
+    assert len(unsupported) == 1 and "w1.58a16kv16" in unsupported[0] and "2, 3, 4" in unsupported[0]
+
+
+def test_sweep_failures_resume_and_report(tmp_path, data_dir):
+    args = [
+        "sweep",
+        "model=tiny-llama",
+        "budget=smoke",
+        "bits=w16a16kv16,w4g32a4kv4,w1.58a16kv16",
+        "eval.ppl.seqlen=256,100000000",
+    ]
+    first = _cli(args, tmp_path, data_dir)
+    assert first.returncode == 1, first.stderr[-2000:]  # the impossible seqlen fails, the rest goes on
+    out = first.stdout
+    assert out.index("skipping unsupported tiny-llama/rtn/w1.58a16kv16") < out.index("finished")
+    assert out.count("unsupported  tiny-llama/rtn/w1.58a16kv16") == 2  # listed, never loaded
+    runs = _runs(tmp_path)
+    statuses = sorted(r.info.status for r in runs)
+    assert statuses == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert all("fewer than one window" in r.data.tags["error"] for r in failed)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert all(r.data.metrics["ppl_windows"] == 2 for r in finished)
+
+    second = _cli(args, tmp_path, data_dir)
+    assert "summary: 0 finished, 2 done-before, 2 unsupported, 2 failed" in second.stdout
+    assert len([r for r in _runs(tmp_path) if r.info.status == "FINISHED"]) == 2  # nothing duplicated
+
+    reports = tmp_path / "reports"
+    assert _cli(["report", "--out", str(reports)], tmp_path, data_dir).returncode == 0
+    records = [json.loads(line) for line in (reports / "runs.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {r["status"] for r in records} == {"FINISHED", "FAILED"}
+    board = (reports / "leaderboard.md").read_text()
+    assert "### `w4g32a4kv4`" in board and "FAILED: ValueError" in board
+    assert (reports / "pareto.png").stat().st_size > 1000
+    assert _cli(["report", "--check", "--out", str(reports)], tmp_path, data_dir).returncode == 0
+    (reports / "leaderboard.md").write_text(board.replace("| rtn |", "| rtn* |", 1))
+    check = _cli(["report", "--check", "--out", str(reports)], tmp_path, data_dir)
+    assert check.returncode == 1 and "does not match" in check.stderr
+
+
+def test_killed_run_is_marked_and_superseded(tmp_path, data_dir):
+    from harness.cli_sweep import CONF_DIR
+    from harness.report import export_records
+    from harness.runner import spec_from_config
+    from harness.tracking import Tracker
+
+    overrides = ["model=tiny-llama", "budget=smoke", "bits=w4a16kv16", "eval.ppl.seqlen=256"]
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        key = spec_from_config(compose("config", overrides=overrides)).run_key
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+    stale = tracker.mlflow.start_run(experiment_id=tracker.experiment_id)
+    tracker.mlflow.set_tag("run_key", key)
+    tracker.mlflow.end_run("RUNNING")  # what a killed process leaves behind
+    result = _cli(["run", *overrides], tmp_path, data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    by_id = {r.info.run_id: r.info.status for r in _runs(tmp_path)}
+    assert by_id[stale.info.run_id] == "KILLED" and sorted(by_id.values()) == ["FINISHED", "KILLED"]
+    assert [r["status"] for r in export_records(uri, "quantbench")] == ["FINISHED"]

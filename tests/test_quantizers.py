@@ -1,0 +1,84 @@
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from methods.core.quantizers import (
+    WeightQuantizer,
+    dequantize_codes,
+    fake_quantize,
+    fake_quantize_dynamic,
+    scale_zero,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 70),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    sym=st.booleans(),
+    group=st.sampled_from([None, 8, 16, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_weight_quantizer_properties(rows, cols, bits, sym, group, seed):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    q = WeightQuantizer(bits, group, sym=sym).quantize(w)
+    assert q.codes.shape == w.shape
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
+    assert int(q.codes.min()) >= lo and int(q.codes.max()) <= hi
+    deq = q.dequantize()
+    # Without clipping every value is inside the grid's range: error at most half a step.
+    step = q.scales.repeat_interleave(q.group_size, dim=1)[:, :cols]
+    assert torch.all((deq - w).abs() <= step / 2 + 1e-6)
+    # Round trip: quantizing the dequantized weight again gives the same codes.
+    again = WeightQuantizer(bits, group, sym=sym).quantize(deq)
+    assert torch.equal(again.dequantize(), deq) or torch.allclose(again.dequantize(), deq, atol=1e-6)
+
+
+def test_values_on_grid_are_exact():
+    scale = torch.tensor([[0.25]])
+    zero = torch.tensor([[3.0]])
+    codes = torch.arange(16, dtype=torch.float32).reshape(1, 16)
+    grid = dequantize_codes(codes, scale, zero)
+    assert torch.equal(fake_quantize(grid, scale, zero, 4, sym=False), grid)
+
+
+def test_trailing_partial_group_equals_separate_quantization():
+    w = torch.randn(3, 40)
+    q = WeightQuantizer(3, 16).quantize(w).dequantize()
+    tail = WeightQuantizer(3, 8).quantize(w[:, 32:]).dequantize()
+    assert q.shape == w.shape
+    assert torch.allclose(q[:, 32:], tail)
+
+
+def test_storage_bits_counts_scales_and_zeros():
+    q = WeightQuantizer(4, 32, sym=False).quantize(torch.randn(8, 64))
+    assert q.storage_bits() == 8 * 64 * 4 + 8 * 2 * (16 + 4)
+    qs = WeightQuantizer(4, 32, sym=True).quantize(torch.randn(8, 64))
+    assert qs.storage_bits() == 8 * 64 * 4 + 8 * 2 * 16
+
+
+def test_mse_clip_never_worse_than_minmax():
+    torch.manual_seed(0)
+    w = torch.randn(16, 128) * torch.linspace(0.1, 3, 128)
+    w[0, 0] = 40.0  # an outlier that min/max wastes range on
+    plain = WeightQuantizer(3, 64).quantize(w).dequantize()
+    mse = WeightQuantizer(3, 64, mse_clip=True, mse_norm=2.0).quantize(w).dequantize()
+    assert ((mse - w) ** 2).sum() <= ((plain - w) ** 2).sum()
+    assert ((mse - w) ** 2).sum() < 0.9 * ((plain - w) ** 2).sum()
+
+
+def test_dynamic_per_token_matches_explicit_and_16_is_identity():
+    x = torch.randn(2, 5, 24)
+    y = fake_quantize_dynamic(x, 4, sym=True, clip_ratio=0.9)
+    scale, zero = scale_zero(x, 4, True, 0.9)
+    assert torch.equal(y, fake_quantize(x, scale, zero, 4, True))
+    assert fake_quantize_dynamic(x, 16, sym=True) is x
+    grouped = fake_quantize_dynamic(x, 4, sym=False, group_size=8)
+    assert torch.allclose(grouped[..., 8:16], fake_quantize_dynamic(x[..., 8:16], 4, sym=False))
+
+
+def test_symmetric_grid_uses_qmax_of_signed_range():
+    x = torch.tensor([[-1.0, 0.5, 1.0]])
+    scale, zero = scale_zero(x, 4, sym=True)
+    assert torch.allclose(scale, torch.tensor([[1.0 / 7]])) and float(zero) == 0.0

@@ -1,0 +1,38 @@
+"""Slow tests on the embedded SmolLM2-135M-Instruct (run with `pytest -m slow`)."""
+
+import pytest
+import torch
+
+from harness import data, models
+from harness.evaluate.perplexity import perplexity
+from harness.spec import BitSpec, ModelSpec
+from methods import rtn
+from methods.base import QuantContext
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return models.load(ModelSpec("smollm2-135m"))
+
+
+def test_embedded_model_shape(smol):
+    model, tok = smol
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (9, 3, 49152)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_wikitext_token_count_and_fp_perplexity(smol, data_dir):
+    model, tok = smol
+    ids = data.ppl_token_ids("wikitext2", tok, data_dir)
+    assert ids.shape == (1, 304_986)  # the full test split with this tokenizer: 148 windows of 2048
+    fp = perplexity(model, ids, 2048, max_windows=2, progress=False)
+    assert 5 < fp.ppl < 40, fp.ppl
+    ctx = QuantContext(seed=0, calibration=lambda: [])
+    rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w3g128a16kv16"), ctx)
+    w3 = perplexity(model, ids, 2048, max_windows=2, progress=False)
+    assert w3.ppl > fp.ppl * 1.02  # 3-bit RTN costs accuracy on a model stored on a 4-bit grid

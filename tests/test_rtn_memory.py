@@ -1,0 +1,58 @@
+import torch
+
+from harness.evaluate.memory import kv_bytes_per_token, memory_report
+from harness.spec import BitSpec
+from methods import rtn
+from methods.base import QuantContext
+from methods.core.qlinear import QLinear, decoder_linears
+
+
+def _ctx():
+    return QuantContext(seed=0, calibration=lambda: (_ for _ in ()).throw(AssertionError("RTN needs no data")))
+
+
+def _logits(model):
+    ids = torch.arange(96).reshape(1, 96) % 250
+    return model(ids).logits
+
+
+def test_fp_bits_change_nothing(tiny):
+    model, _ = tiny
+    before = _logits(model)
+    rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w16a16kv16"), _ctx())
+    assert torch.equal(before, _logits(model))
+
+
+def test_each_quantizer_acts(tiny):
+    model, _ = tiny
+    before = _logits(model)
+    for bits in ("w4a16kv16", "w16a4kv16", "w16a16kv4"):
+        import harness.models as models
+
+        fresh, _ = models.tiny_llama(seed=0)
+        rtn.quantize(fresh, rtn.RTNConfig(), BitSpec.parse(bits), _ctx())
+        after = _logits(fresh)
+        assert not torch.equal(before, after), bits
+        assert (after - before).abs().max() < 1.0, bits  # a perturbation, not a broken model
+
+
+def test_memory_accounting_on_rtn_w4g32(tiny):
+    model, _ = tiny
+    full = memory_report(model, kv_bits=16)
+    assert full.quantized_bits_per_weight == 16.0
+    assert full.sixteen_bit_params == sum(p.numel() for p in model.parameters())  # tied counted once
+    rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w4g32a16kv16"), _ctx())
+    report = memory_report(model, kv_bits=16)
+    linears = [m for _, _, _, m in decoder_linears(model)]
+    assert all(isinstance(m, QLinear) for m in linears)
+    n = sum(m.weight.numel() for m in linears)
+    assert report.quantized_weights == n
+    assert abs(report.quantized_bits_per_weight - (4 + (16 + 4) / 32)) < 1e-9
+    assert report.model_bytes == (n * (4 + 20 / 32) + 16 * report.sixteen_bit_params) // 8
+
+
+def test_kv_bytes(tiny):
+    model, _ = tiny
+    cfg = model.config  # 2 layers, 2 kv heads, head_dim 16
+    assert kv_bytes_per_token(cfg, 16) == 2 * 2 * 2 * 16 * 2
+    assert kv_bytes_per_token(cfg, 4) == 2 * 2 * 2 * 16 * 0.5 + 2 * 2 * 2 * 4

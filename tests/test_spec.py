@@ -1,0 +1,48 @@
+import pytest
+
+from harness.spec import BITS_GRAMMAR, BitSpec, CalibSpec, ModelSpec, PerplexitySpec, RunSpec, SpecError
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("w2a4kv4", BitSpec(2, 4, 4, None)),
+        ("w4g128a16kv16", BitSpec(4, 16, 16, 128)),
+        ("w1.58a16kv16", BitSpec(1.58, 16, 16, None)),
+        ("W16A16KV16", BitSpec(16, 16, 16, None)),
+    ],
+)
+def test_parse_valid(text, expected):
+    spec = BitSpec.parse(text)
+    assert spec == expected
+    assert BitSpec.parse(str(spec)) == spec
+
+
+@pytest.mark.parametrize("text", ["w2a4", "w0a4kv4", "wxa4kv4", "w4g0a16kv16", "w16g128a16kv16", "w4a1kv4", "w7a4kv4"])
+def test_parse_malformed_shows_grammar(text):
+    with pytest.raises(SpecError) as err:
+        BitSpec.parse(text)
+    message = str(err.value)
+    assert BITS_GRAMMAR in message and "\n" not in message
+
+
+def _spec(**changes):
+    base = dict(
+        model=ModelSpec("tiny-llama"),
+        method="rtn",
+        method_params={"w_sym": False},
+        bits=BitSpec.parse("w4a16kv16"),
+        calib=CalibSpec(),
+        ppl=PerplexitySpec(),
+    )
+    base.update(changes)
+    return RunSpec(**base)
+
+
+def test_run_key_tracks_what_changes_numbers():
+    assert _spec().run_key == _spec().run_key
+    assert _spec().run_key == _spec(data_dir="/elsewhere").run_key
+    assert _spec().run_key != _spec(bits=BitSpec.parse("w3a16kv16")).run_key
+    assert _spec().run_key != _spec(method_params={"w_sym": True}).run_key
+    assert _spec().run_key != _spec(seed=1).run_key
+    assert _spec().run_key != _spec(ppl=PerplexitySpec(max_windows=2)).run_key
