@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from methods import rtn
+from methods import gptq, quarot, rtn
 
 
 @dataclass(frozen=True)
@@ -29,4 +29,6 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "rtn": MethodEntry(rtn.RTNConfig, rtn.supports, rtn.quantize),
+    "gptq": MethodEntry(gptq.GPTQConfig, gptq.supports, gptq.quantize),
+    "quarot": MethodEntry(quarot.QuaRotConfig, quarot.supports, quarot.quantize),
 }

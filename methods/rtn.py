@@ -15,7 +15,7 @@ from torch import nn
 from harness.spec import BitSpec
 from methods.base import QuantContext, QuantSummary, UnsupportedBits
 from methods.core.kv import KVQuantizer, attach_kv_quantization
-from methods.core.qlinear import ActQuantizer, QLinear, decoder_linears
+from methods.core.qlinear import ActQuantizer, QLinear, decoder_linears, set_quantized_weight
 from methods.core.quantizers import WeightQuantizer
 
 INTEGER_WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16)
@@ -60,9 +60,7 @@ def attach_act_and_kv(
 
 def quantize_weights_rtn(model: nn.Module, quantizer: WeightQuantizer) -> None:
     for _, parent, attr, linear in decoder_linears(model):
-        qweight = quantizer.quantize(linear.weight.data)
-        qlinear = QLinear(qweight.dequantize().to(linear.weight.dtype), linear.bias, qweight=qweight)
-        setattr(parent, attr, qlinear)
+        set_quantized_weight(parent, attr, linear, quantizer.quantize(linear.weight.data))
 
 
 def supports(bits: BitSpec) -> None:

@@ -84,3 +84,13 @@ def decoder_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.
                 child = getattr(parent, attr, None)
                 if isinstance(child, (nn.Linear, QLinear)):
                     yield f"model.layers.{layer_idx}.{parent_name}.{attr}", parent, attr, child
+
+
+def set_quantized_weight(parent: nn.Module, attr: str, module: nn.Module, qweight: QuantizedWeight) -> None:
+    """Store a quantized weight in place (an existing QLinear keeps its transform and act quantizer) or wrap."""
+    deq = qweight.dequantize().to(module.weight.dtype)
+    if isinstance(module, QLinear):
+        module.weight.data = deq
+        module.qweight = qweight
+    else:
+        setattr(parent, attr, QLinear(deq, module.bias, qweight=qweight))
