@@ -43,8 +43,9 @@ def quantize(model: nn.Module, cfg: GPTQConfig, bits: BitSpec, ctx: QuantContext
     if bits.quantizes_weights:
         quantizer = WeightQuantizer(int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip)
         summary.metrics.update(
-            quantize_model_gptq(model, ctx.calibration(), quantizer, cfg.damp, cfg.act_order, cfg.block_size,
-                                cfg.calib_batch_size)
+            quantize_model_gptq(
+                model, ctx.calibration(), quantizer, cfg.damp, cfg.act_order, cfg.block_size, cfg.calib_batch_size
+            )
         )
     attach_act_and_kv(model, bits, cfg.a_sym, cfg.a_clip_ratio, cfg.kv_sym, cfg.kv_clip_ratio, cfg.kv_group_size)
     return summary

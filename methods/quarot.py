@@ -100,8 +100,9 @@ def quantize(model: nn.Module, cfg: QuaRotConfig, bits: BitSpec, ctx: QuantConte
         quantizer = WeightQuantizer(int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip)
         if cfg.weights == "gptq":
             summary.metrics.update(
-                quantize_model_gptq(model, ctx.calibration(), quantizer, cfg.damp, cfg.act_order, cfg.block_size,
-                                    cfg.calib_batch_size)
+                quantize_model_gptq(
+                    model, ctx.calibration(), quantizer, cfg.damp, cfg.act_order, cfg.block_size, cfg.calib_batch_size
+                )
             )
         else:
             quantize_weights_rtn(model, quantizer)

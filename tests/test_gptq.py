@@ -14,9 +14,10 @@ def _problem(rows=48, cols=80, tokens=400, seed=0):
     return w, (2.0 / tokens) * (x.T @ x).double()
 
 
-@pytest.mark.parametrize("bits, group, sym, act_order", [(4, None, False, False), (3, 32, False, False),
-                                                        (2, 32, True, False), (3, 32, False, True),
-                                                        (4, 48, True, True)])
+@pytest.mark.parametrize(
+    "bits, group, sym, act_order",
+    [(4, None, False, False), (3, 32, False, False), (2, 32, True, False), (3, 32, False, True), (4, 48, True, True)],
+)
 def test_gptq_never_worse_than_rtn_on_its_objective(bits, group, sym, act_order):
     w, h = _problem()
     quantizer = WeightQuantizer(bits, group, sym=sym)
@@ -38,8 +39,9 @@ def test_codes_and_grids_reproduce_the_weights():
     w, h = _problem()
     q = gptq_quantize(w, h, WeightQuantizer(3, 32), act_order=True)
     # Every dequantized value lies on its group's grid: re-quantizing with the stored grids is exact.
-    grid_codes = torch.round(q.dequantize() / q.scales.repeat_interleave(32, 1)[:, :80]
-                             + q.zeros.repeat_interleave(32, 1)[:, :80])
+    grid_codes = torch.round(
+        q.dequantize() / q.scales.repeat_interleave(32, 1)[:, :80] + q.zeros.repeat_interleave(32, 1)[:, :80]
+    )
     assert torch.equal(grid_codes, q.codes.float())
 
 

@@ -18,8 +18,10 @@ def test_paley_matrices_are_hadamard(m):
     assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("n, factor, exact", [(64, 1, True), (192, 12, True), (576, 36, True), (1536, 12, True),
-                                              (11008, 43, False), (9, 9, False)])
+@pytest.mark.parametrize(
+    "n, factor, exact",
+    [(64, 1, True), (192, 12, True), (576, 36, True), (1536, 12, True), (11008, 43, False), (9, 9, False)],
+)
 def test_orders_the_models_need(n, factor, exact):
     had_m, is_exact = small_factor(n)
     assert had_m.shape[0] == factor and is_exact == exact

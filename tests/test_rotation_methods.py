@@ -15,8 +15,9 @@ IDS = torch.arange(200).reshape(2, 100) % 250
 
 def _ctx(n=8, seqlen=64):
     gen = torch.Generator().manual_seed(0)
-    return QuantContext(seed=0, calibration=lambda: [torch.randint(0, 256, (1, seqlen), generator=gen)
-                                                     for _ in range(n)])
+    return QuantContext(
+        seed=0, calibration=lambda: [torch.randint(0, 256, (1, seqlen), generator=gen) for _ in range(n)]
+    )
 
 
 @torch.no_grad()
@@ -47,8 +48,11 @@ def test_quarot_at_16_bits_equals_fp_model(tiny):
 def test_quarot_and_gptq_quantize_end_to_end(tiny):
     model, _ = tiny
     ref = _logits(model)
-    for module, cfg in ((gptq, gptq.GPTQConfig()), (quarot, quarot.QuaRotConfig()),
-                        (quarot, quarot.QuaRotConfig(weights="rtn", rotation="random"))):
+    for module, cfg in (
+        (gptq, gptq.GPTQConfig()),
+        (quarot, quarot.QuaRotConfig()),
+        (quarot, quarot.QuaRotConfig(weights="rtn", rotation="random")),
+    ):
         fresh, _ = tiny_llama(seed=0)
         summary = module.quantize(fresh, cfg, BitSpec.parse("w4a4kv4"), _ctx())
         out = _logits(fresh)

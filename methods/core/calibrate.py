@@ -62,7 +62,11 @@ def block_linears(block: nn.Module) -> dict[str, nn.Module]:
 
 
 # Linears that read the same input share one Hessian (q/k/v read the normed stream, gate/up the other one).
-SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj", "mlp.up_proj": "mlp.gate_proj"}
+SHARED_INPUT = {
+    "self_attn.k_proj": "self_attn.q_proj",
+    "self_attn.v_proj": "self_attn.q_proj",
+    "mlp.up_proj": "mlp.gate_proj",
+}
 
 
 class HessianCollector:
@@ -75,7 +79,9 @@ class HessianCollector:
         self.hessians: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._handles = [
-            module.register_forward_hook(self._hook(name)) for name, module in linears.items() if name not in SHARED_INPUT
+            module.register_forward_hook(self._hook(name))
+            for name, module in linears.items()
+            if name not in SHARED_INPUT
         ]
 
     def _hook(self, name: str):
@@ -111,7 +117,9 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     return outputs
 
 
-def walk_blocks(model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
+def walk_blocks(
+    model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4
+) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
     """Yield (index, block, inputs) for each decoder block; after the caller's work on a block, its outputs
     (computed with the possibly-modified block) become the next block's inputs."""
     inputs = capture_block_inputs(model, windows, batch_size)

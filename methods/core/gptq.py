@@ -100,7 +100,7 @@ def gptq_quantize(
 
 def reconstruction_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """The layer-wise objective tr((W − Ŵ) H (W − Ŵ)ᵀ) that GPTQ minimises (up to the constant 2/N)."""
-    delta = (weight.double() - dequantized.double())
+    delta = weight.double() - dequantized.double()
     return float(torch.einsum("ij,jk,ik->", delta, hessian.double(), delta))
 
 

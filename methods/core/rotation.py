@@ -78,8 +78,11 @@ def rotate_values(model: nn.Module, head_dim: int, transform: Callable[[torch.Te
     """R2: every value head v ↦ v Hᵀ (fused into v_proj's rows) and o_proj's input heads accordingly."""
     for layer in model.model.layers:
         attn = layer.self_attn
-        _apply(attn.v_proj, lambda w: _per_head(w, head_dim, transform, 0),
-               lambda b: transform(b.reshape(-1, head_dim)).reshape(-1))
+        _apply(
+            attn.v_proj,
+            lambda w: _per_head(w, head_dim, transform, 0),
+            lambda b: transform(b.reshape(-1, head_dim)).reshape(-1),
+        )
         _apply(attn.o_proj, lambda w: _per_head(w, head_dim, transform, 1))
 
 
