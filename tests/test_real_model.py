@@ -36,3 +36,19 @@ def test_wikitext_token_count_and_fp_perplexity(smol, data_dir):
     rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w3g128a16kv16"), ctx)
     w3 = perplexity(model, ids, 2048, max_windows=2, progress=False)
     assert w3.ppl > fp.ppl * 1.02  # 3-bit RTN costs accuracy on a model stored on a 4-bit grid
+
+
+def test_quarot_rotation_preserves_the_embedded_model(data_dir):
+    from methods import quarot
+
+    model, tok = models.load(ModelSpec("smollm2-135m"))
+    ids = data.ppl_token_ids("wikitext2", tok, data_dir)[:, :4096]
+    with torch.inference_mode():
+        ref = model(ids[:, :512]).logits
+    fp = perplexity(model, ids, 2048, progress=False)
+    quarot.quantize(model, quarot.QuaRotConfig(), BitSpec.parse("w16a16kv16"), QuantContext(0, lambda: []))
+    with torch.inference_mode():
+        out = model(ids[:, :512]).logits
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-4
+    rotated = perplexity(model, ids, 2048, progress=False)
+    assert abs(rotated.ppl / fp.ppl - 1) < 1e-4
