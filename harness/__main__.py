@@ -16,7 +16,7 @@ import sys
 
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 
-COMMANDS = ("run", "sweep", "report", "ui", "list")
+COMMANDS = ("run", "sweep", "report", "ui", "list", "bench")
 
 
 def _tracking_uri(value: str | None) -> str:
@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from harness import report
 
         return report.main(rest)
+    if command == "bench":
+        from harness import bench
+
+        return bench.main(rest)
     if command == "ui":
         parser = argparse.ArgumentParser(prog="python -m harness ui")
         parser.add_argument("--tracking-uri", default=None)

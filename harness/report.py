@@ -30,7 +30,11 @@ PROTOCOL_PARAMS = {
     "calib_seqlen": "calib.seqlen",
     "budget": "budget.name",
     "seed": "seed",
+    "zs_tasks": "eval.zeroshot.tasks",
+    "zs_limit": "eval.zeroshot.limit",
 }
+PROTOCOL_DEFAULTS = {"zs_tasks": "[]", "zs_limit": "null"}  # runs logged before zero-shot existed
+TASK_ORDER = ("piqa", "hellaswag", "hellaswag_mirror", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
 FP_BITS = "w16a16kv16"
 
 
@@ -62,7 +66,9 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
                 "start_time": run.info.start_time,
                 "end_time": run.info.end_time,
                 "git_commit": tags.get("git_commit", ""),
-                "protocol": {name: params.get(key) for name, key in PROTOCOL_PARAMS.items()},
+                "protocol": {
+                    name: params.get(key, PROTOCOL_DEFAULTS.get(name)) for name, key in PROTOCOL_PARAMS.items()
+                },
                 "method_params": dict(sorted(method_params.items())),
                 "sixteen_bit_layers": tags.get("sixteen_bit_layers", ""),
                 "metrics": dict(sorted(run.data.metrics.items())),
@@ -102,6 +108,24 @@ def _fmt(value, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def method_label(method: str, params: dict[str, str]) -> str:
+    """The method name plus every parameter that differs from its registered default (e.g. quarot weights=rtn)."""
+    import dataclasses
+
+    from methods import METHODS
+
+    entry = METHODS.get(method)
+    if entry is None:
+        return method
+    changed = []
+    for f in dataclasses.fields(entry.config_cls):
+        if f.name in params:
+            default = "null" if f.default is None else str(f.default)
+            if params[f.name] != default:
+                changed.append(f"{f.name}={params[f.name]}")
+    return f"{method} ({', '.join(changed)})" if changed else method
+
+
 def _frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for rec in records:
@@ -110,7 +134,7 @@ def _frame(records: list[dict]) -> pd.DataFrame:
         rows.append(
             {
                 "model": rec["model"],
-                "method": rec["method"],
+                "method": method_label(rec["method"], rec["method_params"]),
                 "bits": rec["bits"],
                 "status": rec["status"],
                 "error": rec["error"],
@@ -121,6 +145,7 @@ def _frame(records: list[dict]) -> pd.DataFrame:
                 "qsec": metrics.get("quantize_seconds"),
                 "tokens": metrics.get("ppl_tokens_total"),
                 "windows": metrics.get("ppl_windows"),
+                "metrics": metrics,
                 "end_time": rec["end_time"] or 0,
                 "protocol": json.dumps(rec["protocol"], sort_keys=True),
                 **{f"p_{k}": v for k, v in rec["protocol"].items()},
@@ -148,8 +173,42 @@ def _section_header(group: pd.DataFrame) -> list[str]:
         f"- Calibration (methods that use data): {first.p_calib_nsamples} × {first.p_calib_seqlen} tokens "
         f"from `{first.p_calib_dataset}`, seed {first.p_seed}"
     )
+    tasks = zeroshot_tasks(group)
+    if tasks:
+        limit = first.p_zs_limit
+        scope = "whole splits" if limit in (None, "None", "null") else f"first {limit} documents per task"
+        metrics = ", ".join(f"{task} {_zs_metric(group, task)}" for task in tasks)
+        lines.append(
+            f"- Zero-shot: lm-eval, 0-shot, {scope}; accuracy in % ± stderr ({metrics}). `hellaswag_mirror` is "
+            "HellaSwag from the offline mirror (no ctx_a/ctx_b: close to, not equal to, lm-eval's hellaswag)"
+        )
     lines += [f"- Latest run: {date}", ""]
     return lines
+
+
+def zeroshot_tasks(group: pd.DataFrame) -> list[str]:
+    found = {
+        key.split(".")[1]
+        for metrics in group.metrics
+        for key in metrics
+        if key.startswith("zs.") and key.count(".") == 2 and key.endswith(".seconds")
+    }
+    return sorted(found, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t))
+
+
+def _zs_metric(group: pd.DataFrame, task: str) -> str:
+    for metrics in group.metrics:
+        if f"zs.{task}.acc_norm" in metrics:
+            return "acc_norm"
+    return "acc"
+
+
+def _zs_cell(metrics: dict, task: str, metric: str) -> str:
+    value = metrics.get(f"zs.{task}.{metric}")
+    if value is None:
+        return "–"
+    stderr = metrics.get(f"zs.{task}.{metric}_stderr")
+    return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
 
 
 def render_leaderboard(records: list[dict]) -> str:
@@ -169,6 +228,10 @@ def render_leaderboard(records: list[dict]) -> str:
         lines += _section_header(group)
         fp = group[(group.bits == FP_BITS) & (group.status == "FINISHED")].sort_values("method")
         fp_ppl = float(fp.ppl.iloc[0]) if len(fp) else None
+        tasks = zeroshot_tasks(group)
+        task_metrics = [(task, _zs_metric(group, task)) for task in tasks]
+        zs_head = "".join(f" {task} |" for task in tasks) + (" avg |" if tasks else "")
+        zs_rule = "---:|" * (len(tasks) + (1 if tasks else 0))
         for bits in sorted(group.bits.unique(), key=_bits_order):
             table = group[group.bits == bits].copy()
             table["failed"] = table.status != "FINISHED"
@@ -176,17 +239,23 @@ def render_leaderboard(records: list[dict]) -> str:
             lines += [
                 f"### `{bits}`",
                 "",
-                "| method | bits/weight | WikiText-2 PPL | Δ vs FP | model MB | KV bytes/token | quantize s | status |",
-                "|---|---:|---:|---:|---:|---:|---:|---|",
+                "| method | bits/weight | WikiText-2 PPL | Δ vs FP |"
+                + zs_head
+                + " model MB | KV bytes/token | quantize s | status |",
+                "|---|---:|---:|---:|" + zs_rule + "---:|---:|---:|---|",
             ]
             for row in table.itertuples():
                 delta = "–"
                 if fp_ppl is not None and row.ppl is not None and row.ppl == row.ppl and not row.failed:
                     delta = f"{row.ppl - fp_ppl:+.2f} ({100 * (row.ppl / fp_ppl - 1):+.1f}%)"
                 status = row.status if not row.error else f"{row.status}: {row.error[:120]}"
+                zs_cells = "".join(f" {_zs_cell(row.metrics, task, metric)} |" for task, metric in task_metrics)
+                if tasks:
+                    avg = row.metrics.get("zs.avg")
+                    zs_cells += f" {'–' if avg is None else f'{100 * avg:.1f}'} |"
                 lines.append(
-                    f"| {row.method} | {_fmt(row.bpw)} | {_fmt(row.ppl)} | {delta} | {_fmt(row.model_mb, 1)} | "
-                    f"{_fmt(row.kv, 0)} | {_fmt(row.qsec, 1)} | {status} |"
+                    f"| {row.method} | {_fmt(row.bpw)} | {_fmt(row.ppl)} | {delta} |{zs_cells} "
+                    f"{_fmt(row.model_mb, 1)} | {_fmt(row.kv, 0)} | {_fmt(row.qsec, 1)} | {status} |"
                 )
             lines.append("")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness import data, models
 from harness.evaluate.memory import PeakRSS, memory_report
 from harness.evaluate.perplexity import perplexity
-from harness.spec import BitSpec, CalibSpec, ModelSpec, PerplexitySpec, RunSpec, SpecError
+from harness.spec import BitSpec, CalibSpec, ModelSpec, PerplexitySpec, RunSpec, SpecError, ZeroShotSpec
 from harness.tracking import Tracker, flatten, provenance_tags
 from methods import METHODS
 from methods.base import QuantContext
@@ -46,6 +46,12 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
     ppl_cfg = OmegaConf.to_container(cfg.eval.ppl, resolve=True)
     ppl = PerplexitySpec(max_windows=cfg.budget.ppl_max_windows, **ppl_cfg)
     models.torch_dtype(ppl.dtype)
+    zs_cfg = OmegaConf.to_container(cfg.eval.zeroshot, resolve=True) if "zeroshot" in cfg.eval else {}
+    zeroshot = ZeroShotSpec(
+        tasks=tuple(zs_cfg.get("tasks") or ()),
+        limit=zs_cfg.get("limit"),
+        batch_size=int(zs_cfg.get("batch_size", 8)),
+    )
     return RunSpec(
         model=model,
         method=method,
@@ -53,6 +59,7 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         bits=bits,
         calib=calib,
         ppl=ppl,
+        zeroshot=zeroshot,
         seed=int(cfg.seed),
         budget=str(cfg.budget.name),
         data_dir=cfg.data_dir,
@@ -146,3 +153,24 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
         result.windows,
         result.seconds,
     )
+    if spec.zeroshot.tasks:
+        _zeroshot(spec, model, tokenizer, tracker)
+
+
+def _zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker) -> None:
+    from harness.evaluate.zeroshot import evaluate_zeroshot
+
+    scores = evaluate_zeroshot(
+        model, tokenizer, list(spec.zeroshot.tasks), spec.data_dir, spec.zeroshot.batch_size, spec.zeroshot.limit
+    )
+    metrics, tags = {}, {}
+    for score in scores:
+        for name, value in score.all_metrics.items():
+            metrics[f"zs.{score.task}.{name}"] = value
+        metrics[f"zs.{score.task}.seconds"] = score.seconds
+        tags[f"zs.{score.task}.config_hash"] = score.config_hash
+        tags[f"zs.{score.task}.metric"] = score.metric
+        log.info("%s: %s %s %.4f", run_name(spec), score.task, score.metric, score.value)
+    metrics["zs.avg"] = sum(s.value for s in scores) / len(scores)
+    tracker.log_metrics(metrics)
+    tracker.set_tags(tags)

@@ -105,6 +105,15 @@ class PerplexitySpec:
 
 
 @dataclass(frozen=True)
+class ZeroShotSpec:
+    """lm-eval tasks scored zero-shot; `limit` = documents per task (None = whole split)."""
+
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
 class RunSpec:
     model: ModelSpec
     method: str
@@ -112,6 +121,7 @@ class RunSpec:
     bits: BitSpec
     calib: CalibSpec
     ppl: PerplexitySpec
+    zeroshot: ZeroShotSpec = ZeroShotSpec()
     seed: int = 0
     budget: str = "full"
     # Not part of the key:
@@ -126,6 +136,11 @@ class RunSpec:
             "calib": asdict(self.calib),
             "ppl": asdict(self.ppl),
             "seed": self.seed,
+            **(
+                {"zeroshot": {"tasks": list(self.zeroshot.tasks), "limit": self.zeroshot.limit}}
+                if self.zeroshot.tasks
+                else {}
+            ),
         }
 
     @property

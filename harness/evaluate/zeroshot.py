@@ -1,0 +1,191 @@
+"""Zero-shot accuracy through EleutherAI's lm-evaluation-harness, on the in-memory (quantized) model.
+
+The model and tokenizer are wrapped in lm-eval's `HFLM` (no reload, no weight copy) and scored with
+`simple_evaluate(num_fewshot=0)`. Task configs are the registered ones. Offline (a mirror directory is
+configured), each task's registered YAML is loaded with lm-eval's own loader (includes and `!function`
+hooks resolved) and only its data source changes: `dataset_path: json` with the mirror's
+`tasks/<task>/<split>.jsonl`, whose rows use the hub's field names — so prompts, targets and metrics are
+lm-eval's. The mirror's HellaSwag lacks `ctx_a`/`ctx_b` (only their join `ctx`), so its offline task is
+named `hellaswag_mirror` and builds the query from `activity_label + ": " + ctx` with lm-eval's own
+`preprocess`: ctx_b's first letter is not capitalised, so scores are close to, not equal to, lm-eval's.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.data import DATA_ENV, mirror_dir
+
+DEFAULT_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
+# The metric the papers report (QuaRot Table 6 etc.): acc_norm where the task defines it, else acc.
+PAPER_METRIC = {
+    "piqa": "acc_norm",
+    "hellaswag": "acc_norm",
+    "hellaswag_mirror": "acc_norm",
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+}
+MIRRORED = {  # task -> the split the mirror holds (and that lm-eval evaluates)
+    "piqa": "validation",
+    "hellaswag": "validation",
+    "arc_easy": "test",
+    "arc_challenge": "test",
+    "winogrande": "validation",
+    "lambada_openai": "test",
+    "boolq": "validation",
+}
+
+
+class TaskUnavailable(RuntimeError):
+    """A task that is neither mirrored nor reachable; the message names both fixes."""
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    task: str  # the name reported (hellaswag_mirror when offline)
+    metric: str
+    value: float
+    stderr: float | None
+    all_metrics: dict[str, float]
+    config_hash: str
+    seconds: float
+
+
+def _hellaswag_mirror_docs(dataset):
+    """HellaSwag query/choices/gold from the mirror's joined `ctx` (see module doc), lm-eval's preprocess."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    def process(doc):
+        return {
+            "query": preprocess(doc["activity_label"] + ": " + doc["ctx"]),
+            "choices": [preprocess(ending) for ending in doc["endings"]],
+            "gold": int(doc["label"]),
+        }
+
+    return dataset.map(process)
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval's task index (building it scans every registered YAML: do it once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def registered_config(task: str) -> dict[str, Any]:
+    """The registered task's full config (includes merged, `!function` hooks resolved), via lm-eval."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = task_manager().task_index.get(task)
+    if entry is None or entry.yaml_path is None:
+        raise TaskUnavailable(f"unknown lm-eval task {task!r}; `lm-eval ls tasks` lists the registered ones")
+    return load_yaml(entry.yaml_path, resolve_func=True)
+
+
+def mirror_config(task: str, mirror: Path) -> dict[str, Any]:
+    """The registered config with only the data source moved to the mirror (and hellaswag renamed)."""
+    if task not in MIRRORED:
+        raise TaskUnavailable(
+            f"task {task!r} is not in the data mirror ({', '.join(MIRRORED)} are): unset {DATA_ENV} to load it "
+            f"from the Hugging Face hub, or add tasks/{task}/<split>.jsonl to the mirror"
+        )
+    split = MIRRORED[task]
+    path = mirror / "tasks" / task / f"{split}.jsonl"
+    if not path.exists():
+        raise TaskUnavailable(f"{path} missing: fix the mirror ({DATA_ENV}) or unset it to use the hub")
+    cfg = registered_config(task)
+    cfg.update(
+        dataset_path="json",
+        dataset_name=None,
+        dataset_kwargs={"data_files": {split: str(path)}},
+        training_split=None,
+        fewshot_split=None,
+    )
+    for key in ("validation_split", "test_split"):
+        if cfg.get(key) not in (None, split):
+            cfg[key] = None
+    for key in ("tag", "group"):
+        cfg.pop(key, None)
+    if task == "hellaswag":
+        cfg.update(task="hellaswag_mirror", process_docs=_hellaswag_mirror_docs)
+    return cfg
+
+
+def task_specs(tasks: list[str], data_dir: str | None) -> list[str | dict[str, Any]]:
+    mirror = mirror_dir(data_dir)
+    if mirror is None:
+        return list(tasks)
+    return [mirror_config(task, mirror) for task in tasks]
+
+
+def config_hash(task_config: dict[str, Any]) -> str:
+    """sha256 of the task's resolved config (functions by qualified name): identifies what was evaluated."""
+
+    def default(obj):
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+    blob = json.dumps(task_config, sort_keys=True, default=default)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def evaluate_zeroshot(
+    model,
+    tokenizer,
+    tasks: list[str],
+    data_dir: str | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    bootstrap_iters: int = 1000,
+) -> list[TaskScore]:
+    """Score `tasks` zero-shot on the in-memory model; one TaskScore per task, in the given order."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    specs = task_specs(tasks, data_dir)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=2048)
+    scores = []
+    for task, spec in zip(tasks, specs, strict=True):
+        start = time.perf_counter()
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[spec],
+                num_fewshot=0,
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=False,
+                task_manager=task_manager(),
+            )
+        except (ConnectionError, OSError) as err:
+            raise TaskUnavailable(
+                f"task {task!r} could not be loaded ({type(err).__name__}): set {DATA_ENV}=/path/to/data-mirror "
+                f"(tasks/{task}/<split>.jsonl) or give this machine access to the Hugging Face hub"
+            ) from err
+        seconds = time.perf_counter() - start
+        name, result = next(iter(out["results"].items()))
+        metrics = {
+            k.split(",")[0]: float(v)
+            for k, v in result.items()
+            if isinstance(v, (int, float)) and not k.startswith("alias")
+        }
+        metric = PAPER_METRIC.get(name, "acc")
+        task_config = out["configs"][name]
+        scores.append(
+            TaskScore(
+                task=name,
+                metric=metric,
+                value=metrics[metric],
+                stderr=metrics.get(f"{metric}_stderr"),
+                all_metrics=metrics,
+                config_hash=config_hash(task_config),
+                seconds=seconds,
+            )
+        )
+    return scores
