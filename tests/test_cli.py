@@ -37,7 +37,7 @@ def _runs(tmp_path):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["method=nope"], "unknown method 'nope'; valid: rtn"),
+        (["method=nope"], "unknown method 'nope'; valid: gptq, quarot, rtn"),
         (["model=gpt9"], "unknown model 'gpt9'; valid: hf, smollm2-135m, tiny-llama"),
         (["bits=w2a4"], BITS_GRAMMAR),
         (["bits=w4a16kv16,w0a4kv4"], BITS_GRAMMAR),
@@ -116,3 +116,19 @@ def test_killed_run_is_marked_and_superseded(tmp_path, data_dir):
     by_id = {r.info.run_id: r.info.status for r in _runs(tmp_path)}
     assert by_id[stale.info.run_id] == "KILLED" and sorted(by_id.values()) == ["FINISHED", "KILLED"]
     assert [r["status"] for r in export_records(uri, "quantbench")] == ["FINISHED"]
+
+
+def test_run_refuses_an_unsupported_pair(capsys):
+    assert cli_sweep.main(["model=tiny-llama", "bits=w1.58a16kv16"], multirun=False) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: tiny-llama/rtn/w1.58a16kv16: rtn does not support") and "\n" not in err
+
+
+def test_list_names_models_methods_and_grammar(capsys):
+    from harness.__main__ import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "gptq, quarot, rtn" in out and "smollm2-135m" in out and BITS_GRAMMAR in out
+    assert main(["nope"]) == 2
+    assert "valid: run, sweep, report" in capsys.readouterr().err

@@ -1,0 +1,80 @@
+"""Leaderboard rendering from run records: deterministic, grouped, Δ against FP, failures shown."""
+
+from harness.report import method_label, render_leaderboard, select_latest
+
+PROTOCOL = {
+    "ppl_dataset": "wikitext2",
+    "ppl_seqlen": "2048",
+    "ppl_dtype": "float32",
+    "ppl_max_windows": "null",
+    "calib_dataset": "wikitext2-valid",
+    "calib_nsamples": "128",
+    "calib_seqlen": "2048",
+    "budget": "full",
+    "seed": "0",
+    "zs_tasks": "[]",
+    "zs_limit": "null",
+}
+
+
+def _record(key, method, bits, ppl, status="FINISHED", start=1, params=None, error=""):
+    metrics = (
+        {}
+        if ppl is None
+        else {
+            "wikitext2_ppl": ppl,
+            "bits_per_weight": 4.25,
+            "model_mb": 100.0,
+            "kv_bytes_per_token": 1000.0,
+            "quantize_seconds": 2.0,
+            "ppl_tokens_total": 304986.0,
+            "ppl_windows": 148.0,
+        }
+    )
+    return {
+        "run_key": key,
+        "run_id": key + str(start),
+        "model": "m",
+        "method": method,
+        "bits": bits,
+        "status": status,
+        "error": error,
+        "start_time": start,
+        "end_time": 1795000000000 + start,
+        "git_commit": "",
+        "protocol": dict(PROTOCOL),
+        "method_params": params or {},
+        "sixteen_bit_layers": "",
+        "metrics": metrics,
+    }
+
+
+def test_latest_finished_run_wins():
+    records = [
+        _record("a", "rtn", "w4a16kv16", 12.0, start=1),
+        _record("a", "rtn", "w4a16kv16", None, status="KILLED", start=2),
+        _record("b", "rtn", "w3a16kv16", None, status="FAILED", start=1),
+    ]
+    chosen = select_latest(records)
+    assert [(r["run_key"], r["status"]) for r in chosen] == [("b", "FAILED"), ("a", "FINISHED")]
+
+
+def test_leaderboard_is_deterministic_and_sorted():
+    records = [
+        _record("fp", "rtn", "w16a16kv16", 10.0),
+        _record("g", "gptq", "w3g128a16kv16", 12.0),
+        _record("r", "rtn", "w3g128a16kv16", 15.0),
+        _record("f", "quarot", "w3g128a16kv16", None, status="FAILED", error="ValueError: boom"),
+    ]
+    board = render_leaderboard(records)
+    assert board == render_leaderboard(list(reversed(records)))
+    assert board.index("### `w16a16kv16`") < board.index("### `w3g128a16kv16`")
+    table = board[board.index("### `w3g128a16kv16`") :]
+    assert table.index("| gptq |") < table.index("| rtn |") < table.index("| quarot |")
+    assert "+2.00 (+20.0%)" in table and "+5.00 (+50.0%)" in table and "FAILED: ValueError: boom" in table
+    assert "304,986 tokens" in board and "148 windows" in board
+
+
+def test_method_label_names_non_default_params():
+    assert method_label("quarot", {"weights": "rtn", "a_clip_ratio": "0.9"}) == "quarot (weights=rtn)"
+    assert method_label("rtn", {"w_sym": "False"}) == "rtn"
