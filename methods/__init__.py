@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from methods import gptq, quarot, rtn
+from methods import gptq, quarot, rtn, signround
 
 
 @dataclass(frozen=True)
@@ -31,4 +31,5 @@ METHODS: dict[str, MethodEntry] = {
     "rtn": MethodEntry(rtn.RTNConfig, rtn.supports, rtn.quantize),
     "gptq": MethodEntry(gptq.GPTQConfig, gptq.supports, gptq.quantize),
     "quarot": MethodEntry(quarot.QuaRotConfig, quarot.supports, quarot.quantize),
+    "signround": MethodEntry(signround.SignRoundConfig, signround.supports, signround.quantize),
 }
