@@ -69,7 +69,10 @@ def _bench_load(model_name: str, reps: int) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness bench")
-    parser.add_argument("what", choices=["forward", "load"])
+    parser.add_argument("what", choices=["forward", "load", "kernels"])
+    parser.add_argument("--models", default="smollm2-135m,llama-2-7b", help="kernels: comma list of shape sets")
+    parser.add_argument("--tokens", default="1,2048", help="kernels: comma list of token counts")
+    parser.add_argument("--device", default="cpu", help="kernels: cpu, or cuda for the Triton kernels")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="quarot")
     parser.add_argument("--bits", default="w4a4kv4")
@@ -79,6 +82,15 @@ def main(argv: list[str]) -> int:
     if args.method not in METHODS:
         print(f"error: unknown method {args.method!r}; valid: {', '.join(sorted(METHODS))}")
         return 2
+    if args.what == "kernels":
+        from kernels import bench as kernel_bench
+
+        results = kernel_bench.run(
+            args.models.split(","), [int(t) for t in args.tokens.split(",")], args.reps, args.device
+        )
+        print(f"device {args.device}, {torch.get_num_threads()} threads, {args.reps} reps after a warm-up")
+        print(kernel_bench.table(results))
+        return 0
     if args.what == "load":
         return _bench_load(args.model, args.reps)
     params = {"weights": "rtn"} if args.method == "quarot" else {}

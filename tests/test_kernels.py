@@ -121,3 +121,13 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     monkeypatch.setattr(tk, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="need a CUDA device"):
         tk.dequant_matmul(torch.randn(2, 32), packed)
+
+
+def test_cpu_bench_times_every_format():
+    from kernels import bench
+
+    results = bench.run(["smollm2-135m"], [1], reps=1)
+    fmts = {r.fmt for r in results}
+    assert fmts == {"fp32", "bf16", "w4a4", "w8a8", "w4g128", "w2g128"}
+    assert len(results) == 4 * 6 and all(r.median > 0 for r in results)
+    assert "speedup vs bf16" in bench.table(results)
