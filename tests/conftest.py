@@ -1,6 +1,10 @@
 import os
 from pathlib import Path
 
+# Triton kernels are checked on CPU under the interpreter; Triton reads this when it is first imported,
+# so it must be set before any test module (or library) imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,9 +1,5 @@
 """Packed formats and kernels: Triton (under the interpreter) == pure-torch reference == fake-quant module."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.triton_kernels is imported
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
