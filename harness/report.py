@@ -78,8 +78,10 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
 
 
 def select_latest(records: list[dict]) -> list[dict]:
-    """One record per run key: the latest FINISHED, else the latest attempt."""
+    """One record per run key: the latest FINISHED, else the latest finished attempt (runs still RUNNING
+    are in progress, not results, and are left out)."""
     best: dict[str, dict] = {}
+    records = [r for r in records if r["status"] != "RUNNING"]
     for rec in sorted(records, key=lambda r: (r["status"] == "FINISHED", r["start_time"] or 0)):
         best[rec["run_key"]] = rec
     return sorted(best.values(), key=lambda r: (r["model"] or "", r["bits"] or "", r["method"] or "", r["run_key"]))
@@ -99,7 +101,7 @@ def read_records(path: Path) -> list[dict]:
 
 def _bits_order(bits: str) -> tuple:
     spec = BitSpec.parse(bits)
-    return (-spec.w, -(spec.group or 10**9), -spec.a, -spec.kv)
+    return (-spec.w, -spec.a, -spec.kv, -(spec.group or 10**9))
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -152,6 +154,12 @@ def _frame(records: list[dict]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _section_order(item) -> tuple:
+    """Sections by model, the papers' budget (`full`) first, then by protocol."""
+    (model, protocol), _ = item
+    return (model, json.loads(protocol).get("budget") != "full", protocol)
 
 
 def _section_header(group: pd.DataFrame) -> list[str]:
@@ -224,7 +232,7 @@ def render_leaderboard(records: list[dict]) -> str:
     if not records:
         return "\n".join(lines + ["No runs yet.", ""])
     frame = _frame(records)
-    for (_, _), group in sorted(frame.groupby(["model", "protocol"], sort=True), key=lambda kv: kv[0]):
+    for (_, _), group in sorted(frame.groupby(["model", "protocol"], sort=True), key=_section_order):
         lines += _section_header(group)
         fp = group[(group.bits == FP_BITS) & (group.status == "FINISHED")].sort_values("method")
         fp_ppl = float(fp.ppl.iloc[0]) if len(fp) else None
@@ -269,7 +277,7 @@ def plot_pareto(records: list[dict], path: Path) -> None:
 
     frame = _frame(records)
     frame = frame[(frame.status == "FINISHED") & frame.ppl.notna() & frame.bpw.notna()]
-    groups = sorted(frame.groupby(["model", "protocol"]), key=lambda kv: kv[0]) if len(frame) else []
+    groups = sorted(frame.groupby(["model", "protocol"]), key=_section_order) if len(frame) else []
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 4.5), squeeze=False)
     for ax, ((model, _), group) in zip(axes[0], groups, strict=False):
         for method, rows in sorted(group.groupby("method")):
