@@ -171,7 +171,10 @@ def _section_header(group: pd.DataFrame) -> list[str]:
     max_windows = first.p_ppl_max_windows
     scope = "whole test split" if max_windows in (None, "None", "null") else f"first {max_windows} windows only"
     date = datetime.fromtimestamp(group.end_time.max() / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
-    lines = [f"## {first.model} — budget `{first.p_budget}`", ""]
+    title = f"## {first.model} — budget `{first.p_budget}`"
+    if first.p_zs_tasks not in (None, "[]"):
+        title += ", with zero-shot"
+    lines = [title, ""]
     if len(tokens):
         lines.append(
             f'- Perplexity: WikiText-2 raw test ({scope}), rows joined with "\\n\\n", {int(tokens.iloc[0]):,} tokens, '
