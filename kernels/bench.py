@@ -58,7 +58,8 @@ def _time_cpu(fn: Callable[[], object], reps: int) -> tuple[float, ...]:
 def _time_cuda(fn: Callable[[], object], reps: int) -> tuple[float, ...]:
     from triton.testing import do_bench
 
-    return tuple(do_bench(fn, rep=50, return_mode="all")[:reps]) if reps else ()
+    times_ms = do_bench(fn, rep=50, return_mode="all")  # milliseconds
+    return tuple(t / 1e3 for t in times_ms[:reps])
 
 
 def _formats(x: torch.Tensor, weight: torch.Tensor, device: str) -> dict[str, Callable[[], object]]:
