@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
     if args.method not in METHODS:
-        print(f"error: unknown method {args.method!r}; valid: {', '.join(sorted(METHODS))}")
+        print(f"error: unknown method {args.method!r}; valid: {', '.join(sorted(METHODS))}", file=sys.stderr)
         return 2
     if args.what == "kernels":
         from kernels import bench as kernel_bench

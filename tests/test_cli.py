@@ -132,3 +132,11 @@ def test_list_names_models_methods_and_grammar(capsys):
     assert "gptq, quarot, rtn" in out and "smollm2-135m" in out and BITS_GRAMMAR in out
     assert main(["nope"]) == 2
     assert "valid: run, sweep, report" in capsys.readouterr().err
+
+
+def test_bench_unknown_method_lists_valid(capsys):
+    from harness.__main__ import main
+
+    assert main(["bench", "forward", "--method", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown method 'nope'; valid: gptq, quarot, rtn") and "\n" not in err
