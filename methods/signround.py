@@ -44,6 +44,7 @@ class SignRoundConfig:
     w_sym: bool = False
     disable_opt_rtn: bool = True
     amp: bool = False  # auto-round's default casts the model to bf16; we keep fp32 (our evaluation dtype)
+    enable_torch_compile: bool | None = None  # None = auto-round's choice (compiles the block when iters >= 10)
     a_sym: bool = True
     a_clip_ratio: float = 1.0
     kv_sym: bool = False
@@ -115,6 +116,7 @@ def quantize(model: nn.Module, cfg: SignRoundConfig, bits: BitSpec, ctx: QuantCo
             dataset=[{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows],
             disable_opt_rtn=cfg.disable_opt_rtn,
             amp=cfg.amp,
+            enable_torch_compile=cfg.enable_torch_compile,
             seed=ctx.seed,
             device_map=str(next(model.parameters()).device),
         )
