@@ -34,6 +34,9 @@ PROTOCOL_PARAMS = {
     "zs_limit": "eval.zeroshot.limit",
 }
 PROTOCOL_DEFAULTS = {"zs_tasks": "[]", "zs_limit": "null"}  # runs logged before zero-shot existed
+# Calibration is a property of a row (what the method read), not of the evaluation: sections group runs by
+# the evaluation protocol only, and the `calib` column says what each method used.
+CALIB_PARAMS = ("calib_dataset", "calib_nsamples", "calib_seqlen", "budget")
 TASK_ORDER = ("piqa", "hellaswag", "hellaswag_mirror", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
 FP_BITS = "w16a16kv16"
 
@@ -128,6 +131,23 @@ def method_label(method: str, params: dict[str, str]) -> str:
     return f"{method} ({', '.join(changed)})" if changed else method
 
 
+def _calib_cell(rec: dict) -> str:
+    """Calibration windows × tokens the method read; – when it read none (metric `calib_windows` = 0)."""
+    used = rec["metrics"].get("calib_windows")
+    if used is None:
+        return "?"
+    if used == 0:
+        return "–"
+    return f"{int(used)} × {rec['protocol']['calib_seqlen']}"
+
+
+def _speedup_cell(metrics: dict) -> str:
+    prefill, decode = metrics.get("latency.prefill.speedup"), metrics.get("latency.decode.speedup")
+    if prefill is None and decode is None:
+        return "–"
+    return " / ".join("–" if v is None else f"{v:.2f}×" for v in (prefill, decode))
+
+
 def _frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for rec in records:
@@ -143,13 +163,18 @@ def _frame(records: list[dict]) -> pd.DataFrame:
                 "ppl": metrics.get(ppl_name),
                 "bpw": metrics.get("bits_per_weight"),
                 "model_mb": metrics.get("model_mb"),
+                "packed_bpw": metrics.get("packed_bits_per_weight"),
+                "calib": _calib_cell(rec),
+                "speedup": _speedup_cell(metrics),
                 "kv": metrics.get("kv_bytes_per_token"),
                 "qsec": metrics.get("quantize_seconds"),
                 "tokens": metrics.get("ppl_tokens_total"),
                 "windows": metrics.get("ppl_windows"),
                 "metrics": metrics,
                 "end_time": rec["end_time"] or 0,
-                "protocol": json.dumps(rec["protocol"], sort_keys=True),
+                "protocol": json.dumps(
+                    {k: v for k, v in rec["protocol"].items() if k not in CALIB_PARAMS}, sort_keys=True
+                ),
                 **{f"p_{k}": v for k, v in rec["protocol"].items()},
             }
         )
@@ -157,9 +182,13 @@ def _frame(records: list[dict]) -> pd.DataFrame:
 
 
 def _section_order(item) -> tuple:
-    """Sections by model, the papers' budget (`full`) first, then by protocol."""
+    """Sections by model, the papers' protocol (whole test split) first, then by protocol."""
     (model, protocol), _ = item
-    return (model, json.loads(protocol).get("budget") != "full", protocol)
+    return (model, json.loads(protocol).get("ppl_max_windows") not in (None, "None", "null"), protocol)
+
+
+def _whole_split(max_windows) -> bool:
+    return max_windows in (None, "None", "null")
 
 
 def _section_header(group: pd.DataFrame) -> list[str]:
@@ -169,9 +198,9 @@ def _section_header(group: pd.DataFrame) -> list[str]:
     tokens = finished.tokens.dropna()
     seqlen = int(first.p_ppl_seqlen)
     max_windows = first.p_ppl_max_windows
-    scope = "whole test split" if max_windows in (None, "None", "null") else f"first {max_windows} windows only"
+    scope = "whole test split" if _whole_split(max_windows) else f"first {max_windows} windows only"
     date = datetime.fromtimestamp(group.end_time.max() / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
-    title = f"## {first.model} — budget `{first.p_budget}`"
+    title = f"## {first.model} — WikiText-2 {scope}"
     if first.p_zs_tasks not in (None, "[]"):
         title += ", with zero-shot"
     lines = [title, ""]
@@ -180,9 +209,16 @@ def _section_header(group: pd.DataFrame) -> list[str]:
             f'- Perplexity: WikiText-2 raw test ({scope}), rows joined with "\\n\\n", {int(tokens.iloc[0]):,} tokens, '
             f"non-overlapping windows of {seqlen} ({int(windows.max())} windows), eval dtype {first.p_ppl_dtype}"
         )
+    datasets = ", ".join(f"`{d}`" for d in sorted(group.p_calib_dataset.dropna().unique()))
+    budgets = ", ".join(f"`{b}`" for b in sorted(group.p_budget.dropna().unique()))
     lines.append(
-        f"- Calibration (methods that use data): {first.p_calib_nsamples} × {first.p_calib_seqlen} tokens "
-        f"from `{first.p_calib_dataset}`, seed {first.p_seed}"
+        f"- Calibration: column `calib` = windows × tokens the method read from {datasets}, seed {first.p_seed} "
+        f"(– = the method reads no data); budget presets in this section: {budgets}"
+    )
+    lines.append(
+        "- `packed b/w`: bytes of the deployed packed layout (int32 code words, int3 = 10 codes per word); "
+        "`speedup` = dense 16-bit time / kernel time of one decoder block's linears, prefill (2048 tokens) / "
+        "decode (1 token), median over repetitions (min–max in runs.jsonl); – = no kernel for the format"
     )
     tasks = zeroshot_tasks(group)
     if tasks:
@@ -250,10 +286,10 @@ def render_leaderboard(records: list[dict]) -> str:
             lines += [
                 f"### `{bits}`",
                 "",
-                "| method | bits/weight | WikiText-2 PPL | Δ vs FP |"
+                "| method | bits/weight | packed b/w | WikiText-2 PPL | Δ vs FP |"
                 + zs_head
-                + " model MB | KV bytes/token | quantize s | status |",
-                "|---|---:|---:|---:|" + zs_rule + "---:|---:|---:|---|",
+                + " model MB | KV bytes/token | calib | quantize s | speedup vs 16-bit | status |",
+                "|---|---:|---:|---:|---:|" + zs_rule + "---:|---:|---:|---:|---:|---|",
             ]
             for row in table.itertuples():
                 delta = "–"
@@ -265,8 +301,9 @@ def render_leaderboard(records: list[dict]) -> str:
                     avg = row.metrics.get("zs.avg")
                     zs_cells += f" {'–' if avg is None else f'{100 * avg:.1f}'} |"
                 lines.append(
-                    f"| {row.method} | {_fmt(row.bpw)} | {_fmt(row.ppl)} | {delta} |{zs_cells} "
-                    f"{_fmt(row.model_mb, 1)} | {_fmt(row.kv, 0)} | {_fmt(row.qsec, 1)} | {status} |"
+                    f"| {row.method} | {_fmt(row.bpw)} | {_fmt(row.packed_bpw)} | {_fmt(row.ppl)} | {delta} |"
+                    f"{zs_cells} {_fmt(row.model_mb, 1)} | {_fmt(row.kv, 0)} | {row.calib} | {_fmt(row.qsec, 1)} | "
+                    f"{row.speedup} | {status} |"
                 )
             lines.append("")
     return "\n".join(lines)
@@ -290,7 +327,8 @@ def plot_pareto(records: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("bits per weight (quantized linears, incl. scales/zeros)")
         ax.set_ylabel("WikiText-2 perplexity (log)")
-        ax.set_title(f"{model} (budget {group.p_budget.iloc[0]})")
+        windows = group.p_ppl_max_windows.iloc[0]
+        ax.set_title(f"{model} ({'whole test split' if _whole_split(windows) else f'first {windows} windows'})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()

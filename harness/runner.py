@@ -12,7 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 from harness import data, models
 from harness.evaluate.memory import PeakRSS, memory_report
 from harness.evaluate.perplexity import perplexity
-from harness.spec import BitSpec, CalibSpec, ModelSpec, PerplexitySpec, RunSpec, SpecError, ZeroShotSpec
+from harness.spec import (
+    BitSpec,
+    CalibSpec,
+    LatencySpec,
+    ModelSpec,
+    PerplexitySpec,
+    RunSpec,
+    SpecError,
+    ZeroShotSpec,
+)
 from harness.tracking import Tracker, flatten, provenance_tags
 from methods import METHODS
 from methods.base import QuantContext
@@ -52,6 +61,8 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         limit=zs_cfg.get("limit"),
         batch_size=int(zs_cfg.get("batch_size", 8)),
     )
+    lat_cfg = OmegaConf.to_container(cfg.eval.latency, resolve=True) if "latency" in cfg.eval else {"enabled": False}
+    latency = LatencySpec(**{**lat_cfg, "tokens": tuple(lat_cfg.get("tokens", LatencySpec.tokens))})
     return RunSpec(
         model=model,
         method=method,
@@ -63,6 +74,7 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         seed=int(cfg.seed),
         budget=str(cfg.budget.name),
         data_dir=cfg.data_dir,
+        latency=latency,
     )
 
 
@@ -109,17 +121,25 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
 
     entry = METHODS[spec.method]
     config = entry.make_config(spec.method, spec.method_params)
-    ctx = QuantContext(
-        seed=spec.seed,
-        calibration=lambda: data.calibration_windows(spec.calib, tokenizer, spec.seed, spec.data_dir),
-        tokenizer=tokenizer,
-    )
+    drawn: list[int] = []  # calibration windows the method actually read (0 for data-free methods)
+
+    def calibration():
+        windows = data.calibration_windows(spec.calib, tokenizer, spec.seed, spec.data_dir)
+        drawn.append(len(windows))
+        return windows
+
+    ctx = QuantContext(seed=spec.seed, calibration=calibration, tokenizer=tokenizer)
     with PeakRSS() as rss_quant:
         start = time.perf_counter()
         summary = entry.quantize(model, config, spec.bits, ctx)
         quantize_seconds = time.perf_counter() - start
     tracker.log_metrics(
-        {"quantize_seconds": quantize_seconds, "peak_rss_quantize_mb": rss_quant.peak_mb, **summary.metrics}
+        {
+            "quantize_seconds": quantize_seconds,
+            "peak_rss_quantize_mb": rss_quant.peak_mb,
+            "calib_windows": float(drawn[-1] if drawn else 0),
+            **summary.metrics,
+        }
     )
     if summary.notes:
         tracker.set_tags({f"note.{k}": v for k, v in summary.notes.items()})
@@ -128,6 +148,8 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
     report = memory_report(model, spec.bits.kv, kv_sym, spec.method_params.get("kv_group_size"))
     tracker.log_metrics(report.metrics())
     tracker.set_tags({"sixteen_bit_layers": report.sixteen_bit_layers})
+    if spec.latency.enabled:
+        _latency(spec, config, model, tracker)
 
     model.to(models.torch_dtype(spec.ppl.dtype))
     token_ids = data.ppl_token_ids(spec.ppl.dataset, tokenizer, spec.data_dir)
@@ -155,6 +177,25 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
     )
     if spec.zeroshot.tasks:
         _zeroshot(spec, model, tokenizer, tracker)
+
+
+def _latency(spec: RunSpec, config, model, tracker: Tracker) -> None:
+    from harness.evaluate import latency
+
+    fmt = latency.run_format(spec.bits, bool(getattr(config, "w_sym", False)))
+    if fmt is None:
+        return
+    metrics, tags = latency.measure(latency.block_shapes(model), fmt, spec.latency)
+    tracker.log_metrics(metrics)
+    tracker.set_tags(tags)
+    log.info(
+        "%s: %s kernel vs %s dense: prefill %.2fx, decode %.2fx",
+        run_name(spec),
+        fmt.name,
+        tags["latency.dense_dtype"],
+        metrics.get("latency.prefill.speedup", float("nan")),
+        metrics.get("latency.decode.speedup", float("nan")),
+    )
 
 
 def _zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker) -> None:

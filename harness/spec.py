@@ -114,6 +114,16 @@ class ZeroShotSpec:
 
 
 @dataclass(frozen=True)
+class LatencySpec:
+    """Per-run kernel latency settings (harness/evaluate/latency.py); measurements, so not in the run key."""
+
+    enabled: bool = True
+    reps: int = 5
+    tokens: tuple[int, ...] = (1, 2048)
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
 class RunSpec:
     model: ModelSpec
     method: str
@@ -126,6 +136,7 @@ class RunSpec:
     budget: str = "full"
     # Not part of the key:
     data_dir: str | None = field(default=None, compare=False)
+    latency: LatencySpec = field(default_factory=LatencySpec, compare=False)
 
     def key_fields(self) -> dict[str, Any]:
         return {

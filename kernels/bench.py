@@ -2,10 +2,10 @@
 
 For every linear shape of the chosen models (SmolLM2-135M and Llama-2-7B by default), decode (1 token)
 and prefill (2048 tokens): min / median / max over repetitions after a warm-up, in one process, with the
-speedup = dense median / format median. CPU: a warmed-up `perf_counter` timer; W8A8 and W4A4 run on
-`torch._int_mm` (int8 × int8 -> int32; CPUs have no int4 GEMM, so W4A4 moves int4 values in int8 lanes),
-weight-only formats dequantize then matmul in bf16. CUDA (`--device cuda`): the Triton kernels, timed with
-`triton.testing.do_bench`.
+speedup = dense median / format median; "16-bit" is bf16 on CPU and fp16 on CUDA. CPU: a warmed-up
+`perf_counter` timer; W8A8 and W4A4 run on `torch._int_mm` (int8 × int8 -> int32; CPUs have no int4 GEMM,
+so W4A4 moves int4 values in int8 lanes), weight-only formats dequantize then matmul in bf16. CUDA
+(`--device cuda`): the Triton kernels, timed with `triton.testing.do_bench`.
 """
 
 from __future__ import annotations
@@ -62,42 +62,92 @@ def _time_cuda(fn: Callable[[], object], reps: int) -> tuple[float, ...]:
     return tuple(t / 1e3 for t in times_ms[:reps])
 
 
-def _formats(x: torch.Tensor, weight: torch.Tensor, device: str) -> dict[str, Callable[[], object]]:
-    w_bf16, x_bf16 = weight.to(torch.bfloat16), x.to(torch.bfloat16)
-    packed = {
-        "w4a4": PackedLinear.from_quantized(WeightQuantizer(4, None, sym=True).quantize(weight)),
-        "w8a8": PackedLinear.from_quantized(WeightQuantizer(8, None, sym=True).quantize(weight)),
-        "w4g128": PackedLinear.from_quantized(WeightQuantizer(4, 128).quantize(weight)),
-        "w2g128": PackedLinear.from_quantized(WeightQuantizer(2, 128).quantize(weight)),
-    }
-    fmts: dict[str, Callable[[], object]] = {
-        "fp32": lambda: x @ weight.T,
-        "bf16": lambda: x_bf16 @ w_bf16.T,
-    }
-    if device == "cpu":
-        int_weights = {k: reference.signed_codes(packed[k]) for k in ("w4a4", "w8a8")}
-        for name, bits in (("w4a4", 4), ("w8a8", 8)):
-            codes, scale = int_weights[name]
-            fmts[name] = lambda c=codes, s=scale, b=bits: reference.int_matmul(
-                *reference.quantize_per_token_sym(x, b), c, s
-            )
-        for name in ("w4g128", "w2g128"):
-            fmts[name] = lambda p=packed[name]: reference.dequant_matmul(x_bf16, p)
-    else:
-        from kernels import triton_kernels as tk
+@dataclass(frozen=True)
+class KernelFormat:
+    """A weight format the kernels execute: integer GEMM when `a_bits` is set (per-channel weights,
+    per-token symmetric activations), else the weight-only dequantize-then-matmul GEMM."""
 
-        x16 = x.to(torch.float16)
-        for name, bits in (("w4a4", 4), ("w8a8", 8)):
-            fmts[name] = lambda p=packed[name], b=bits: tk.int_matmul(
-                *reference.quantize_per_token_sym(x, b), p, block=(64, 64, 64)
+    w_bits: int
+    group_size: int | None  # None = one group per output channel
+    w_sym: bool
+    a_bits: int | None = None
+
+    @property
+    def name(self) -> str:
+        acts = f"a{self.a_bits}" if self.a_bits else ""
+        group = f"g{self.group_size}" if self.group_size else ""
+        return f"w{self.w_bits}{group}{acts}" + ("" if self.w_sym else "-asym")
+
+    def quantizer(self) -> WeightQuantizer:
+        return WeightQuantizer(self.w_bits, self.group_size, sym=self.w_sym)
+
+
+BENCH_FORMATS = (
+    KernelFormat(4, None, True, 4),
+    KernelFormat(8, None, True, 8),
+    KernelFormat(4, 128, False),
+    KernelFormat(2, 128, False),
+)
+
+
+def kernel_format(w_bits: int, a_bits: int, group_size: int | None, w_sym: bool) -> KernelFormat | None:
+    """The kernel format that executes a bit setting, or None (16-bit weights are the baseline itself;
+    group-wise weights with quantized activations and non-packable widths have no kernel here)."""
+    if w_bits >= 16 or w_bits not in (2, 3, 4, 8):
+        return None
+    if a_bits >= 16:
+        return KernelFormat(w_bits, group_size, w_sym)
+    if a_bits <= 8 and group_size is None:
+        return KernelFormat(w_bits, None, w_sym, a_bits)
+    return None
+
+
+def dense_dtype(device: str) -> torch.dtype:
+    """The 16-bit baseline: bf16 on CPU (fast AMX/AVX512-bf16 GEMM), fp16 on CUDA."""
+    return torch.bfloat16 if device == "cpu" else torch.float16
+
+
+def kernel_call(fmt: KernelFormat, x: torch.Tensor, packed: PackedLinear, device: str) -> Callable[[], object]:
+    """The timed call for `fmt` on activations x (fp32 [tokens, in]). CPU: `torch._int_mm` on int8 lanes
+    (unpacked once, the CPU deployment layout) for integer formats, dequantize + bf16 matmul otherwise.
+    CUDA: the Triton kernels on the packed words."""
+    if device == "cpu":
+        if fmt.a_bits:
+            w_codes, w_scale, w_zero = reference.integer_weight(packed)
+            return lambda: reference.int_matmul(
+                *reference.quantize_per_token_sym(x, fmt.a_bits), w_codes, w_scale, w_zero
             )
-        for name in ("w4g128", "w2g128"):
-            fmts[name] = lambda p=packed[name]: tk.dequant_matmul(x16, p, block=(64, 64, 64))
+        x16 = x.to(dense_dtype(device))
+        return lambda: reference.dequant_matmul(x16, packed)
+    from kernels import triton_kernels as tk
+
+    if fmt.a_bits:
+        return lambda: tk.int_matmul(*reference.quantize_per_token_sym(x, fmt.a_bits), packed, block=(64, 64, 64))
+    x16 = x.to(dense_dtype(device))
+    return lambda: tk.dequant_matmul(x16, packed, block=(64, 64, 64))
+
+
+def pack_on(fmt: KernelFormat, weight: torch.Tensor, device: str) -> PackedLinear:
+    packed = PackedLinear.from_quantized(fmt.quantizer().quantize(weight.float().cpu()))
+    for name in ("words", "scales", "zero_words"):
+        setattr(packed, name, getattr(packed, name).to(device))
+    return packed
+
+
+def _formats(x: torch.Tensor, weight: torch.Tensor, device: str) -> dict[str, Callable[[], object]]:
+    w16, x16 = weight.to(dense_dtype(device)), x.to(dense_dtype(device))
+    fmts: dict[str, Callable[[], object]] = {"fp32": lambda: x @ weight.T, "16-bit": lambda: x16 @ w16.T}
+    for fmt in BENCH_FORMATS:
+        fmts[fmt.name] = kernel_call(fmt, x, pack_on(fmt, weight, device), device)
     return fmts
 
 
+def timer_for(device: str) -> Callable[[Callable[[], object], int], tuple[float, ...]]:
+    return _time_cpu if device == "cpu" else _time_cuda
+
+
 def run(models: list[str], tokens: list[int], reps: int, device: str = "cpu") -> list[Timing]:
-    timer = _time_cpu if device == "cpu" else _time_cuda
+    timer = timer_for(device)
     gen = torch.Generator().manual_seed(0)
     results = []
     for model in models:
@@ -112,12 +162,12 @@ def run(models: list[str], tokens: list[int], reps: int, device: str = "cpu") ->
 
 def table(results: list[Timing]) -> str:
     lines = [
-        "| model | layer | tokens | format | min ms | median ms | max ms | speedup vs bf16 | vs fp32 |",
+        "| model | layer | tokens | format | min ms | median ms | max ms | speedup vs 16-bit | vs fp32 |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     base = {(r.model, r.layer, r.tokens, r.fmt): r.median for r in results}
     for r in results:
-        bf16 = base[(r.model, r.layer, r.tokens, "bf16")]
+        bf16 = base[(r.model, r.layer, r.tokens, "16-bit")]
         fp32 = base[(r.model, r.layer, r.tokens, "fp32")]
         lines.append(
             f"| {r.model} | {r.layer} | {r.tokens} | {r.fmt} | {1e3 * min(r.times):.3f} | {1e3 * r.median:.3f} | "

@@ -3,7 +3,8 @@
 * int2 / int4 / int8: 16 / 8 / 4 codes per little-endian int32 word along the input dim;
 * int3: 10 codes per int32 word (30 bits used; 3.2 bits per code);
 * ternary {−1, 0, +1}: 5 trits per byte in base 3 (3⁵ = 243 ≤ 256; 1.6 bits per code);
-* group scales (fp16) and zero points (stored packed at the code width, like GPTQ's qzeros);
+* group scales (fp16) and, for asymmetric grids only, zero points (packed at the code width, like GPTQ's
+  qzeros; a symmetric grid's zero is the constant 2^(b−1) and is not stored);
 * non-uniform 2-bit (RCP/LDP style): 2-bit codes index a per-(row, group) table of 4 fp16 levels.
 Codes are unsigned: a symmetric grid's signed codes are offset by 2^(b−1) with zero point 2^(b−1).
 Every format round-trips exactly (tests/test_packing.py).
@@ -22,6 +23,13 @@ def codes_per_word(bits: int) -> int:
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"int packing supports 2, 3, 4 or 8 bits, got {bits}")
     return 10 if bits == 3 else 32 // bits
+
+
+def packed_nbytes(rows: int, cols: int, n_groups: int, bits: int, sym: bool) -> int:
+    """Bytes of a `PackedLinear` without building it: code words, fp16 scales, zero words (asymmetric)."""
+    per = codes_per_word(bits)
+    zero_words = 0 if sym else rows * -(-n_groups // per)
+    return 4 * rows * -(-cols // per) + 2 * rows * n_groups + 4 * zero_words
 
 
 def pack_int(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -69,27 +77,32 @@ def unpack_ternary(packed: torch.Tensor, cols: int) -> torch.Tensor:
 
 @dataclass
 class PackedLinear:
-    """A group-quantized weight as deployed: packed codes, fp16 scales, packed zero points."""
+    """A group-quantized weight as deployed: packed codes, fp16 scales, packed zero points (asymmetric only)."""
 
     words: torch.Tensor  # int32 [out, n_words]
     scales: torch.Tensor  # fp16 [out, n_groups]
-    zero_words: torch.Tensor  # int32 [out, ceil(n_groups / per_word)]
+    zero_words: torch.Tensor  # int32 [out, ceil(n_groups / per_word)]; [out, 0] for a symmetric grid
     bits: int
     group_size: int
     in_features: int
+    sym: bool = False
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight) -> PackedLinear:
         offset = 2 ** (q.bits - 1) if q.sym else 0
         codes = (q.codes.to(torch.int16) + offset).to(torch.uint8)
-        zeros = (q.zeros + offset).round().clamp(0, 2**q.bits - 1).to(torch.uint8)
+        if q.sym:
+            zero_words = torch.zeros(codes.shape[0], 0, dtype=torch.int32)
+        else:
+            zero_words = pack_int(q.zeros.round().clamp(0, 2**q.bits - 1).to(torch.uint8), q.bits)
         return cls(
             pack_int(codes, q.bits),
             q.scales.to(torch.float16),
-            pack_int(zeros, q.bits),
+            zero_words,
             q.bits,
             q.group_size,
             q.codes.shape[1],
+            q.sym,
         )
 
     @property
@@ -100,6 +113,9 @@ class PackedLinear:
         return unpack_int(self.words, self.bits, self.in_features)
 
     def zeros(self) -> torch.Tensor:
+        """Unsigned zero point per (row, group); the constant 2^(b−1) for a symmetric grid."""
+        if self.sym:
+            return torch.full(self.scales.shape, 2 ** (self.bits - 1), dtype=torch.uint8)
         return unpack_int(self.zero_words, self.bits, self.scales.shape[1])
 
     def nbytes(self) -> int:

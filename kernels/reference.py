@@ -1,9 +1,11 @@
 """Pure-torch kernels with the exact semantics of the Triton ones; also the CPU execution path.
 
 * `dequant_matmul`: weight-only formats, dequantize then matmul (x @ Ŵᵀ).
-* `w4a4_matmul` / `w8a8_matmul`: per-token symmetric integer activations × per-channel symmetric integer
-  weights, integer accumulation (`torch._int_mm` on CPU: int8 × int8 -> int32), output scaled by
-  s_x[m] · s_w[n] (QuaRot's W4A4 format; int4 values travel in int8 lanes).
+* `w4a4_matmul`: per-token symmetric integer activations × per-channel integer weights, integer
+  accumulation (`torch._int_mm` on CPU: int8 × int8 -> int32), output scaled by s_x[m] · s_w[n] (QuaRot's
+  W4A4 format; W8A8 and W2A4 are the same path, int2/int4 values travel in int8 lanes). Asymmetric weights
+  are exact too: with signed lanes w' = q − 2^(b−1) and z' = z − 2^(b−1),
+  Σ_k x_k (q_k − z) = Σ_k x_k w'_k − z' Σ_k x_k, one integer row sum per token.
 * `lut_matmul`: non-uniform 2-bit weights (4-level table per group) × activations.
 """
 
@@ -44,9 +46,16 @@ def quantize_per_token_sym(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, to
 
 
 def int_matmul(
-    x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor
+    x_codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(x_codes · w_codesᵀ) in int32, then · s_x[m] · s_w[n]. w_codes: int8 [N, K] signed."""
+    """(x_codes · w_codesᵀ − rowsum(x_codes) · w_zero) in int32, then · s_x[m] · s_w[n].
+
+    w_codes: signed int8 lanes [N, K]; w_zero: int32 [N] zero offsets in the same lanes (None = symmetric).
+    """
     if x_codes.dtype != torch.int8 or w_codes.dtype != torch.int8:
         raise TypeError(f"integer matmul needs int8 codes, got {x_codes.dtype} and {w_codes.dtype}")
     m = x_codes.shape[0]
@@ -54,24 +63,32 @@ def int_matmul(
         acc = torch._int_mm(x_codes, w_codes.T.contiguous())
     else:  # _int_mm needs more than 16 rows; int32 matmul is exact too
         acc = x_codes.to(torch.int32) @ w_codes.to(torch.int32).T
+    if w_zero is not None:
+        acc = acc - x_codes.to(torch.int32).sum(dim=1, keepdim=True) * w_zero.to(torch.int32)[None, :]
     return acc.to(torch.float32) * x_scale[:, None] * w_scale[None, :].float()
 
 
-def signed_codes(packed: PackedLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel symmetric packed weight -> (int8 signed codes [N, K], fp32 scales [N])."""
+def integer_weight(packed: PackedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-channel packed weight -> (int8 signed lanes [N, K], fp32 scales [N], int32 zero offsets [N] or None).
+
+    Lanes are q − 2^(b−1) (b ≤ 8 fits int8); the zero offset is z − 2^(b−1), None for a symmetric grid.
+    """
     if packed.group_size != packed.in_features:
-        raise ValueError("integer GEMM needs per-channel weight scales (group size = in_features)")
-    zero = 2 ** (packed.bits - 1)
-    if not torch.all(packed.zeros() == zero):
-        raise ValueError("integer GEMM needs a symmetric weight grid (zero point 2^(bits-1))")
-    return (packed.codes().to(torch.int16) - zero).to(torch.int8), packed.scales[:, 0].float()
+        raise ValueError(
+            f"integer GEMM needs per-channel weight scales (group size = in_features = {packed.in_features}), "
+            f"got group size {packed.group_size}"
+        )
+    half = 2 ** (packed.bits - 1)
+    lanes = (packed.codes().to(torch.int16) - half).to(torch.int8)
+    zero = None if packed.sym else packed.zeros()[:, 0].to(torch.int32) - half
+    return lanes, packed.scales[:, 0].float(), zero
 
 
 def w4a4_matmul(x: torch.Tensor, packed: PackedLinear, act_bits: int = 4) -> torch.Tensor:
     _check_activation(x, packed.in_features)
-    w_codes, w_scale = signed_codes(packed)
+    w_codes, w_scale, w_zero = integer_weight(packed)
     x_codes, x_scale = quantize_per_token_sym(x, act_bits)
-    return int_matmul(x_codes, x_scale, w_codes, w_scale).to(x.dtype)
+    return int_matmul(x_codes, x_scale, w_codes, w_scale, w_zero).to(x.dtype)
 
 
 def lut_matmul(x: torch.Tensor, packed: PackedLUTLinear) -> torch.Tensor:

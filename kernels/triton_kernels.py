@@ -60,6 +60,7 @@ def _dequant_gemm_kernel(
     BITS: tl.constexpr,
     PER_WORD: tl.constexpr,
     GROUP: tl.constexpr,
+    SYM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -80,9 +81,14 @@ def _dequant_gemm_kernel(
         codes = (words >> ((offs_k % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
         groups = offs_k // GROUP
         scales = tl.load(s_ptr + offs_n[:, None] * n_groups + groups[None, :], mask=mask_w, other=0.0)
-        zwords = tl.load(z_ptr + offs_n[:, None] * n_zero_words + (groups // PER_WORD)[None, :], mask=mask_w, other=0)
-        zeros = (zwords >> ((groups % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
-        w = (codes - zeros).to(tl.float32) * scales.to(tl.float32)
+        if SYM:  # symmetric grid: the zero point is the constant 2^(b-1), not stored
+            w = (codes - (1 << (BITS - 1))).to(tl.float32) * scales.to(tl.float32)
+        else:
+            zwords = tl.load(
+                z_ptr + offs_n[:, None] * n_zero_words + (groups // PER_WORD)[None, :], mask=mask_w, other=0
+            )
+            zeros = (zwords >> ((groups % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
+            w = (codes - zeros).to(tl.float32) * scales.to(tl.float32)
         acc += tl.dot(x.to(tl.float32), tl.trans(w))
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
@@ -99,7 +105,7 @@ def dequant_matmul(x: torch.Tensor, packed: PackedLinear, block=(16, 32, 32)) ->
         x.contiguous(),
         packed.words.contiguous(),
         packed.scales.contiguous(),
-        packed.zero_words.contiguous(),
+        packed.zero_words.contiguous() if not packed.sym else packed.scales,  # unused when SYM
         out,
         m,
         n,
@@ -110,6 +116,7 @@ def dequant_matmul(x: torch.Tensor, packed: PackedLinear, block=(16, 32, 32)) ->
         BITS=packed.bits,
         PER_WORD=codes_per_word(packed.bits),
         GROUP=packed.group_size,
+        SYM=packed.sym,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
@@ -123,6 +130,7 @@ def _int_gemm_kernel(
     xs_ptr,
     w_ptr,
     ws_ptr,
+    wz_ptr,
     out_ptr,
     M,
     N,
@@ -130,6 +138,7 @@ def _int_gemm_kernel(
     n_words,
     BITS: tl.constexpr,
     PER_WORD: tl.constexpr,
+    SYM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -141,10 +150,13 @@ def _int_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xq = tl.load(xq_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
+        if not SYM:
+            xsum += tl.sum(xq.to(tl.int32), axis=1)
         words = tl.load(
             w_ptr + offs_n[:, None] * n_words + (offs_k // PER_WORD)[None, :],
             mask=mask_n[:, None] & mask_k[None, :],
@@ -153,6 +165,9 @@ def _int_gemm_kernel(
         codes = (words >> ((offs_k % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
         signed = tl.where(mask_k[None, :], codes - (1 << (BITS - 1)), 0).to(tl.int8)
         acc += tl.dot(xq, tl.trans(signed), out_dtype=tl.int32)
+    if not SYM:  # asymmetric weights: subtract z' · Σ_k x_k (see kernels/reference.py)
+        wz = tl.load(wz_ptr + offs_n, mask=mask_n, other=0)
+        acc -= xsum[:, None] * wz[None, :]
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
     ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
     out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
@@ -160,14 +175,16 @@ def _int_gemm_kernel(
 
 
 def int_matmul(x_codes: torch.Tensor, x_scale: torch.Tensor, packed: PackedLinear, block=(16, 32, 32)) -> torch.Tensor:
-    """Integer GEMM on packed signed per-channel weights; x_codes int8 [M, K], x_scale fp32 [M]."""
-    from kernels.reference import signed_codes
+    """Integer GEMM on packed per-channel weights (symmetric or asymmetric); x_codes int8 [M, K], x_scale fp32 [M]."""
+    from kernels.reference import integer_weight
 
     if x_codes.dtype != torch.int8:
         raise TypeError(f"activation codes must be int8, got {x_codes.dtype}")
     if x_codes.dim() != 2 or x_codes.shape[1] != packed.in_features:
         raise ValueError(f"activation codes must be [tokens, {packed.in_features}], got {tuple(x_codes.shape)}")
-    _, w_scale = signed_codes(packed)  # validates per-channel symmetric weights
+    _, w_scale, w_zero = integer_weight(packed)  # validates per-channel weights
+    if w_zero is None:
+        w_zero = torch.zeros_like(w_scale, dtype=torch.int32)  # not read when SYM
     _check_device(x_codes, x_scale, packed.words)
     m, k = x_codes.shape
     n = packed.out_features
@@ -179,6 +196,7 @@ def int_matmul(x_codes: torch.Tensor, x_scale: torch.Tensor, packed: PackedLinea
         x_scale.float().contiguous(),
         packed.words.contiguous(),
         w_scale.to(x_codes.device),
+        w_zero.to(x_codes.device),
         out,
         m,
         n,
@@ -186,6 +204,7 @@ def int_matmul(x_codes: torch.Tensor, x_scale: torch.Tensor, packed: PackedLinea
         packed.words.shape[1],
         BITS=packed.bits,
         PER_WORD=codes_per_word(packed.bits),
+        SYM=packed.sym,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,

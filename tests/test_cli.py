@@ -62,7 +62,7 @@ def test_sweep_failures_resume_and_report(tmp_path, data_dir):
         "sweep",
         "model=tiny-llama",
         "budget=smoke",
-        "bits=w16a16kv16,w4g32a4kv4,w1.58a16kv16",
+        "bits=w16a16kv16,w4a4kv4,w1.58a16kv16",
         "eval.ppl.seqlen=256,100000000",
     ]
     first = _cli(args, tmp_path, data_dir)
@@ -77,6 +77,10 @@ def test_sweep_failures_resume_and_report(tmp_path, data_dir):
     assert all("fewer than one window" in r.data.tags["error"] for r in failed)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert all(r.data.metrics["ppl_windows"] == 2 for r in finished)
+    assert all(r.data.metrics["calib_windows"] == 0 for r in finished)  # RTN reads no calibration data
+    latency = {r.data.tags["bits"]: r.data.metrics.get("latency.prefill.speedup") for r in finished}
+    assert latency["w16a16kv16"] is None and latency["w4a4kv4"] > 0  # the baseline itself has no kernel
+    assert {r.data.tags.get("latency.format") for r in finished} == {None, "w4a4-asym"}
 
     second = _cli(args, tmp_path, data_dir)
     assert "summary: 0 finished, 2 done-before, 2 unsupported, 2 failed" in second.stdout
@@ -87,7 +91,8 @@ def test_sweep_failures_resume_and_report(tmp_path, data_dir):
     records = [json.loads(line) for line in (reports / "runs.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {r["status"] for r in records} == {"FINISHED", "FAILED"}
     board = (reports / "leaderboard.md").read_text()
-    assert "### `w4g32a4kv4`" in board and "FAILED: ValueError" in board
+    assert "### `w4a4kv4`" in board and "FAILED: ValueError" in board
+    assert "× / " in board  # the speedup column of the w4a4kv4 row
     assert (reports / "pareto.png").stat().st_size > 1000
     assert _cli(["report", "--check", "--out", str(reports)], tmp_path, data_dir).returncode == 0
     (reports / "leaderboard.md").write_text(board.replace("| rtn |", "| rtn* |", 1))
@@ -140,3 +145,18 @@ def test_bench_unknown_method_lists_valid(capsys):
     assert main(["bench", "forward", "--method", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown method 'nope'; valid: gptq, quarot, rtn") and "\n" not in err
+
+
+def test_bench_runs_measures_latency_of_runs_logged_without_it(tmp_path, data_dir):
+    args = ["sweep", "model=tiny-llama", "budget=smoke", "bits=w16a16kv16,w4a8kv8", "eval.latency.enabled=false"]
+    assert _cli(args, tmp_path, data_dir).returncode == 0
+    assert not any("latency.format" in r.data.tags for r in _runs(tmp_path))
+    bench = _cli(["bench", "runs", "--reps", "2"], tmp_path, data_dir)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "measured 1 run(s)" in bench.stdout  # the 16-bit baseline has no kernel
+    measured = {r.data.tags["bits"]: r for r in _runs(tmp_path)}["w4a8kv8"]
+    assert measured.data.tags["latency.format"] == "w4a8-asym"
+    assert measured.data.tags["latency.measured_after_run"] == "true"
+    assert measured.data.metrics["latency.prefill.speedup"] > 0
+    again = _cli(["bench", "runs", "--reps", "2"], tmp_path, data_dir)
+    assert "measured 0 run(s)" in again.stdout

@@ -10,6 +10,7 @@ from kernels.packing import (  # noqa: E402
     PackedLUTLinear,
     pack_int,
     pack_ternary,
+    packed_nbytes,
     unpack_int,
     unpack_ternary,
 )
@@ -65,10 +66,27 @@ def test_weight_only_kernel_equals_reference_and_module(bits, group, sym, m, k, 
     assert packed.nbytes() * 8 >= q.storage_bits()
 
 
-@pytest.mark.parametrize("w_bits, a_bits", [(4, 4), (8, 8)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [16, 40, None])
+@pytest.mark.parametrize("sym", [True, False])
+def test_packed_bytes_match_the_word_layout(bits, group, sym):
+    q = WeightQuantizer(bits, group, sym=sym).quantize(torch.randn(6, 100))
+    packed = PackedLinear.from_quantized(q)
+    per_word = 10 if bits == 3 else 32 // bits
+    n_groups = -(-100 // (group or 100))
+    code_bytes = 6 * -(-100 // per_word) * 4
+    zero_bytes = 0 if sym else 6 * -(-n_groups // per_word) * 4
+    assert packed.nbytes() == code_bytes + 6 * n_groups * 2 + zero_bytes
+    assert packed.nbytes() == packed_nbytes(6, 100, n_groups, bits, sym)
+    assert torch.equal(packed.codes().to(torch.int16) - (2 ** (bits - 1) if sym else 0), q.codes.to(torch.int16))
+
+
+@pytest.mark.parametrize(
+    "w_bits, a_bits, sym", [(4, 4, True), (8, 8, True), (2, 4, True), (4, 4, False), (8, 8, False)]
+)
 @pytest.mark.parametrize("m, k, n", [(3, 64, 40), (20, 96, 33)])
-def test_integer_gemm_equals_reference_and_module(w_bits, a_bits, m, k, n):
-    module, q = _qlinear(n, k, w_bits, None, sym=True, act_bits=a_bits)
+def test_integer_gemm_equals_reference_and_module(w_bits, a_bits, sym, m, k, n):
+    module, q = _qlinear(n, k, w_bits, None, sym=sym, act_bits=a_bits)
     packed = PackedLinear.from_quantized(q)
     x = torch.randn(m, k)
     expected = module(x)
@@ -78,8 +96,10 @@ def test_integer_gemm_equals_reference_and_module(w_bits, a_bits, m, k, n):
     assert torch.allclose(ref, expected, atol=1e-5, rtol=1e-4)
     assert torch.allclose(tri, ref, atol=1e-6, rtol=1e-6)
     # The integer accumulation itself is exact.
-    w_codes, w_scale = reference.signed_codes(packed)
+    w_codes, w_scale, w_zero = reference.integer_weight(packed)
     exact = x_codes.to(torch.int64) @ w_codes.to(torch.int64).T
+    if w_zero is not None:
+        exact -= x_codes.to(torch.int64).sum(1, keepdim=True) * w_zero.to(torch.int64)[None, :]
     assert torch.equal(torch.round(tri / (x_scale[:, None] * w_scale[None, :])).to(torch.int64), exact)
 
 
@@ -124,6 +144,6 @@ def test_cpu_bench_times_every_format():
 
     results = bench.run(["smollm2-135m"], [1], reps=1)
     fmts = {r.fmt for r in results}
-    assert fmts == {"fp32", "bf16", "w4a4", "w8a8", "w4g128", "w2g128"}
+    assert fmts == {"fp32", "16-bit", "w4a4", "w8a8", "w4g128-asym", "w2g128-asym"}
     assert len(results) == 4 * 6 and all(r.median > 0 for r in results)
-    assert "speedup vs bf16" in bench.table(results)
+    assert "speedup vs 16-bit" in bench.table(results)

@@ -78,3 +78,18 @@ def test_leaderboard_is_deterministic_and_sorted():
 def test_method_label_names_non_default_params():
     assert method_label("quarot", {"weights": "rtn", "a_clip_ratio": "0.9"}) == "quarot (weights=rtn)"
     assert method_label("rtn", {"w_sym": "False"}) == "rtn"
+
+
+def test_calibration_is_a_column_not_a_section():
+    fp = _record("fp", "rtn", "w16a16kv16", 10.0)
+    fp["metrics"]["calib_windows"] = 0.0
+    gptq = _record("g", "gptq", "w3g128a16kv16", 12.0)
+    gptq["protocol"] = {**PROTOCOL, "calib_nsamples": "16", "budget": "fullppl"}
+    gptq["metrics"] |= {"calib_windows": 16.0, "latency.prefill.speedup": 0.8, "latency.decode.speedup": 0.25}
+    board = render_leaderboard([fp, gptq])
+    assert board.count("## m — WikiText-2 whole test split") == 1  # one section for both budgets
+    assert "`fullppl`, `full`" in board or "`full`, `fullppl`" in board
+    row = next(line for line in board.splitlines() if line.startswith("| gptq |"))
+    assert "| 16 × 2048 |" in row and "| 0.80× / 0.25× |" in row
+    fp_row = next(line for line in board.splitlines() if line.startswith("| rtn |"))
+    assert "| – | 2.0 | – |" in fp_row  # no calibration data read; no kernel

@@ -56,3 +56,26 @@ def test_kv_bytes(tiny):
     cfg = model.config  # 2 layers, 2 kv heads, head_dim 16
     assert kv_bytes_per_token(cfg, 16) == 2 * 2 * 2 * 16 * 2
     assert kv_bytes_per_token(cfg, 4) == 2 * 2 * 2 * 16 * 0.5 + 2 * 2 * 2 * 4
+
+
+def test_packed_bytes_count_the_int3_word_layout(tiny):
+    from kernels.packing import packed_nbytes
+
+    model, _ = tiny
+    rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w3g32a16kv16"), _ctx())
+    report = memory_report(model, kv_bits=16)
+    linears = [m for _, _, _, m in decoder_linears(model)]
+    expected = sum(
+        8 * packed_nbytes(*m.qweight.codes.shape, m.qweight.scales.shape[1], 3, m.qweight.sym) for m in linears
+    )
+    assert report.packed_bits_per_weight == expected / report.quantized_weights
+    # 10 codes per 32-bit word: 3.2 bits per code (plus row padding) against the nominal 3.
+    assert report.packed_bits_per_weight > report.quantized_bits_per_weight + 0.2
+    assert "packed_bits_per_weight" in report.metrics()
+
+
+def test_no_packed_bytes_without_a_packed_format(tiny):
+    model, _ = tiny
+    rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w5a16kv16"), _ctx())
+    report = memory_report(model, kv_bits=16)
+    assert report.packed_bits_per_weight is None and "packed_bits_per_weight" not in report.metrics()

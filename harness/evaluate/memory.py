@@ -1,7 +1,11 @@
 """Honest memory accounting: bits per weight, model bytes as deployed, KV-cache bytes, peak RSS.
 
 * Quantized decoder linears count their codes + fp16 scales + zeros (+ codebooks when a method has them)
-  through `QLinear.storage_bits()`.
+  through `QLinear.storage_bits()`: b bits per code, the information content of the format.
+* `packed_bits_per_weight` counts the bytes of the deployed packed layout the kernels read
+  (`kernels.packing.PackedLinear`): codes in int32 words (int3 packs 10 per word = 3.2 bits per code, and
+  each row pads to whole words), fp16 scales, zero points packed in words (asymmetric grids only).
+  Logged only when every quantized linear has a packed format (2, 3, 4, 8 bits).
 * Every other parameter (embeddings, lm_head, norms, any linear left unquantized) is counted at 16 bits:
   that is how the model is deployed. Tied embeddings are counted once (shared storage); a method that
   unties them (rotations) pays for both.
@@ -19,7 +23,10 @@ from dataclasses import dataclass
 import psutil
 from torch import nn
 
+from kernels.packing import packed_nbytes
 from methods.core.qlinear import QLinear, decoder_linears
+
+PACKED_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -31,9 +38,12 @@ class MemoryReport:
     sixteen_bit_params: int
     sixteen_bit_layers: str
     kv_bytes_per_token: float
+    packed_bits_per_weight: float | None = None  # deployed packed layout; None if some format has none
 
     def metrics(self) -> dict[str, float]:
+        packed = {} if self.packed_bits_per_weight is None else {"packed_bits_per_weight": self.packed_bits_per_weight}
         return {
+            **packed,
             "bits_per_weight": self.quantized_bits_per_weight,
             "model_bits_per_weight": self.model_bits_per_weight,
             "model_mb": self.model_bytes / 2**20,
@@ -53,11 +63,13 @@ def memory_report(
     model: nn.Module, kv_bits: int, kv_sym: bool = False, kv_group_size: int | None = None
 ) -> MemoryReport:
     linear_bits, linear_weights, linear_param_ids = 0, 0, set()
+    packed_bits: int | None = 0
     for _, _, _, module in decoder_linears(model):
         if isinstance(module, QLinear):
             linear_param_ids.add(id(module.weight))
             linear_bits += module.storage_bits()
             linear_weights += module.weight.numel()
+            packed_bits = _add_packed_bits(packed_bits, module)
     other_params, other_names = 0, set()
     for name, param in _unique_parameters(model).values():
         if id(param) in linear_param_ids:
@@ -77,7 +89,16 @@ def memory_report(
         + ", norms"
         + ("" if linear_weights else ", all decoder linears"),
         kv_bytes_per_token=kv_bytes_per_token(model.config, kv_bits, kv_sym, kv_group_size),
+        packed_bits_per_weight=(packed_bits / linear_weights) if linear_weights and packed_bits else None,
     )
+
+
+def _add_packed_bits(total: int | None, module: QLinear) -> int | None:
+    q = module.qweight
+    if total is None or q is None or q.bits not in PACKED_BITS:
+        return None
+    rows, cols = q.codes.shape
+    return total + 8 * packed_nbytes(rows, cols, q.scales.shape[1], int(q.bits), q.sym)
 
 
 def kv_bytes_per_token(config, kv_bits: int, sym: bool = False, group_size: int | None = None) -> float:
