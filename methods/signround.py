@@ -84,46 +84,57 @@ def _quantized_weight(linear: nn.Module, bits: int, sym: bool, group: int) -> Qu
     return QuantizedWeight(codes.to(torch.int8 if sym else torch.uint8), scale, zero, bits, sym, group)
 
 
+def tune(model: nn.Module, cfg: SignRoundConfig, bits: BitSpec, windows: list[torch.Tensor], tokenizer, seed: int):
+    """Run auto-round's SignRound tuning on `windows`; returns the model auto-round gives back (its linears
+    hold the fake-quantized weights and `scale` / `zp`)."""
+    from auto_round import AutoRound
+
+    tuning = {}
+    if cfg.iters > 0:  # auto-round rejects SignRound's learning rates in its RTN mode (iters = 0)
+        lr = cfg.lr if cfg.lr is not None else 1.0 / cfg.iters
+        tuning = {"lr": lr, "minmax_lr": cfg.minmax_lr if cfg.minmax_lr is not None else lr}
+    logging.getLogger("quantbench").info(
+        "signround: auto-round %s, %d iters, %d windows of %d tokens",
+        auto_round_version(),
+        cfg.iters,
+        len(windows),
+        windows[0].shape[1],
+    )
+    tuner = AutoRound(
+        model,
+        tokenizer=tokenizer,
+        bits=int(bits.w),
+        group_size=bits.group or -1,
+        sym=cfg.w_sym,
+        iters=cfg.iters,
+        **tuning,
+        nsamples=len(windows),
+        seqlen=windows[0].shape[1],
+        batch_size=min(cfg.batch_size, len(windows)),
+        dataset=[{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows],
+        disable_opt_rtn=cfg.disable_opt_rtn,
+        amp=cfg.amp,
+        enable_torch_compile=cfg.enable_torch_compile,
+        seed=seed,
+        device_map=str(next(model.parameters()).device),
+    )
+    tuned, _ = tuner.quantize()
+    return tuned
+
+
+def wrap_tuned(model: nn.Module, cfg: SignRoundConfig, bits: BitSpec) -> nn.Module:
+    """Replace auto-round's tuned linears by our `QLinear` with the same weights (and codes for accounting)."""
+    group = bits.group or -1
+    for _, parent, attr, linear in decoder_linears(model):
+        effective_group = group if group > 0 else linear.weight.shape[1]
+        qweight = _quantized_weight(linear, int(bits.w), cfg.w_sym, effective_group)
+        setattr(parent, attr, QLinear(linear.weight.data, linear.bias, qweight=qweight))
+    return model
+
+
 def quantize(model: nn.Module, cfg: SignRoundConfig, bits: BitSpec, ctx: QuantContext) -> QuantSummary:
     summary = QuantSummary(notes={"auto_round_version": auto_round_version()})
     if bits.quantizes_weights:
-        from auto_round import AutoRound
-
-        windows = ctx.calibration()
-        tuning = {}
-        if cfg.iters > 0:  # auto-round rejects SignRound's learning rates in its RTN mode (iters = 0)
-            lr = cfg.lr if cfg.lr is not None else 1.0 / cfg.iters
-            tuning = {"lr": lr, "minmax_lr": cfg.minmax_lr if cfg.minmax_lr is not None else lr}
-        group = bits.group or -1
-        logging.getLogger("quantbench").info(
-            "signround: auto-round %s, %d iters, %d windows of %d tokens",
-            summary.notes["auto_round_version"],
-            cfg.iters,
-            len(windows),
-            windows[0].shape[1],
-        )
-        tuner = AutoRound(
-            model,
-            tokenizer=ctx.tokenizer,
-            bits=int(bits.w),
-            group_size=group,
-            sym=cfg.w_sym,
-            iters=cfg.iters,
-            **tuning,
-            nsamples=len(windows),
-            seqlen=windows[0].shape[1],
-            batch_size=min(cfg.batch_size, len(windows)),
-            dataset=[{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows],
-            disable_opt_rtn=cfg.disable_opt_rtn,
-            amp=cfg.amp,
-            enable_torch_compile=cfg.enable_torch_compile,
-            seed=ctx.seed,
-            device_map=str(next(model.parameters()).device),
-        )
-        model, _ = tuner.quantize()
-        for _, parent, attr, linear in decoder_linears(model):
-            effective_group = group if group > 0 else linear.weight.shape[1]
-            qweight = _quantized_weight(linear, int(bits.w), cfg.w_sym, effective_group)
-            setattr(parent, attr, QLinear(linear.weight.data, linear.bias, qweight=qweight))
+        model = wrap_tuned(tune(model, cfg, bits, ctx.calibration(), ctx.tokenizer, ctx.seed), cfg, bits)
     attach_act_and_kv(model, bits, cfg.a_sym, cfg.a_clip_ratio, cfg.kv_sym, cfg.kv_clip_ratio, cfg.kv_group_size)
     return summary

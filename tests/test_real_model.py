@@ -52,3 +52,24 @@ def test_quarot_rotation_preserves_the_embedded_model(data_dir):
     assert (out - ref).abs().max() / ref.abs().max() < 1e-4
     rotated = perplexity(model, ids, 2048, progress=False)
     assert abs(rotated.ppl / fp.ppl - 1) < 1e-4
+
+
+def test_signround_model_evaluates_as_auto_round_evaluates_it(data_dir):
+    """Issue 5 on the embedded model: auto-round (RTN mode, iters=0, to keep it cheap) quantizes w4g128;
+    our evaluator on our wrapped model and auto-round's evaluator (lm-eval) on the model it returned agree
+    to 1e-3 relative on the same two 2048-token windows, fp32."""
+    import copy
+
+    from harness.evaluate.autoround_check import compare
+    from harness.spec import CalibSpec
+    from methods import signround
+
+    model, tok = models.load(ModelSpec("smollm2-135m"))
+    bits, cfg = BitSpec.parse("w4g128a16kv16"), signround.SignRoundConfig(iters=0)
+    windows = data.calibration_windows(CalibSpec("wikitext2-valid", 512, 4), tok, 0, data_dir)
+    tuned = signround.tune(model, cfg, bits, windows, tok, seed=0)
+    ours = signround.wrap_tuned(copy.deepcopy(tuned), cfg, bits)
+    check = compare(ours, tuned, tok, data.ppl_token_ids("wikitext2", tok, data_dir), seqlen=2048, n_windows=2)
+    print(check)
+    assert check.windows == 2 and check.tokens == 2 * 2047
+    assert check.rel_diff < 1e-3, check

@@ -60,3 +60,21 @@ def test_unsupported_bits_and_missing_library(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", missing)
     with pytest.raises(UnsupportedBits, match=r"pip install 'quantbench\[autoround\]'"):
         signround.supports(BitSpec.parse("w4a16kv16"))
+
+
+def test_our_perplexity_equals_auto_rounds_evaluation(data_dir):
+    """Issue 5: our evaluator on our wrapped model == auto-round's evaluator on the model it returned."""
+    import copy
+
+    from harness import data
+    from harness.evaluate.autoround_check import compare
+
+    model, tok = tiny_llama(seed=0)
+    bits, cfg = BitSpec.parse("w2g32a16kv16"), signround.SignRoundConfig(iters=2, batch_size=4)
+    tuned = signround.tune(model, cfg, bits, _ctx(tok).calibration(), tok, seed=0)
+    ours = signround.wrap_tuned(copy.deepcopy(tuned), cfg, bits)
+    assert isinstance(ours.model.layers[0].mlp.down_proj, QLinear)
+    ids = data.ppl_token_ids("wikitext2", tok, data_dir)
+    check = compare(ours, tuned, tok, ids, seqlen=128, n_windows=3)
+    assert check.windows == 3 and check.tokens == 3 * 127
+    assert check.rel_diff < 1e-3, check
