@@ -59,9 +59,11 @@ def int_matmul(
     if x_codes.dtype != torch.int8 or w_codes.dtype != torch.int8:
         raise TypeError(f"integer matmul needs int8 codes, got {x_codes.dtype} and {w_codes.dtype}")
     m = x_codes.shape[0]
-    if m > 16 and x_codes.shape[1] % 8 == 0:
-        acc = torch._int_mm(x_codes, w_codes.T.contiguous())
-    else:  # _int_mm needs more than 16 rows; int32 matmul is exact too
+    if x_codes.shape[1] % 8 == 0:  # `torch._int_mm` needs K % 8 == 0 and more than 16 rows: pad decode batches
+        rows = max(m, 17)
+        padded = x_codes if rows == m else torch.nn.functional.pad(x_codes, (0, 0, 0, rows - m))
+        acc = torch._int_mm(padded, w_codes.T)[:m]  # the transposed view: no per-call weight copy
+    else:  # int32 matmul is exact too, only slower
         acc = x_codes.to(torch.int32) @ w_codes.to(torch.int32).T
     if w_zero is not None:
         acc = acc - x_codes.to(torch.int32).sum(dim=1, keepdim=True) * w_zero.to(torch.int32)[None, :]
