@@ -71,12 +71,13 @@ def _bench_load(model_name: str, reps: int) -> int:
 
 
 def _bench_runs(tracking_uri: str, experiment: str, reps: int, device: str) -> int:
-    """Log latency metrics into finished runs that lack them. The evaluator depends only on the model's
-    shapes and the run's format (bits, group, weight symmetry), so this is the measurement the run would
-    have made; such runs are tagged `latency.measured_after_run`."""
+    """Log latency metrics (and packed bytes per weight) into finished runs logged before these existed.
+    Both depend only on the model's shapes and the run's format (bits, group, weight symmetry), so this is
+    the measurement the run would have made; such runs are tagged `latency.measured_after_run`."""
     from mlflow import MlflowClient
 
     from harness.evaluate import latency
+    from harness.evaluate.memory import packed_bits_per_weight
     from harness.spec import LatencySpec
 
     client = MlflowClient(tracking_uri)
@@ -89,7 +90,7 @@ def _bench_runs(tracking_uri: str, experiment: str, reps: int, device: str) -> i
     measured = 0
     for run in client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=50000):
         tags, params = run.data.tags, run.data.params
-        if "run_key" not in tags or "latency.format" in tags:
+        if "run_key" not in tags:
             continue
         method = tags["method"]
         default_sym = getattr(METHODS[method].config_cls(), "w_sym", False) if method in METHODS else False
@@ -102,7 +103,13 @@ def _bench_runs(tracking_uri: str, experiment: str, reps: int, device: str) -> i
             model_id = None if model_key[1] in ("None", "null") else model_key[1]
             model, _ = models.load(ModelSpec(model_key[0], id=model_id))
             shapes_by_model[model_key] = latency.block_shapes(model)
-        metrics, lat_tags = latency.measure(shapes_by_model[model_key], fmt, spec)
+        shapes = shapes_by_model[model_key]
+        if "packed_bits_per_weight" not in run.data.metrics:  # packed bytes depend on shapes and format only
+            packed = packed_bits_per_weight(shapes, fmt.w_bits, fmt.group_size, w_sym)
+            client.log_metric(run.info.run_id, "packed_bits_per_weight", packed)
+        if "latency.format" in tags:
+            continue
+        metrics, lat_tags = latency.measure(shapes, fmt, spec)
         for name, value in metrics.items():
             client.log_metric(run.info.run_id, name, value)
         for name, value in {**lat_tags, "latency.measured_after_run": "true"}.items():

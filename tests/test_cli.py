@@ -158,5 +158,6 @@ def test_bench_runs_measures_latency_of_runs_logged_without_it(tmp_path, data_di
     assert measured.data.tags["latency.format"] == "w4a8-asym"
     assert measured.data.tags["latency.measured_after_run"] == "true"
     assert measured.data.metrics["latency.prefill.speedup"] > 0
+    assert "packed_bits_per_weight" in measured.data.metrics  # logged by the run itself, kept as is
     again = _cli(["bench", "runs", "--reps", "2"], tmp_path, data_dir)
     assert "measured 0 run(s)" in again.stdout

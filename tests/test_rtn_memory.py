@@ -72,6 +72,11 @@ def test_packed_bytes_count_the_int3_word_layout(tiny):
     # 10 codes per 32-bit word: 3.2 bits per code (plus row padding) against the nominal 3.
     assert report.packed_bits_per_weight > report.quantized_bits_per_weight + 0.2
     assert "packed_bits_per_weight" in report.metrics()
+    # The shapes-and-format formula (used for runs logged before the metric existed) gives the same number.
+    from harness.evaluate.latency import block_shapes
+    from harness.evaluate.memory import packed_bits_per_weight
+
+    assert packed_bits_per_weight(block_shapes(model), 3, 32, False) == report.packed_bits_per_weight
 
 
 def test_no_packed_bytes_without_a_packed_format(tiny):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import psutil
@@ -91,6 +92,17 @@ def memory_report(
         kv_bytes_per_token=kv_bytes_per_token(model.config, kv_bits, kv_sym, kv_group_size),
         packed_bits_per_weight=(packed_bits / linear_weights) if linear_weights and packed_bits else None,
     )
+
+
+def packed_bits_per_weight(shapes: Counter, bits: int, group: int | None, sym: bool) -> float:
+    """Packed bits per weight of decoder blocks whose linears have `shapes` ((out, in) -> count per block),
+    quantized at `bits` with `group` (None = per channel): the deployed bytes depend on shapes and format
+    only (used to account runs logged before `packed_bits_per_weight` existed)."""
+    total_bits = sum(
+        count * 8 * packed_nbytes(out_f, in_f, -(-in_f // (group or in_f)), bits, sym)
+        for (out_f, in_f), count in shapes.items()
+    )
+    return total_bits / sum(count * out_f * in_f for (out_f, in_f), count in shapes.items())
 
 
 def _add_packed_bits(total: int | None, module: QLinear) -> int | None:
