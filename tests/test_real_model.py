@@ -69,7 +69,16 @@ def test_signround_model_evaluates_as_auto_round_evaluates_it(data_dir):
     windows = data.calibration_windows(CalibSpec("wikitext2-valid", 512, 4), tok, 0, data_dir)
     tuned = signround.tune(model, cfg, bits, windows, tok, seed=0)
     ours = signround.wrap_tuned(copy.deepcopy(tuned), cfg, bits)
-    check = compare(ours, tuned, tok, data.ppl_token_ids("wikitext2", tok, data_dir), seqlen=2048, n_windows=2)
+    ids = data.ppl_token_ids("wikitext2", tok, data_dir)
+    check = compare(ours, tuned, tok, ids, seqlen=2048, n_windows=2)
     print(check)
     assert check.windows == 2 and check.tokens == 2 * 2047
     assert check.rel_diff < 1e-3, check
+
+    # iters=0 is RTN: auto-round's and our `rtn` (same bits, group, asymmetric) agree within 0.5% in PPL.
+    rtn_model, _ = models.load(ModelSpec("smollm2-135m"))
+    rtn.quantize(rtn_model, rtn.RTNConfig(), bits, QuantContext(0, lambda: []))
+    ppl_auto_round = perplexity(ours, ids, 2048, max_windows=2, progress=False).ppl
+    ppl_rtn = perplexity(rtn_model, ids, 2048, max_windows=2, progress=False).ppl
+    print(f"auto-round iters=0 {ppl_auto_round:.4f}, our rtn {ppl_rtn:.4f}")
+    assert abs(ppl_auto_round / ppl_rtn - 1) < 5e-3
