@@ -16,36 +16,38 @@ from harness.spec import BitSpec
 from methods.base import QuantContext, QuantSummary
 from methods.core.gptq import quantize_model_gptq
 from methods.core.quantizers import WeightQuantizer
-from methods.rtn import attach_act_and_kv, check_integer_bits
+from methods.rtn import ActKVSettings, attach_act_and_kv, check_integer_bits
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
+class GPTQConfig(ActKVSettings):
     w_sym: bool = False
     w_mse_clip: bool = False
     damp: float = 0.01
     act_order: bool = False
     block_size: int = 128
     calib_batch_size: int = 4
-    a_sym: bool = True
-    a_clip_ratio: float = 1.0
-    kv_sym: bool = False
-    kv_clip_ratio: float = 1.0
-    kv_group_size: int | None = None
 
 
 def supports(bits: BitSpec) -> None:
     check_integer_bits(bits, "gptq")
 
 
+def weight_quantizer(cfg: GPTQConfig, bits: BitSpec) -> WeightQuantizer:
+    return WeightQuantizer(int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip)
+
+
+def quantize_weights(model: nn.Module, cfg: GPTQConfig, bits: BitSpec, ctx: QuantContext) -> dict[str, float]:
+    """Every decoder linear by the GPTQ solver (paper Alg. 1) on `ctx`'s calibration windows; returns metrics."""
+    quantizer = weight_quantizer(cfg, bits)
+    return quantize_model_gptq(
+        model, ctx.calibration(), quantizer, cfg.damp, cfg.act_order, cfg.block_size, cfg.calib_batch_size
+    )
+
+
 def quantize(model: nn.Module, cfg: GPTQConfig, bits: BitSpec, ctx: QuantContext) -> QuantSummary:
     summary = QuantSummary()
     if bits.quantizes_weights:
-        quantizer = WeightQuantizer(int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip)
-        summary.metrics.update(
-            quantize_model_gptq(
-                model, ctx.calibration(), quantizer, cfg.damp, cfg.act_order, cfg.block_size, cfg.calib_batch_size
-            )
-        )
-    attach_act_and_kv(model, bits, cfg.a_sym, cfg.a_clip_ratio, cfg.kv_sym, cfg.kv_clip_ratio, cfg.kv_group_size)
+        summary.metrics.update(quantize_weights(model, cfg, bits, ctx))
+    attach_act_and_kv(model, bits, cfg)
     return summary

@@ -22,11 +22,9 @@ from torch import nn
 
 from harness.spec import BitSpec
 from methods.base import QuantContext, QuantSummary
-from methods.core.gptq import quantize_model_gptq
 from methods.core.hadamard import random_hadamard_matrix, random_orthogonal_matrix, small_factor
 from methods.core.kv import use_quantbench_attention
 from methods.core.qlinear import QLinear
-from methods.core.quantizers import WeightQuantizer
 from methods.core.rotation import (
     CrossHeadTransform,
     HadamardTransform,
@@ -35,24 +33,20 @@ from methods.core.rotation import (
     rotate_residual,
     rotate_values,
 )
+from methods.gptq import GPTQConfig, quantize_weights, weight_quantizer
 from methods.rtn import attach_act_and_kv, check_integer_bits, quantize_weights_rtn
 
 
 @dataclass(frozen=True)
-class QuaRotConfig:
+class QuaRotConfig(GPTQConfig):
+    """GPTQ's solver settings plus the rotation; defaults differ where QuaRot's §5 differs from GPTQ's."""
+
     rotation: str = "hadamard"  # "hadamard" (randomized Hadamard, the paper's) or "random" (orthogonal)
     weights: str = "gptq"  # "gptq" or "rtn"
     w_sym: bool = True
     w_mse_clip: bool = True
-    damp: float = 0.01
-    act_order: bool = False
-    block_size: int = 128
-    calib_batch_size: int = 4
-    a_sym: bool = True
     a_clip_ratio: float = 0.9
-    kv_sym: bool = False
     kv_clip_ratio: float = 0.95
-    kv_group_size: int | None = None
 
 
 def supports(bits: BitSpec) -> None:
@@ -97,14 +91,9 @@ def quantize(model: nn.Module, cfg: QuaRotConfig, bits: BitSpec, ctx: QuantConte
         raise ValueError(f"quarot weights must be 'gptq' or 'rtn', got {cfg.weights!r}")
     summary = QuantSummary(notes=rotate_model(model, cfg.rotation, ctx.seed))
     if bits.quantizes_weights:
-        quantizer = WeightQuantizer(int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip)
         if cfg.weights == "gptq":
-            summary.metrics.update(
-                quantize_model_gptq(
-                    model, ctx.calibration(), quantizer, cfg.damp, cfg.act_order, cfg.block_size, cfg.calib_batch_size
-                )
-            )
+            summary.metrics.update(quantize_weights(model, cfg, bits, ctx))
         else:
-            quantize_weights_rtn(model, quantizer)
-    attach_act_and_kv(model, bits, cfg.a_sym, cfg.a_clip_ratio, cfg.kv_sym, cfg.kv_clip_ratio, cfg.kv_group_size)
+            quantize_weights_rtn(model, weight_quantizer(cfg, bits))
+    attach_act_and_kv(model, bits, cfg)
     return summary

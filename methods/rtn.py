@@ -22,15 +22,22 @@ INTEGER_WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16)
 
 
 @dataclass(frozen=True)
-class RTNConfig:
-    w_sym: bool = False
-    w_clip_ratio: float = 1.0
-    w_mse_clip: bool = False
+class ActKVSettings:
+    """Round-to-nearest activation and KV-cache quantizer settings, shared by every method that uses them
+    (weight-only methods leave them idle unless the bit string asks for A/KV bits)."""
+
     a_sym: bool = True
     a_clip_ratio: float = 1.0
     kv_sym: bool = False
     kv_clip_ratio: float = 1.0
     kv_group_size: int | None = None
+
+
+@dataclass(frozen=True)
+class RTNConfig(ActKVSettings):
+    w_sym: bool = False
+    w_clip_ratio: float = 1.0
+    w_mse_clip: bool = False
 
 
 def check_integer_bits(bits: BitSpec, method: str) -> None:
@@ -42,19 +49,19 @@ def check_integer_bits(bits: BitSpec, method: str) -> None:
         )
 
 
-def attach_act_and_kv(
-    model: nn.Module, bits: BitSpec, a_sym: bool, a_clip: float, kv_sym: bool, kv_clip: float, kv_group: int | None
-) -> None:
+def attach_act_and_kv(model: nn.Module, bits: BitSpec, settings: ActKVSettings) -> None:
     """Activation quantizers on every decoder linear's input and KV-cache quantizers, as `bits` asks."""
     if bits.quantizes_activations:
-        act = ActQuantizer(bits.a, sym=a_sym, clip_ratio=a_clip)
+        act = ActQuantizer(bits.a, sym=settings.a_sym, clip_ratio=settings.a_clip_ratio)
         for _, parent, attr, module in decoder_linears(model):
             if not isinstance(module, QLinear):
                 module = QLinear.wrap(module)
                 setattr(parent, attr, module)
             module.act_quant = act
     if bits.quantizes_kv:
-        kvq = KVQuantizer(bits.kv, sym=kv_sym, clip_ratio=kv_clip, group_size=kv_group)
+        kvq = KVQuantizer(
+            bits.kv, sym=settings.kv_sym, clip_ratio=settings.kv_clip_ratio, group_size=settings.kv_group_size
+        )
         attach_kv_quantization(model, kvq, kvq)
 
 
@@ -73,5 +80,5 @@ def quantize(model: nn.Module, cfg: RTNConfig, bits: BitSpec, ctx: QuantContext)
             int(bits.w), bits.group, sym=cfg.w_sym, clip_ratio=cfg.w_clip_ratio, mse_clip=cfg.w_mse_clip
         )
         quantize_weights_rtn(model, quantizer)
-    attach_act_and_kv(model, bits, cfg.a_sym, cfg.a_clip_ratio, cfg.kv_sym, cfg.kv_clip_ratio, cfg.kv_group_size)
+    attach_act_and_kv(model, bits, cfg)
     return QuantSummary()

@@ -29,14 +29,14 @@ from harness.spec import BitSpec
 from methods.base import QuantContext, QuantSummary, UnsupportedBits
 from methods.core.qlinear import QLinear, decoder_linears
 from methods.core.quantizers import QuantizedWeight
-from methods.rtn import attach_act_and_kv
+from methods.rtn import ActKVSettings, attach_act_and_kv
 
 SIGNROUND_WEIGHT_BITS = (2, 3, 4, 8, 16)
 INSTALL = "pip install 'quantbench[autoround]'"
 
 
 @dataclass(frozen=True)
-class SignRoundConfig:
+class SignRoundConfig(ActKVSettings):
     iters: int = 200
     lr: float | None = None  # None = 1 / iters (paper)
     minmax_lr: float | None = None  # None = lr (paper)
@@ -45,11 +45,6 @@ class SignRoundConfig:
     disable_opt_rtn: bool = True
     amp: bool = False  # auto-round's default casts the model to bf16; we keep fp32 (our evaluation dtype)
     enable_torch_compile: bool | None = None  # None = auto-round's choice (compiles the block when iters >= 10)
-    a_sym: bool = True
-    a_clip_ratio: float = 1.0
-    kv_sym: bool = False
-    kv_clip_ratio: float = 1.0
-    kv_group_size: int | None = None
 
 
 def auto_round_version() -> str:
@@ -136,5 +131,5 @@ def quantize(model: nn.Module, cfg: SignRoundConfig, bits: BitSpec, ctx: QuantCo
     summary = QuantSummary(notes={"auto_round_version": auto_round_version()})
     if bits.quantizes_weights:
         model = wrap_tuned(tune(model, cfg, bits, ctx.calibration(), ctx.tokenizer, ctx.seed), cfg, bits)
-    attach_act_and_kv(model, bits, cfg.a_sym, cfg.a_clip_ratio, cfg.kv_sym, cfg.kv_clip_ratio, cfg.kv_group_size)
+    attach_act_and_kv(model, bits, cfg)
     return summary
