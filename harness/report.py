@@ -258,6 +258,30 @@ def _zs_cell(metrics: dict, task: str, metric: str) -> str:
     return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
 
 
+def ppl_overview(group: pd.DataFrame) -> list[str]:
+    """One protocol section at a glance: bit settings × methods, WikiText-2 PPL of FINISHED runs, the lowest
+    per setting in bold. A method with two runs at one setting (two calibration budgets) gets a column per budget."""
+    done = group[(group.status == "FINISHED") & group.ppl.notna()].copy()
+    if done.empty:
+        return []
+    repeated = set(done[done.duplicated(["method", "bits"], keep=False)].method)
+    done["column"] = [f"{m} [{c}]" if m in repeated else m for m, c in zip(done.method, done.calib, strict=True)]
+    columns = sorted(done.column.unique())
+    lines = [
+        "### Perplexity at a glance",
+        "",
+        "| bits | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for bits in sorted(done.bits.unique(), key=_bits_order):
+        row = done[done.bits == bits].set_index("column").ppl
+        best = _fmt(row.min()) if len(row) > 1 else None  # ties at the shown precision are all bold
+        cells = [_fmt(row.get(column)) for column in columns]
+        cells = [f"**{text}**" if text == best else text for text in cells]
+        lines.append(f"| `{bits}` | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_leaderboard(records: list[dict]) -> str:
     lines = [
         "# quantbench leaderboard",
@@ -273,6 +297,7 @@ def render_leaderboard(records: list[dict]) -> str:
     frame = _frame(records)
     for (_, _), group in sorted(frame.groupby(["model", "protocol"], sort=True), key=_section_order):
         lines += _section_header(group)
+        lines += ppl_overview(group)
         fp = group[(group.bits == FP_BITS) & (group.status == "FINISHED")].sort_values("method")
         fp_ppl = float(fp.ppl.iloc[0]) if len(fp) else None
         tasks = zeroshot_tasks(group)

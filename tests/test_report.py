@@ -93,3 +93,29 @@ def test_calibration_is_a_column_not_a_section():
     assert "| 16 × 2048 |" in row and "| 0.80× / 0.25× |" in row
     fp_row = next(line for line in board.splitlines() if line.startswith("| rtn |"))
     assert "| – | 2.0 | – |" in fp_row  # no calibration data read; no kernel
+
+
+def test_overview_pivots_settings_by_method_and_bolds_the_best():
+    records = [
+        _record("fp", "rtn", "w16a16kv16", 10.0),
+        _record("g3", "gptq", "w3g128a16kv16", 12.0),
+        _record("r3", "rtn", "w3g128a16kv16", 15.0),
+        _record("q3", "quarot", "w3g128a16kv16", 11.0, params={"weights": "rtn"}),
+        _record("r2", "rtn", "w2a4kv4", 900.0),
+        _record("g2", "gptq", "w2a4kv4", None, status="FAILED", error="boom"),
+    ]
+    board = render_leaderboard(records)
+    overview = board[board.index("### Perplexity at a glance") : board.index("### `w16a16kv16`")]
+    lines = overview.splitlines()
+    assert lines[2] == "| bits | gptq | quarot (weights=rtn) | rtn |"
+    assert "| `w16a16kv16` | – | – | 10.00 |" in lines
+    assert "| `w3g128a16kv16` | 12.00 | **11.00** | 15.00 |" in lines
+    assert "| `w2a4kv4` | – | – | 900.00 |" in lines  # the failed GPTQ run is not a number
+
+
+def test_overview_splits_a_method_run_at_two_calibration_budgets():
+    small, big = _record("g16", "gptq", "w4g128a16kv16", 31.0), _record("g128", "gptq", "w4g128a16kv16", 30.0)
+    small["metrics"]["calib_windows"], big["metrics"]["calib_windows"] = 16.0, 128.0
+    board = render_leaderboard([small, big])
+    assert "| bits | gptq [128 × 2048] | gptq [16 × 2048] |" in board
+    assert "| `w4g128a16kv16` | **30.00** | 31.00 |" in board
