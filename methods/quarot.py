@@ -22,8 +22,9 @@ from torch import nn
 
 from harness.spec import BitSpec
 from methods.base import QuantContext, QuantSummary
+from methods.core.arch import arch_of
+from methods.core.attention import attention_states
 from methods.core.hadamard import random_hadamard_matrix, random_orthogonal_matrix, small_factor
-from methods.core.kv import use_quantbench_attention
 from methods.core.qlinear import QLinear
 from methods.core.rotation import (
     CrossHeadTransform,
@@ -69,14 +70,14 @@ def rotate_model(model: nn.Module, rotation: str, seed: int) -> dict[str, str]:
     hadamard = HadamardTransform()
     rotate_values(model, head_dim, hadamard)
     cross_heads = CrossHeadTransform(heads, head_dim)
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+    arch = arch_of(model)
+    for layer, state in zip(arch.layers(model), attention_states(model), strict=True):
+        attn, mlp = arch.attention(layer), arch.mlp(layer)
         fuse_input_transform(attn.o_proj, cross_heads)
         attn.o_proj = QLinear.wrap(attn.o_proj, input_transform=cross_heads)
         fuse_input_transform(mlp.down_proj, hadamard)
         mlp.down_proj = QLinear.wrap(mlp.down_proj, input_transform=hadamard)
-        attn.qb_qk_transform = hadamard
-    use_quantbench_attention(model)
+        state.qk_transform = hadamard
     return {
         "r1": f"{rotation} order {hidden} (dense factor {small_factor(hidden)[0].shape[0]}, "
         f"exact Hadamard={small_factor(hidden)[1]})",

@@ -14,9 +14,10 @@ from torch import nn
 
 from harness.spec import BitSpec
 from methods.base import QuantContext, QuantSummary, UnsupportedBits
-from methods.core.kv import KVQuantizer, attach_kv_quantization
-from methods.core.qlinear import ActQuantizer, QLinear, decoder_linears, set_quantized_weight
-from methods.core.quantizers import WeightQuantizer
+from methods.core.arch import decoder_linears
+from methods.core.attention import attention_states
+from methods.core.qlinear import QLinear, set_quantized_weight
+from methods.core.quantizers import DynamicQuantizer, WeightQuantizer
 
 INTEGER_WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16)
 
@@ -52,17 +53,18 @@ def check_integer_bits(bits: BitSpec, method: str) -> None:
 def attach_act_and_kv(model: nn.Module, bits: BitSpec, settings: ActKVSettings) -> None:
     """Activation quantizers on every decoder linear's input and KV-cache quantizers, as `bits` asks."""
     if bits.quantizes_activations:
-        act = ActQuantizer(bits.a, sym=settings.a_sym, clip_ratio=settings.a_clip_ratio)
+        act = DynamicQuantizer(bits.a, sym=settings.a_sym, clip_ratio=settings.a_clip_ratio)
         for _, parent, attr, module in decoder_linears(model):
             if not isinstance(module, QLinear):
                 module = QLinear.wrap(module)
                 setattr(parent, attr, module)
             module.act_quant = act
     if bits.quantizes_kv:
-        kvq = KVQuantizer(
+        kvq = DynamicQuantizer(
             bits.kv, sym=settings.kv_sym, clip_ratio=settings.kv_clip_ratio, group_size=settings.kv_group_size
         )
-        attach_kv_quantization(model, kvq, kvq)
+        for state in attention_states(model):
+            state.set_kv(kvq, kvq, keys_pre_rope=False)
 
 
 def quantize_weights_rtn(model: nn.Module, quantizer: WeightQuantizer) -> None:

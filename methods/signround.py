@@ -27,7 +27,8 @@ from torch import nn
 
 from harness.spec import BitSpec
 from methods.base import QuantContext, QuantSummary, UnsupportedBits
-from methods.core.qlinear import QLinear, decoder_linears
+from methods.core.arch import decoder_linears
+from methods.core.qlinear import QLinear
 from methods.core.quantizers import QuantizedWeight
 from methods.rtn import ActKVSettings, attach_act_and_kv
 

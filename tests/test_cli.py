@@ -38,7 +38,7 @@ def _runs(tmp_path):
     "overrides, expected",
     [
         (["method=nope"], "unknown method 'nope'; valid: gptq, quarot, rtn"),
-        (["model=gpt9"], "unknown model 'gpt9'; valid: hf, smollm2-135m, tiny-llama"),
+        (["model=gpt9"], "unknown model 'gpt9'; valid: gemma3-270m, hf, smollm2-135m, tiny-gemma3, tiny-llama"),
         (["bits=w2a4"], BITS_GRAMMAR),
         (["bits=w4a16kv16,w0a4kv4"], BITS_GRAMMAR),
         (["method.w_symm=true"], "Could not override 'method.w_symm'"),

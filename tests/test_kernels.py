@@ -15,8 +15,8 @@ from kernels.packing import (  # noqa: E402
     unpack_ternary,
 )
 from methods.core.hadamard import hadamard_transform  # noqa: E402
-from methods.core.qlinear import ActQuantizer, QLinear  # noqa: E402
-from methods.core.quantizers import WeightQuantizer  # noqa: E402
+from methods.core.qlinear import QLinear  # noqa: E402
+from methods.core.quantizers import DynamicQuantizer, WeightQuantizer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not tk.INTERPRET, reason="needs TRITON_INTERPRET=1 at import")
 
@@ -48,7 +48,7 @@ def _qlinear(out_f, in_f, bits, group, sym, act_bits=None, seed=0):
     weight = torch.randn(out_f, in_f, generator=gen) * 0.1
     q = WeightQuantizer(bits, group, sym=sym).quantize(weight)
     q.scales = q.scales.half().float()  # the deployed fp16 scales, so every path sees the same grid
-    act = ActQuantizer(act_bits) if act_bits else None
+    act = DynamicQuantizer(act_bits) if act_bits else None
     return QLinear(q.dequantize(), None, qweight=q, act_quant=act), q
 
 

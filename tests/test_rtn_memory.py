@@ -4,7 +4,8 @@ from harness.evaluate.memory import kv_bytes_per_token, memory_report
 from harness.spec import BitSpec
 from methods import rtn
 from methods.base import QuantContext
-from methods.core.qlinear import QLinear, decoder_linears
+from methods.core.arch import decoder_linears
+from methods.core.qlinear import QLinear
 
 
 def _ctx():

@@ -9,7 +9,8 @@ from harness.models import tiny_llama
 from harness.spec import BitSpec
 from methods import signround
 from methods.base import QuantContext, UnsupportedBits
-from methods.core.qlinear import QLinear, decoder_linears
+from methods.core.arch import decoder_linears
+from methods.core.qlinear import QLinear
 from methods.core.quantizers import _pad_to_groups, fake_quantize, scale_zero
 
 

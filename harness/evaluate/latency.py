@@ -23,6 +23,7 @@ import torch
 from harness.spec import BitSpec, LatencySpec
 from kernels import bench as kernel_bench
 from kernels.bench import KernelFormat
+from methods.core.arch import arch_of
 
 
 def run_format(bits: BitSpec, w_sym: bool) -> KernelFormat | None:
@@ -38,11 +39,10 @@ def phase_name(tokens: int) -> str:
 
 def block_shapes(model: torch.nn.Module) -> Counter:
     """(out_features, in_features) -> count over the first decoder block's linears."""
-    block = model.model.layers[0]
+    arch = arch_of(model)
+    block = arch.layers(model)[0]
     return Counter(
-        (m.weight.shape[0], m.weight.shape[1])
-        for name, m in block.named_modules()
-        if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2 and name.endswith("proj")
+        tuple(getattr(parent, attr).weight.shape) for parent, attr in arch.block_linears(block).values()
     )
 
 

@@ -25,7 +25,8 @@ import psutil
 from torch import nn
 
 from kernels.packing import packed_nbytes
-from methods.core.qlinear import QLinear, decoder_linears
+from methods.core.arch import decoder_linears
+from methods.core.qlinear import QLinear
 
 PACKED_BITS = (2, 3, 4, 8)
 

@@ -1,9 +1,13 @@
 """Layer-by-layer calibration (GPTQ §4 "sequential"): keep one decoder block and its activations in memory.
 
-`capture_block_inputs` runs the model up to the first block and records its inputs for every calibration
-window; `LayerwiseRunner` then walks the blocks: for each it exposes the block's inputs, lets the method
-collect statistics (e.g. Hessians) through hooks and change the block (quantize it), and finally computes
-the block's outputs — with the *modified* block — as the next block's inputs.
+`capture_block_inputs` runs the model once per calibration batch with every decoder block replaced by an
+identity stand-in that records what it is called with: the first block's hidden states, and each block's
+own keyword arguments (attention mask, RoPE tables). Blocks of one model may differ in those (Gemma 3's
+sliding-window and full-attention layers have different masks and RoPE bases), so each block replays its
+own. The forward stops at the final norm, so lm_head (262k rows for Gemma 3) is never computed.
+`walk_blocks` then walks the blocks: for each it exposes the block's inputs, lets the method collect
+statistics (e.g. Hessians) through hooks and change the block (quantize it), and finally computes the
+block's outputs — with the *modified* block — as the next block's inputs.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from methods.core.qlinear import DECODER_LINEARS
+from methods.core.arch import ArchAdapter, arch_of
 
 
 class _StopForward(Exception):
@@ -24,49 +29,56 @@ class _StopForward(Exception):
 @dataclass
 class BlockInputs:
     hidden: list[torch.Tensor]  # one [batch, seq, hidden] tensor per calibration batch
-    kwargs: dict = field(default_factory=dict)  # position embeddings, masks... shared by all batches
+    kwargs: list[dict] = field(default_factory=list)  # per batch: this block's mask, position embeddings...
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block during capture: records its call, passes the hidden states through."""
+
+    def __init__(self, index: int, calls: dict[int, list]):
+        super().__init__()
+        self.index, self.calls = index, calls
+
+    def forward(self, *args, **kwargs):
+        hidden_states = args[0] if args else kwargs.pop("hidden_states")
+        self.calls.setdefault(self.index, []).append((hidden_states, kwargs))
+        return hidden_states
+
+
+def _raise_stop(module, args):
+    raise _StopForward
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4) -> BlockInputs:
-    first = model.model.layers[0]
-    captured = BlockInputs(hidden=[])
-
-    def hook(module, args, kwargs):
-        captured.hidden.append(args[0] if args else kwargs["hidden_states"])
-        if not captured.kwargs:
-            captured.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+def capture_block_inputs(
+    model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4
+) -> tuple[BlockInputs, list[list[dict]]]:
+    """(inputs of block 0, per-block per-batch keyword arguments)."""
+    arch = arch_of(model)
+    layers = arch.layers(model)
+    originals = list(layers)
+    calls: dict[int, list] = {}
+    for index in range(len(layers)):
+        layers[index] = _Recorder(index, calls)
+    handle = arch.final_norm(model).register_forward_pre_hook(_raise_stop)
     try:
+        device = next(model.parameters()).device
         for start in range(0, len(windows), batch_size):
-            batch = torch.cat(windows[start : start + batch_size]).to(next(model.parameters()).device)
             try:
-                model(batch, use_cache=False)
+                model(torch.cat(windows[start : start + batch_size]).to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
         handle.remove()
-    return captured
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+    block_kwargs = [[kwargs for _, kwargs in calls[index]] for index in range(len(originals))]
+    return BlockInputs(hidden=[hidden for hidden, _ in calls[0]], kwargs=block_kwargs[0]), block_kwargs
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    found = {}
-    for parent_name in ("self_attn", "mlp"):
-        parent = getattr(block, parent_name)
-        for attr in DECODER_LINEARS:
-            if hasattr(parent, attr):
-                found[f"{parent_name}.{attr}"] = getattr(parent, attr)
-    return found
-
-
-# Linears that read the same input share one Hessian (q/k/v read the normed stream, gate/up the other one).
-SHARED_INPUT = {
-    "self_attn.k_proj": "self_attn.q_proj",
-    "self_attn.v_proj": "self_attn.q_proj",
-    "mlp.up_proj": "mlp.gate_proj",
-}
+def shared_input_owner(arch: ArchAdapter) -> dict[str, str]:
+    """Linear name -> the linear whose Hessian it shares (they read the same tensor)."""
+    return {name: group[0] for group in arch.shared_input_groups() for name in group[1:]}
 
 
 class HessianCollector:
@@ -75,13 +87,14 @@ class HessianCollector:
     The input seen is the one the weight multiplies: after the module's online transform, if it has one.
     """
 
-    def __init__(self, linears: dict[str, nn.Module]):
+    def __init__(self, linears: dict[str, nn.Module], shared: dict[str, str]):
+        self.shared = shared
         self.hessians: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._handles = [
             module.register_forward_hook(self._hook(name))
             for name, module in linears.items()
-            if name not in SHARED_INPUT
+            if name not in shared
         ]
 
     def _hook(self, name: str):
@@ -100,7 +113,7 @@ class HessianCollector:
         return hook
 
     def hessian(self, name: str) -> torch.Tensor:
-        name = SHARED_INPUT.get(name, name)
+        name = self.shared.get(name, name)
         return (2.0 / self.tokens[name]) * self.hessians[name]
 
     def remove(self) -> None:
@@ -111,18 +124,20 @@ class HessianCollector:
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     outputs = []
-    for hidden in inputs.hidden:
-        out = block(hidden, **inputs.kwargs)
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        out = block(hidden, **kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
 
 
 def walk_blocks(
-    model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4
+    model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4, desc: str = "calibrate"
 ) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
-    """Yield (index, block, inputs) for each decoder block; after the caller's work on a block, its outputs
-    (computed with the possibly-modified block) become the next block's inputs."""
-    inputs = capture_block_inputs(model, windows, batch_size)
-    for index, block in enumerate(model.model.layers):
+    """Yield (index, block, inputs) for each decoder block, with a progress bar; after the caller's work on
+    a block, its outputs (computed with the possibly-modified block) become the next block's inputs."""
+    inputs, block_kwargs = capture_block_inputs(model, windows, batch_size)
+    layers = arch_of(model).layers(model)
+    for index, block in enumerate(tqdm(layers, desc=desc, unit="block")):
+        inputs = BlockInputs(hidden=inputs.hidden, kwargs=block_kwargs[index])
         yield index, block, inputs
-        inputs = BlockInputs(hidden=run_block(block, inputs), kwargs=inputs.kwargs)
+        inputs = BlockInputs(hidden=run_block(block, inputs), kwargs=block_kwargs[index])

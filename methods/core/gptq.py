@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from methods.core.arch import arch_of
+from methods.core.calibrate import HessianCollector, shared_input_owner, walk_blocks
 from methods.core.qlinear import set_quantized_weight
 from methods.core.quantizers import QuantizedWeight, WeightQuantizer, _pad_to_groups, quantize_codes
 
@@ -118,22 +120,22 @@ def quantize_model_gptq(
     Returns the summed layer-wise objective tr(ΔW H ΔWᵀ) for GPTQ and for RTN on the same grids (a check
     that the solver helps; logged as metrics).
     """
-    from methods.core.calibrate import HessianCollector, block_linears, walk_blocks
-
+    arch = arch_of(model)
+    shared = shared_input_owner(arch)
     totals = {"gptq_objective": 0.0, "rtn_objective": 0.0}
-    for _, block, inputs in walk_blocks(model, windows, batch_size):
-        linears = block_linears(block)
-        collector = HessianCollector(linears)
+    for _, block, inputs in walk_blocks(model, windows, batch_size, desc="gptq"):
+        linears = {name: getattr(parent, attr) for name, (parent, attr) in arch.block_linears(block).items()}
+        collector = HessianCollector(linears, shared)
         with torch.no_grad():
-            for hidden in inputs.hidden:
-                block(hidden, **inputs.kwargs)
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+                block(hidden, **kwargs)
         collector.remove()
-        for name, module in linears.items():
+        for name, (parent, attr) in arch.block_linears(block).items():
+            module = getattr(parent, attr)
             hessian = collector.hessian(name)
             weight = module.weight.data
             qweight = gptq_quantize(weight, hessian, quantizer, damp, block_size, act_order)
             totals["gptq_objective"] += reconstruction_error(weight, qweight.dequantize(), hessian)
             totals["rtn_objective"] += reconstruction_error(weight, quantizer.quantize(weight).dequantize(), hessian)
-            parent_name, attr = name.split(".")
-            set_quantized_weight(getattr(block, parent_name), attr, module, qweight)
+            set_quantized_weight(parent, attr, module, qweight)
     return totals

@@ -3,26 +3,12 @@ transform applied to the input before it is quantized (QuaRot's online Hadamard 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from methods.core.quantizers import QuantizedWeight, fake_quantize_dynamic
-
-
-@dataclass(frozen=True)
-class ActQuantizer:
-    """Per-token dynamic activation quantizer (QuaRot §4: symmetric, per token, clip ratio 0.9)."""
-
-    bits: int
-    sym: bool = True
-    clip_ratio: float = 1.0
-    group_size: int | None = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_dynamic(x, self.bits, self.sym, self.clip_ratio, self.group_size)
+from methods.core.quantizers import DynamicQuantizer, QuantizedWeight
 
 
 class QLinear(nn.Module):
@@ -36,7 +22,7 @@ class QLinear(nn.Module):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         qweight: QuantizedWeight | None = None,
-        act_quant: ActQuantizer | None = None,
+        act_quant: DynamicQuantizer | None = None,
         input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
@@ -68,22 +54,6 @@ class QLinear(nn.Module):
         wq = f"w{self.qweight.bits}g{self.qweight.group_size}" if self.qweight else "w16"
         aq = f"a{self.act_quant.bits}" if self.act_quant else "a16"
         return f"{self.in_features}->{self.out_features}, {wq}, {aq}, transform={self.input_transform is not None}"
-
-
-DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def decoder_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
-    """Yield (qualified name, parent module, attribute, linear) for every linear inside decoder blocks.
-
-    Embeddings and lm_head are not decoder linears: they stay 16-bit, as in GPTQ/QuaRot/SpinQuant.
-    """
-    for layer_idx, layer in enumerate(model.model.layers):
-        for parent_name, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
-            for attr in DECODER_LINEARS:
-                child = getattr(parent, attr, None)
-                if isinstance(child, (nn.Linear, QLinear)):
-                    yield f"model.layers.{layer_idx}.{parent_name}.{attr}", parent, attr, child
 
 
 def set_quantized_weight(parent: nn.Module, attr: str, module: nn.Module, qweight: QuantizedWeight) -> None:

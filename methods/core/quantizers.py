@@ -83,6 +83,21 @@ def fake_quantize_dynamic(
     return out.to(dtype)
 
 
+@dataclass(frozen=True)
+class DynamicQuantizer:
+    """Dynamic round-to-nearest quantization over the last dim, statistics taken at run time: per token for
+    activations (QuaRot §4: symmetric, clip 0.9), per token and head for the KV cache (asymmetric, group =
+    head_dim unless `group_size` is smaller). One class for both; `bits` ≥ 16 is the identity."""
+
+    bits: int
+    sym: bool = True
+    clip_ratio: float = 1.0
+    group_size: int | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_dynamic(x, self.bits, self.sym, self.clip_ratio, self.group_size)
+
+
 @dataclass
 class QuantizedWeight:
     """Integer codes plus per-(row, group) scales and zeros; enough to build a packed format later."""

@@ -1,0 +1,96 @@
+"""Attention-side state of a quantized model, attached in one place: `attention_states(model)`.
+
+Each decoder block's attention module gets one `AttentionState`: an optional transform applied to queries
+and keys after RoPE (QuaRot's online Hadamard R3; orthogonal, so q·kᵀ is unchanged), an optional key
+quantizer placed after RoPE (on what the cache stores; QuaRot §4) or before it (KVQuant §3.2: on the last
+key value before RoPE — k_proj's output for Llama, k_norm's output for Gemma 3, per the arch adapter), and an
+optional value quantizer. Quantizers see tensors whose last dim is head_dim.
+
+Post-RoPE work happens in `quantbench_sdpa`, registered with transformers' attention-function registry: it
+applies the state and calls the stock SDPA attention. The quantized tensors are what attention reads, which
+equals storing them quantized in the cache for a single forward (the perplexity protocol); with a generation
+cache the stored history is re-quantized each step, idempotent for a grid that contains its own values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from methods.core.arch import arch_of
+
+ATTN_IMPLEMENTATION = "quantbench_sdpa"
+STATE_ATTRIBUTE = "quantbench_state"
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class AttentionState:
+    qk_transform: Transform | None = None  # queries and keys, after RoPE
+    key_quant: Transform | None = None  # keys, at `keys_pre_rope` placement
+    value_quant: Transform | None = None
+    keys_pre_rope: bool = False
+
+    def set_kv(self, key_quant: Transform | None, value_quant: Transform | None, keys_pre_rope: bool) -> None:
+        self.key_quant, self.value_quant, self.keys_pre_rope = key_quant, value_quant, keys_pre_rope
+
+
+def _quantbench_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    state: AttentionState | None = getattr(module, STATE_ATTRIBUTE, None)
+    if state is not None:
+        if state.qk_transform is not None:
+            query, key = state.qk_transform(query), state.qk_transform(key)
+        if state.key_quant is not None and not state.keys_pre_rope:
+            key = state.key_quant(key)
+        if state.value_quant is not None:
+            value = state.value_quant(value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _quantbench_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+class _PreRopeKeyHook:
+    """Forward hook on the adapter's pre-RoPE key module: applies the state's key quantizer per head."""
+
+    def __init__(self, state: AttentionState, head_dim: int):
+        self.state, self.head_dim = state, head_dim
+
+    def __call__(self, module, inputs, output):
+        if self.state.key_quant is None or not self.state.keys_pre_rope:
+            return output
+        shape = output.shape
+        return self.state.key_quant(output.reshape(*shape[:-1], -1, self.head_dim)).reshape(shape)
+
+
+def attention_states(model: nn.Module) -> list[AttentionState]:
+    """The per-block states, created (with the pre-RoPE hook) on first use; switches the model to
+    `quantbench_sdpa`. Idempotent: later calls return the same objects."""
+    arch = arch_of(model)
+    head_dim = arch.head_dim(model.config)
+    states = []
+    for layer in arch.layers(model):
+        attn = arch.attention(layer)
+        state = getattr(attn, STATE_ATTRIBUTE, None)
+        if state is None:
+            state = AttentionState()
+            setattr(attn, STATE_ATTRIBUTE, state)
+            arch.pre_rope_key_module(layer).register_forward_hook(_PreRopeKeyHook(state, head_dim))
+        states.append(state)
+    _use_quantbench_attention(model)
+    return states
+
+
+def _use_quantbench_attention(model: nn.Module) -> None:
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = ATTN_IMPLEMENTATION
