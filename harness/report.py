@@ -17,89 +17,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.records import export_records, merge_records, read_records, write_records
 from harness.spec import BitSpec
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 
-PROTOCOL_PARAMS = {
-    "ppl_dataset": "eval.ppl.dataset",
-    "ppl_seqlen": "eval.ppl.seqlen",
-    "ppl_dtype": "eval.ppl.dtype",
-    "ppl_max_windows": "budget.ppl_max_windows",
-    "calib_dataset": "calib.dataset",
-    "calib_nsamples": "calib.nsamples",
-    "calib_seqlen": "calib.seqlen",
-    "budget": "budget.name",
-    "seed": "seed",
-    "zs_tasks": "eval.zeroshot.tasks",
-    "zs_limit": "eval.zeroshot.limit",
-}
-PROTOCOL_DEFAULTS = {"zs_tasks": "[]", "zs_limit": "null"}  # runs logged before zero-shot existed
 # Calibration is a property of a row (what the method read), not of the evaluation: sections group runs by
 # the evaluation protocol only, and the `calib` column says what each method used.
 CALIB_PARAMS = ("calib_dataset", "calib_nsamples", "calib_seqlen", "budget")
 TASK_ORDER = ("piqa", "hellaswag", "hellaswag_mirror", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
 FP_BITS = "w16a16kv16"
-
-
-def export_records(tracking_uri: str, experiment: str) -> list[dict]:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        raise SystemExit(f"error: no experiment {experiment!r} in {tracking_uri}; run a sweep first")
-    runs = mlflow.MlflowClient().search_runs([found.experiment_id], max_results=50000)
-    records = []
-    for run in runs:
-        tags, params = run.data.tags, run.data.params
-        if "run_key" not in tags:
-            continue
-        method_params = {
-            k[len("method.") :]: v for k, v in params.items() if k.startswith("method.") and k != "method.name"
-        }
-        records.append(
-            {
-                "run_key": tags["run_key"],
-                "run_id": run.info.run_id,
-                "model": tags.get("model"),
-                "method": tags.get("method"),
-                "bits": tags.get("bits"),
-                "status": run.info.status,
-                "error": tags.get("error", ""),
-                "start_time": run.info.start_time,
-                "end_time": run.info.end_time,
-                "git_commit": tags.get("git_commit", ""),
-                "protocol": {
-                    name: params.get(key, PROTOCOL_DEFAULTS.get(name)) for name, key in PROTOCOL_PARAMS.items()
-                },
-                "method_params": dict(sorted(method_params.items())),
-                "sixteen_bit_layers": tags.get("sixteen_bit_layers", ""),
-                "metrics": dict(sorted(run.data.metrics.items())),
-            }
-        )
-    return select_latest(records)
-
-
-def select_latest(records: list[dict]) -> list[dict]:
-    """One record per run key: the latest FINISHED, else the latest finished attempt (runs still RUNNING
-    are in progress, not results, and are left out)."""
-    best: dict[str, dict] = {}
-    records = [r for r in records if r["status"] != "RUNNING"]
-    for rec in sorted(records, key=lambda r: (r["status"] == "FINISHED", r["start_time"] or 0)):
-        best[rec["run_key"]] = rec
-    return sorted(best.values(), key=lambda r: (r["model"] or "", r["bits"] or "", r["method"] or "", r["run_key"]))
-
-
-def write_records(records: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for rec in records:
-            handle.write(json.dumps(rec, sort_keys=True) + "\n")
-
-
-def read_records(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def _bits_order(bits: str) -> tuple:
@@ -141,7 +67,10 @@ def _calib_cell(rec: dict) -> str:
     return f"{int(used)} × {rec['protocol']['calib_seqlen']}"
 
 
-def _speedup_cell(metrics: dict) -> str:
+def _speedup_cell(rec: dict) -> str:
+    if rec.get("latency_format") == "none":
+        return "no kernel"
+    metrics = rec["metrics"]
     prefill, decode = metrics.get("latency.prefill.speedup"), metrics.get("latency.decode.speedup")
     if prefill is None and decode is None:
         return "–"
@@ -165,7 +94,7 @@ def _frame(records: list[dict]) -> pd.DataFrame:
                 "model_mb": metrics.get("model_mb"),
                 "packed_bpw": metrics.get("packed_bits_per_weight"),
                 "calib": _calib_cell(rec),
-                "speedup": _speedup_cell(metrics),
+                "speedup": _speedup_cell(rec),
                 "kv": metrics.get("kv_bytes_per_token"),
                 "qsec": metrics.get("quantize_seconds"),
                 "tokens": metrics.get("ppl_tokens_total"),
@@ -334,34 +263,6 @@ def render_leaderboard(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_pareto(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    frame = _frame(records)
-    frame = frame[(frame.status == "FINISHED") & frame.ppl.notna() & frame.bpw.notna()]
-    groups = sorted(frame.groupby(["model", "protocol"]), key=_section_order) if len(frame) else []
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 4.5), squeeze=False)
-    for ax, ((model, _), group) in zip(axes[0], groups, strict=False):
-        for method, rows in sorted(group.groupby("method")):
-            ax.scatter(rows.bpw, rows.ppl, label=method)
-            for row in rows.itertuples():
-                ax.annotate(row.bits, (row.bpw, row.ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_yscale("log")
-        ax.set_xlabel("bits per weight (quantized linears, incl. scales/zeros)")
-        ax.set_ylabel("WikiText-2 perplexity (log)")
-        windows = group.p_ppl_max_windows.iloc[0]
-        ax.set_title(f"{model} ({'whole test split' if _whole_split(windows) else f'first {windows} windows'})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness report")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
@@ -395,9 +296,16 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"{board_path} matches {records_path} ({len(read_records(records_path))} runs)")
         return 0
-    records = export_records(args.tracking_uri, args.experiment)
+    from harness.plots import plot_pareto
+
+    fresh = export_records(args.tracking_uri, args.experiment)
+    kept = read_records(out / "runs.jsonl") if (out / "runs.jsonl").exists() else []
+    records = merge_records(kept, fresh)
     write_records(records, out / "runs.jsonl")
     (out / "leaderboard.md").write_text(render_leaderboard(records), encoding="utf-8")
     plot_pareto(records, out / "pareto.png")
-    print(f"wrote {out / 'runs.jsonl'} ({len(records)} runs), {out / 'leaderboard.md'}, {out / 'pareto.png'}")
+    print(
+        f"wrote {out / 'runs.jsonl'} ({len(records)} runs: {len(fresh)} from {args.tracking_uri}, "
+        f"{len(records) - len(fresh)} kept from the file), {out / 'leaderboard.md'}, {out / 'pareto.png'}"
+    )
     return 0

@@ -149,7 +149,7 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
     tracker.log_metrics(report.metrics())
     tracker.set_tags({"sixteen_bit_layers": report.sixteen_bit_layers})
     if spec.latency.enabled:
-        _latency(spec, config, model, tracker)
+        _latency(spec, model, tracker)
 
     model.to(models.torch_dtype(spec.ppl.dtype))
     token_ids = data.ppl_token_ids(spec.ppl.dataset, tokenizer, spec.data_dir)
@@ -179,11 +179,15 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
         _zeroshot(spec, model, tokenizer, tracker)
 
 
-def _latency(spec: RunSpec, config, model, tracker: Tracker) -> None:
+def _latency(spec: RunSpec, model, tracker: Tracker) -> None:
     from harness.evaluate import latency
 
-    fmt = latency.run_format(spec.bits, bool(getattr(config, "w_sym", False)))
+    fmt = latency.model_format(model, spec.bits.a)
     if fmt is None:
+        return
+    if fmt == latency.NO_KERNEL:
+        tracker.set_tags({"latency.format": latency.NO_KERNEL})
+        log.info("%s: no kernel for this weight format; latency not measured", run_name(spec))
         return
     metrics, tags = latency.measure(latency.block_shapes(model), fmt, spec.latency)
     tracker.log_metrics(metrics)

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import reference
-from kernels.packing import PackedLinear
-from methods.core.quantizers import WeightQuantizer
+from kernels.packing import PackedLinear, PackedLUTLinear
 
 MODEL_SHAPES = {  # (name, out_features, in_features) of the decoder linears
     "smollm2-135m": [
@@ -64,22 +63,23 @@ def _time_cuda(fn: Callable[[], object], reps: int) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class KernelFormat:
-    """A weight format the kernels execute: integer GEMM when `a_bits` is set (per-channel weights,
-    per-token symmetric activations), else the weight-only dequantize-then-matmul GEMM."""
+    """A weight format the kernels execute. `kind="int"`: integer GEMM when `a_bits` is set (per-channel
+    weights, per-token symmetric activations), else the weight-only dequantize-then-matmul GEMM.
+    `kind="lut"`: 2-bit codes into per-(row, group) level tables (`lut_matmul`), weight-only."""
 
     w_bits: int
     group_size: int | None  # None = one group per output channel
     w_sym: bool
     a_bits: int | None = None
+    kind: str = "int"
 
     @property
     def name(self) -> str:
         acts = f"a{self.a_bits}" if self.a_bits else ""
         group = f"g{self.group_size}" if self.group_size else ""
+        if self.kind == "lut":
+            return f"lut{self.w_bits}{group}"
         return f"w{self.w_bits}{group}{acts}" + ("" if self.w_sym else "-asym")
-
-    def quantizer(self) -> WeightQuantizer:
-        return WeightQuantizer(self.w_bits, self.group_size, sym=self.w_sym)
 
 
 BENCH_FORMATS = (
@@ -107,10 +107,17 @@ def dense_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cpu" else torch.float16
 
 
-def kernel_call(fmt: KernelFormat, x: torch.Tensor, packed: PackedLinear, device: str) -> Callable[[], object]:
+def kernel_call(fmt: KernelFormat, x: torch.Tensor, packed, device: str) -> Callable[[], object]:
     """The timed call for `fmt` on activations x (fp32 [tokens, in]). CPU: `torch._int_mm` on int8 lanes
     (unpacked once, the CPU deployment layout) for integer formats, dequantize + bf16 matmul otherwise.
     CUDA: the Triton kernels on the packed words."""
+    if fmt.kind == "lut":
+        x16 = x.to(dense_dtype(device))
+        if device == "cpu":
+            return lambda: reference.lut_matmul(x16, packed)
+        from kernels import triton_kernels as tk
+
+        return lambda: tk.lut_matmul(x16, packed)
     if device == "cpu":
         if fmt.a_bits:
             w_codes, w_scale, w_zero = reference.integer_weight(packed)
@@ -127,8 +134,22 @@ def kernel_call(fmt: KernelFormat, x: torch.Tensor, packed: PackedLinear, device
     return lambda: tk.dequant_matmul(x16, packed, block=(64, 64, 64))
 
 
-def pack_on(fmt: KernelFormat, weight: torch.Tensor, device: str) -> PackedLinear:
-    packed = PackedLinear.from_quantized(fmt.quantizer().quantize(weight.float().cpu()))
+def pack_on(fmt: KernelFormat, weight: torch.Tensor, device: str) -> PackedLinear | PackedLUTLinear:
+    """A packed weight of `fmt` with `weight`'s shape. Kernel time does not depend on the values, so codes are
+    seeded random ones with scales of the weight's magnitude (no quantizer needed)."""
+    rows, cols = weight.shape
+    group = fmt.group_size or cols
+    n_groups = -(-cols // group)
+    gen = torch.Generator().manual_seed(rows * 7919 + cols)
+    codes = torch.randint(0, 2**fmt.w_bits, (rows, cols), generator=gen).to(torch.uint8)
+    if fmt.kind == "lut":
+        levels = torch.randn(rows, n_groups, 2**fmt.w_bits, generator=gen).sort(dim=-1).values * 0.02
+        packed = PackedLUTLinear.pack(codes, levels, group)
+        packed.words, packed.levels = packed.words.to(device), packed.levels.to(device)
+        return packed
+    scales = torch.full((rows, n_groups), 0.02 / 2 ** (fmt.w_bits - 1))
+    zeros = torch.full((rows, n_groups), float(2 ** (fmt.w_bits - 1)))
+    packed = PackedLinear.pack(codes, scales, zeros, fmt.w_bits, group, fmt.w_sym)
     for name in ("words", "scales", "zero_words"):
         setattr(packed, name, getattr(packed, name).to(device))
     return packed

@@ -5,9 +5,13 @@
 * ternary {−1, 0, +1}: 5 trits per byte in base 3 (3⁵ = 243 ≤ 256; 1.6 bits per code);
 * group scales (fp16) and, for asymmetric grids only, zero points (packed at the code width, like GPTQ's
   qzeros; a symmetric grid's zero is the constant 2^(b−1) and is not stored);
-* non-uniform 2-bit (RCP/LDP style): 2-bit codes index a per-(row, group) table of 4 fp16 levels.
+* binary ±1: 32 signs per int32 word (bit set = +1);
+* non-uniform (LUT): b-bit codes in words as above, plus fp16 levels — a per-(row, group) table of 2^b (RCP's
+  LDP; the 2-bit case has a kernel) or one shared table with fp16 per-group scales (NF3/NF4);
+* ternary and binary weights carry fp16 per-(row, group) scales.
 Codes are unsigned: a symmetric grid's signed codes are offset by 2^(b−1) with zero point 2^(b−1).
-Every format round-trips exactly (tests/test_packing.py).
+Every format round-trips exactly (tests/test_kernels.py, tests/test_formats.py). This module knows tensors
+only; the format objects of `methods.core.formats` call it.
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from methods.core.quantizers import QuantizedWeight
 
 
 def codes_per_word(bits: int) -> int:
@@ -88,22 +90,15 @@ class PackedLinear:
     sym: bool = False
 
     @classmethod
-    def from_quantized(cls, q: QuantizedWeight) -> PackedLinear:
-        offset = 2 ** (q.bits - 1) if q.sym else 0
-        codes = (q.codes.to(torch.int16) + offset).to(torch.uint8)
-        if q.sym:
+    def pack(
+        cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int, sym: bool
+    ) -> PackedLinear:
+        """`codes`: unsigned [out, in] (a symmetric grid's codes already offset by 2^(b−1))."""
+        if sym:
             zero_words = torch.zeros(codes.shape[0], 0, dtype=torch.int32)
         else:
-            zero_words = pack_int(q.zeros.round().clamp(0, 2**q.bits - 1).to(torch.uint8), q.bits)
-        return cls(
-            pack_int(codes, q.bits),
-            q.scales.to(torch.float16),
-            zero_words,
-            q.bits,
-            q.group_size,
-            q.codes.shape[1],
-            q.sym,
-        )
+            zero_words = pack_int(zeros.round().clamp(0, 2**bits - 1).to(torch.uint8), bits)
+        return cls(pack_int(codes, bits), scales.to(torch.float16), zero_words, bits, group_size, codes.shape[1], sym)
 
     @property
     def out_features(self) -> int:
@@ -122,21 +117,89 @@ class PackedLinear:
         return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zero_words))
 
 
+def pack_bits(signs: torch.Tensor) -> torch.Tensor:
+    """Pack ±1 values [rows, cols] as 32 bits per int32 word (bit set = +1)."""
+    if signs.numel() and not bool(((signs == 1) | (signs == -1)).all()):
+        raise ValueError("binary packing needs values in {-1, 1}")
+    rows, cols = signs.shape
+    bits = torch.nn.functional.pad((signs > 0).to(torch.int64), (0, (-cols) % 32)).reshape(rows, -1, 32)
+    words = (bits << torch.arange(32, dtype=torch.int64)).sum(dim=-1)
+    return (words - (words >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, cols: int) -> torch.Tensor:
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    bits = (w.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1
+    return (bits.reshape(words.shape[0], -1)[:, :cols] * 2 - 1).to(torch.int8)
+
+
 @dataclass
 class PackedLUTLinear:
-    """Non-uniform 2-bit weights: codes index a per-(row, group) table of 4 fp16 levels (RCP's LDP format)."""
+    """Non-uniform weights: b-bit codes index fp16 levels — a per-(row, group) table [out, n_groups, 2^b]
+    (RCP's LDP format; the kernels run the 2-bit case) or a shared table [2^b] times fp16 per-group scales."""
 
-    words: torch.Tensor  # int32 [out, n_words], 2-bit codes
-    levels: torch.Tensor  # fp16 [out, n_groups, 4]
+    words: torch.Tensor  # int32 [out, n_words], b-bit codes
+    levels: torch.Tensor  # fp16 [out, n_groups, 2^b] or [2^b]
+    group_size: int
+    in_features: int
+    bits: int = 2
+    scales: torch.Tensor | None = None  # fp16 [out, n_groups] with a shared table
+
+    @classmethod
+    def pack(
+        cls,
+        codes: torch.Tensor,
+        levels: torch.Tensor,
+        group_size: int,
+        bits: int = 2,
+        scales: torch.Tensor | None = None,
+    ) -> PackedLUTLinear:
+        half = None if scales is None else scales.to(torch.float16)
+        return cls(pack_int(codes, bits), levels.to(torch.float16), group_size, codes.shape[1], bits, half)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int(self.words, self.bits, self.in_features)
+
+    def nbytes(self) -> int:
+        scale_bytes = 0 if self.scales is None else self.scales.numel() * 2
+        return self.words.numel() * 4 + self.levels.numel() * 2 + scale_bytes
+
+
+@dataclass
+class PackedTernaryLinear:
+    """Ternary weights: 5 trits per byte (`pack_ternary`) and fp16 per-(row, group) scales."""
+
+    trit_bytes: torch.Tensor  # uint8 [out, ceil(in / 5)]
+    scales: torch.Tensor  # fp16 [out, n_groups]
     group_size: int
     in_features: int
 
     @classmethod
-    def pack(cls, codes: torch.Tensor, levels: torch.Tensor, group_size: int) -> PackedLUTLinear:
-        return cls(pack_int(codes, 2), levels.to(torch.float16), group_size, codes.shape[1])
+    def pack(cls, trits: torch.Tensor, scales: torch.Tensor, group_size: int) -> PackedTernaryLinear:
+        return cls(pack_ternary(trits), scales.to(torch.float16), group_size, trits.shape[1])
 
-    def codes(self) -> torch.Tensor:
-        return unpack_int(self.words, 2, self.in_features)
+    def trits(self) -> torch.Tensor:
+        return unpack_ternary(self.trit_bytes, self.in_features)
 
     def nbytes(self) -> int:
-        return self.words.numel() * 4 + self.levels.numel() * 2
+        return self.trit_bytes.numel() + self.scales.numel() * 2
+
+
+@dataclass
+class PackedBinaryLinear:
+    """Binary weights: 32 signs per int32 word (`pack_bits`) and fp16 per-(row, group) scales."""
+
+    words: torch.Tensor  # int32 [out, ceil(in / 32)]
+    scales: torch.Tensor  # fp16 [out, n_groups]
+    group_size: int
+    in_features: int
+
+    @classmethod
+    def pack(cls, signs: torch.Tensor, scales: torch.Tensor, group_size: int) -> PackedBinaryLinear:
+        return cls(pack_bits(signs), scales.to(torch.float16), group_size, signs.shape[1])
+
+    def signs(self) -> torch.Tensor:
+        return unpack_bits(self.words, self.in_features)
+
+    def nbytes(self) -> int:
+        return self.words.numel() * 4 + self.scales.numel() * 2

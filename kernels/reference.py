@@ -93,8 +93,14 @@ def w4a4_matmul(x: torch.Tensor, packed: PackedLinear, act_bits: int = 4) -> tor
     return int_matmul(x_codes, x_scale, w_codes, w_scale, w_zero).to(x.dtype)
 
 
+def check_lut_kernel_layout(packed: PackedLUTLinear) -> None:
+    if packed.bits != 2 or packed.scales is not None or packed.levels.dim() != 3:
+        raise ValueError("the LUT kernel runs 2-bit codes with per-(row, group) tables of 4 levels only")
+
+
 def lut_matmul(x: torch.Tensor, packed: PackedLUTLinear) -> torch.Tensor:
     _check_activation(x, packed.in_features)
+    check_lut_kernel_layout(packed)
     codes = packed.codes().to(torch.int64)
     groups = (torch.arange(packed.in_features) // packed.group_size).expand_as(codes)
     rows = torch.arange(codes.shape[0])[:, None].expand_as(codes)

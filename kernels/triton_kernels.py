@@ -250,7 +250,10 @@ def _lut_gemm_kernel(
 
 
 def lut_matmul(x: torch.Tensor, packed: PackedLUTLinear, block=(16, 32, 32)) -> torch.Tensor:
+    from kernels.reference import check_lut_kernel_layout
+
     _check_activation(x, packed.in_features)
+    check_lut_kernel_layout(packed)
     _check_device(x, packed.words, packed.levels)
     m, k = x.shape
     n = packed.words.shape[0]

@@ -28,8 +28,8 @@ from torch import nn
 from harness.spec import BitSpec
 from methods.base import QuantContext, QuantSummary, UnsupportedBits
 from methods.core.arch import decoder_linears
+from methods.core.formats import QuantizedWeight
 from methods.core.qlinear import QLinear
-from methods.core.quantizers import QuantizedWeight
 from methods.rtn import ActKVSettings, attach_act_and_kv
 
 SIGNROUND_WEIGHT_BITS = (2, 3, 4, 8, 16)

@@ -6,7 +6,6 @@ import torch  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels import triton_kernels as tk  # noqa: E402
 from kernels.packing import (  # noqa: E402
-    PackedLinear,
     PackedLUTLinear,
     pack_int,
     pack_ternary,
@@ -56,7 +55,7 @@ def _qlinear(out_f, in_f, bits, group, sym, act_bits=None, seed=0):
 @pytest.mark.parametrize("m, k, n", [(1, 64, 48), (19, 72, 40)])
 def test_weight_only_kernel_equals_reference_and_module(bits, group, sym, m, k, n):
     module, q = _qlinear(n, k, bits, group, sym)
-    packed = PackedLinear.from_quantized(q)
+    packed = q.pack()
     x = torch.randn(m, k)
     expected = module(x)
     ref = reference.dequant_matmul(x, packed)
@@ -71,7 +70,7 @@ def test_weight_only_kernel_equals_reference_and_module(bits, group, sym, m, k, 
 @pytest.mark.parametrize("sym", [True, False])
 def test_packed_bytes_match_the_word_layout(bits, group, sym):
     q = WeightQuantizer(bits, group, sym=sym).quantize(torch.randn(6, 100))
-    packed = PackedLinear.from_quantized(q)
+    packed = q.pack()
     per_word = 10 if bits == 3 else 32 // bits
     n_groups = -(-100 // (group or 100))
     code_bytes = 6 * -(-100 // per_word) * 4
@@ -87,7 +86,7 @@ def test_packed_bytes_match_the_word_layout(bits, group, sym):
 @pytest.mark.parametrize("m, k, n", [(3, 64, 40), (20, 96, 33), (5, 60, 7)])  # decode pad; _int_mm; K % 8 != 0
 def test_integer_gemm_equals_reference_and_module(w_bits, a_bits, sym, m, k, n):
     module, q = _qlinear(n, k, w_bits, None, sym=sym, act_bits=a_bits)
-    packed = PackedLinear.from_quantized(q)
+    packed = q.pack()
     x = torch.randn(m, k)
     expected = module(x)
     x_codes, x_scale = reference.quantize_per_token_sym(x, a_bits)
@@ -125,7 +124,7 @@ def test_fwht_kernel_equals_hadamard_transform(n):
 
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     module, q = _qlinear(16, 32, 4, 16, sym=False)
-    packed = PackedLinear.from_quantized(q)
+    packed = q.pack()
     with pytest.raises(ValueError, match=r"activation must be \[tokens, 32\]"):
         tk.dequant_matmul(torch.randn(2, 31), packed)
     with pytest.raises(TypeError, match="fp16, bf16 or fp32"):

@@ -1,15 +1,18 @@
 """Per-run latency: the run's weight format executed by its kernel against the dense 16-bit matmul.
 
-For every linear of one decoder block (all blocks have the same shapes), at decode (1 token) and prefill
-(2048 tokens), the format's kernel call (`kernels.bench.kernel_call`: integer GEMM incl. per-token
-activation quantization, or dequantize + matmul) and the dense 16-bit matmul (bf16 on CPU, fp16 on CUDA)
+The kernel comes from the run's quantized weights themselves: every decoder linear's format object
+(`methods.core.formats`) names the `KernelFormat` that executes it (`kernel_format(a_bits)`), or none — then
+the run's latency is "no kernel", never another format's time. For every linear of one decoder block (all
+blocks have the same shapes), at decode (1 token) and prefill (2048 tokens), the format's kernel call
+(`kernels.bench.kernel_call`: integer GEMM incl. per-token activation quantization, dequantize + matmul, or the
+LUT GEMM) and the dense 16-bit matmul (bf16 on CPU, fp16 on CUDA)
 are timed in the same process, `reps` times after a warm-up. For repetition r the block's total times are
 summed over its linears, and speedup[r] = dense_total[r] / kernel_total[r]; we log its median, min and max.
 
 What this measures and what it does not: the GEMMs of the decoder linears only — not attention, the
 online Hadamard transforms, norms, embeddings or lm_head, and not KV-cache (de)quantization. Timings do
-not depend on the weight values, so the weights are seeded random ones quantized on the run's grid
-(bits, group, symmetry); that makes the measurement a function of (shapes, format, device) alone, which is
+not depend on the weight values, so the weights are seeded random codes in the run's format (bits, group,
+symmetry); that makes the measurement a function of (shapes, format, device) alone, which is
 what lets `python -m harness bench runs` measure earlier runs the same way.
 """
 
@@ -23,11 +26,29 @@ import torch
 from harness.spec import BitSpec, LatencySpec
 from kernels import bench as kernel_bench
 from kernels.bench import KernelFormat
-from methods.core.arch import arch_of
+from methods.core.arch import arch_of, decoder_linears
+from methods.core.formats import check_format
+
+NO_KERNEL = "none"
+
+
+def model_format(model: torch.nn.Module, a_bits: int) -> KernelFormat | str | None:
+    """The kernel format of a quantized model's decoder linears: a `KernelFormat` when every quantized linear
+    runs on the same kernel, `NO_KERNEL` when some format has none (or they differ), None when no linear is
+    quantized (the 16-bit baseline itself). An unknown format object raises `UnknownFormat`."""
+    found = set()
+    for _, _, _, module in decoder_linears(model):
+        qweight = getattr(module, "qweight", None)
+        if qweight is not None:
+            found.add(check_format(qweight).kernel_format(a_bits))
+    if not found:
+        return None
+    return found.pop() if len(found) == 1 and None not in found else NO_KERNEL
 
 
 def run_format(bits: BitSpec, w_sym: bool) -> KernelFormat | None:
-    """The kernel format of a run's bit setting (None: 16-bit weights, or no kernel for this setting)."""
+    """The kernel format of a uniform-integer run from its bit setting. Only for runs logged before per-run
+    latency existed (`bench runs`): every such run is a uniform-integer format; new runs ask `model_format`."""
     if bits.w not in (2, 3, 4, 8):
         return None
     return kernel_bench.kernel_format(int(bits.w), bits.a, bits.group, w_sym)

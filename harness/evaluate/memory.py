@@ -1,11 +1,11 @@
 """Honest memory accounting: bits per weight, model bytes as deployed, KV-cache bytes, peak RSS.
 
-* Quantized decoder linears count their codes + fp16 scales + zeros (+ codebooks when a method has them)
-  through `QLinear.storage_bits()`: b bits per code, the information content of the format.
-* `packed_bits_per_weight` counts the bytes of the deployed packed layout the kernels read
-  (`kernels.packing.PackedLinear`): codes in int32 words (int3 packs 10 per word = 3.2 bits per code, and
-  each row pads to whole words), fp16 scales, zero points packed in words (asymmetric grids only).
-  Logged only when every quantized linear has a packed format (2, 3, 4, 8 bits).
+* Quantized decoder linears are counted by their format object (`methods.core.formats`): `storage_bits()`
+  is every stored bit — codes, fp16 scales, zeros, level tables/codebooks, signs — and a weight whose class
+  is not a known format is an error (never a silent miscount).
+* `packed_bits_per_weight` counts the bytes of the deployed packed layout (`format.pack().nbytes()`): e.g.
+  int codes in int32 words (int3 packs 10 per word = 3.2 bits per code, and each row pads to whole words),
+  ternary 5 trits per byte, binary 32 signs per word. Logged only when every quantized linear packs.
 * Every other parameter (embeddings, lm_head, norms, any linear left unquantized) is counted at 16 bits:
   that is how the model is deployed. Tied embeddings are counted once (shared storage); a method that
   unties them (rotations) pays for both.
@@ -26,9 +26,8 @@ from torch import nn
 
 from kernels.packing import packed_nbytes
 from methods.core.arch import decoder_linears
+from methods.core.formats import check_format
 from methods.core.qlinear import QLinear
-
-PACKED_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -107,11 +106,10 @@ def packed_bits_per_weight(shapes: Counter, bits: int, group: int | None, sym: b
 
 
 def _add_packed_bits(total: int | None, module: QLinear) -> int | None:
-    q = module.qweight
-    if total is None or q is None or q.bits not in PACKED_BITS:
+    if total is None or module.qweight is None:
         return None
-    rows, cols = q.codes.shape
-    return total + 8 * packed_nbytes(rows, cols, q.scales.shape[1], int(q.bits), q.sym)
+    packed = check_format(module.qweight).pack()
+    return None if packed is None else total + 8 * packed.nbytes()
 
 
 def kv_bytes_per_token(config, kv_bits: int, sym: bool = False, group_size: int | None = None) -> float:

@@ -20,8 +20,9 @@ import torch
 
 from methods.core.arch import arch_of
 from methods.core.calibrate import HessianCollector, shared_input_owner, walk_blocks
+from methods.core.formats import QuantizedWeight
 from methods.core.qlinear import set_quantized_weight
-from methods.core.quantizers import QuantizedWeight, WeightQuantizer, _pad_to_groups, quantize_codes
+from methods.core.quantizers import WeightQuantizer, _pad_to_groups, quantize_codes
 
 
 def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from methods.core.quantizers import DynamicQuantizer, QuantizedWeight
+from methods.core.formats import QuantizedTensor, check_format
+from methods.core.quantizers import DynamicQuantizer
 
 
 class QLinear(nn.Module):
@@ -21,7 +22,7 @@ class QLinear(nn.Module):
         self,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        qweight: QuantizedWeight | None = None,
+        qweight: QuantizedTensor | None = None,
         act_quant: DynamicQuantizer | None = None,
         input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
@@ -45,18 +46,18 @@ class QLinear(nn.Module):
         return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def storage_bits(self) -> int:
-        """Weight storage: packed codes + scales + zeros if quantized, else 16 bits per weight."""
+        """Weight storage: every stored bit of the quantized format, else 16 bits per weight."""
         if self.qweight is not None:
-            return self.qweight.storage_bits()
+            return check_format(self.qweight).storage_bits()
         return self.weight.numel() * 16
 
     def extra_repr(self) -> str:
-        wq = f"w{self.qweight.bits}g{self.qweight.group_size}" if self.qweight else "w16"
+        wq = type(self.qweight).__name__ if self.qweight is not None else "w16"
         aq = f"a{self.act_quant.bits}" if self.act_quant else "a16"
         return f"{self.in_features}->{self.out_features}, {wq}, {aq}, transform={self.input_transform is not None}"
 
 
-def set_quantized_weight(parent: nn.Module, attr: str, module: nn.Module, qweight: QuantizedWeight) -> None:
+def set_quantized_weight(parent: nn.Module, attr: str, module: nn.Module, qweight: QuantizedTensor) -> None:
     """Store a quantized weight in place (an existing QLinear keeps its transform and act quantizer) or wrap."""
     deq = qweight.dequantize().to(module.weight.dtype)
     if isinstance(module, QLinear):

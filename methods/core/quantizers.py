@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from methods.core.formats import QuantizedWeight
+
 
 def _pad_to_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     """Reshape the last dim into groups of `group_size`, zero-padding the trailing partial group."""
@@ -96,30 +98,6 @@ class DynamicQuantizer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize_dynamic(x, self.bits, self.sym, self.clip_ratio, self.group_size)
-
-
-@dataclass
-class QuantizedWeight:
-    """Integer codes plus per-(row, group) scales and zeros; enough to build a packed format later."""
-
-    codes: torch.Tensor  # [out, in]; int8 for symmetric (signed) codes, uint8 for asymmetric
-    scales: torch.Tensor  # float, [out, n_groups]
-    zeros: torch.Tensor  # float (integer valued), [out, n_groups]
-    bits: int
-    sym: bool
-    group_size: int  # = in_features for per-channel
-
-    def dequantize(self) -> torch.Tensor:
-        out, cols = self.codes.shape
-        grouped, _ = _pad_to_groups(self.codes.float(), self.group_size)
-        w = dequantize_codes(grouped, self.scales.unsqueeze(-1), self.zeros.unsqueeze(-1))
-        return w.reshape(out, -1)[:, :cols]
-
-    def storage_bits(self, scale_bits: int = 16) -> int:
-        """Code bits + one fp16 scale per group + one `bits`-bit zero per group (asymmetric only)."""
-        n_groups = self.scales.numel()
-        zero_bits = 0 if self.sym else self.bits * n_groups
-        return self.codes.numel() * self.bits + n_groups * scale_bits + zero_bits
 
 
 @dataclass(frozen=True)

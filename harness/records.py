@@ -1,0 +1,102 @@
+"""Run records: MLflow runs exported as plain dicts, one per run key, stored in `reports/runs.jsonl`.
+
+`report` merges what the tracking store holds into the committed records: a run key present in the store
+replaces its record, every other record is kept — a fresh machine's store never erases earlier results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PROTOCOL_PARAMS = {
+    "ppl_dataset": "eval.ppl.dataset",
+    "ppl_seqlen": "eval.ppl.seqlen",
+    "ppl_dtype": "eval.ppl.dtype",
+    "ppl_max_windows": "budget.ppl_max_windows",
+    "calib_dataset": "calib.dataset",
+    "calib_nsamples": "calib.nsamples",
+    "calib_seqlen": "calib.seqlen",
+    "budget": "budget.name",
+    "seed": "seed",
+    "zs_tasks": "eval.zeroshot.tasks",
+    "zs_limit": "eval.zeroshot.limit",
+}
+PROTOCOL_DEFAULTS = {"zs_tasks": "[]", "zs_limit": "null"}  # runs logged before zero-shot existed
+
+
+def _plugin_params(params: dict, name: str) -> dict:
+    """The act/kv plug-in's name and parameters from the flattened config (`act.clip_ratio` -> clip_ratio)."""
+    prefix = f"{name}."
+    return {k[len(prefix) :]: v for k, v in sorted(params.items()) if k.startswith(prefix)}
+
+
+def export_records(tracking_uri: str, experiment: str) -> list[dict]:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        raise SystemExit(f"error: no experiment {experiment!r} in {tracking_uri}; run a sweep first")
+    runs = mlflow.MlflowClient().search_runs([found.experiment_id], max_results=50000)
+    records = []
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        if "run_key" not in tags:
+            continue
+        method_params = {
+            k[len("method.") :]: v for k, v in params.items() if k.startswith("method.") and k != "method.name"
+        }
+        records.append(
+            {
+                "run_key": tags["run_key"],
+                "run_id": run.info.run_id,
+                "model": tags.get("model"),
+                "method": tags.get("method"),
+                "bits": tags.get("bits"),
+                "status": run.info.status,
+                "error": tags.get("error", ""),
+                "start_time": run.info.start_time,
+                "end_time": run.info.end_time,
+                "git_commit": tags.get("git_commit", ""),
+                "protocol": {
+                    name: params.get(key, PROTOCOL_DEFAULTS.get(name)) for name, key in PROTOCOL_PARAMS.items()
+                },
+                "method_params": dict(sorted(method_params.items())),
+                "sixteen_bit_layers": tags.get("sixteen_bit_layers", ""),
+                **({"latency_format": tags["latency.format"]} if "latency.format" in tags else {}),
+                **{name: _plugin_params(params, name) for name in ("act", "kv") if f"{name}.name" in params},
+                "metrics": dict(sorted(run.data.metrics.items())),
+            }
+        )
+    return select_latest(records)
+
+
+def select_latest(records: list[dict]) -> list[dict]:
+    """One record per run key: the latest FINISHED, else the latest finished attempt (runs still RUNNING
+    are in progress, not results, and are left out)."""
+    best: dict[str, dict] = {}
+    records = [r for r in records if r["status"] != "RUNNING"]
+    for rec in sorted(records, key=lambda r: (r["status"] == "FINISHED", r["start_time"] or 0)):
+        best[rec["run_key"]] = rec
+    return sorted(best.values(), key=lambda r: (r["model"] or "", r["bits"] or "", r["method"] or "", r["run_key"]))
+
+
+def write_records(records: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for rec in records:
+            handle.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+def read_records(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+
+
+def merge_records(kept: list[dict], fresh: list[dict]) -> list[dict]:
+    """Records of `kept` whose run key is not in `fresh`, plus all of `fresh` (one per key, sorted)."""
+    fresh_keys = {rec["run_key"] for rec in fresh}
+    return select_latest([rec for rec in kept if rec["run_key"] not in fresh_keys] + fresh)

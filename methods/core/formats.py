@@ -1,0 +1,215 @@
+"""Quantized weights as objects: each format owns its dequantization, its storage count and its packed layout.
+
+Protocol (`QuantizedTensor`): `dequantize()` -> float weight [out, in]; `storage_bits()` -> every stored bit
+(codes, scales, zeros, codebooks/levels, selectors, outliers, stored signs); `pack()` -> the deployed packed
+object from `kernels.packing` (its `nbytes()` is the `packed b/w` column) or None; `kernel_format(a_bits)` ->
+the `kernels.bench.KernelFormat` that executes it (with activations at `a_bits`), or None = no kernel.
+`FORMATS` lists every format; the memory report and the latency evaluator refuse any other object.
+
+Implementations:
+* `QuantizedWeight` — uniform integer codes with per-(row, group) scale and zero (RTN/GPTQ/QuaRot/SignRound).
+  Storage: b bits per code + fp16 scale per group + b-bit zero per group (asymmetric only).
+* `LUTWeight` — non-uniform levels: b-bit codes index a table of 2^b levels, per (row, group) (RCP's LDP) or
+  one shared table times a per-group fp16 scale (NF3/NF4). Storage: codes + fp16 levels (+ fp16 scales).
+* `TernaryWeight` — {−1, 0, +1} × per-(row, group) fp16 scale (ParetoQ 1.58 bit). Storage: 5 trits per byte
+  (the packed layout: 1.6 bits per weight, the densest byte-aligned one) + scales.
+* `BinaryWeight` — sign × per-(row, group) fp16 scale (ParetoQ 1 bit). Storage: 1 bit per weight + scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from kernels.bench import KernelFormat
+from kernels.packing import (
+    PackedBinaryLinear,
+    PackedLinear,
+    PackedLUTLinear,
+    PackedTernaryLinear,
+    packed_nbytes,
+)
+
+SCALE_BITS = 16
+
+
+@runtime_checkable
+class QuantizedTensor(Protocol):
+    format_name: ClassVar[str]
+
+    def dequantize(self) -> torch.Tensor: ...
+
+    def storage_bits(self) -> int: ...
+
+    def pack(self): ...
+
+    def kernel_format(self, a_bits: int) -> KernelFormat | None: ...
+
+
+def _pad_to_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    pad = (-x.shape[-1]) % group_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, group_size)
+
+
+def _per_group(values: torch.Tensor, group_size: int, cols: int) -> torch.Tensor:
+    """[rows, n_groups] -> [rows, cols] (each group's value repeated over its columns)."""
+    return values.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes plus per-(row, group) scales and zeros."""
+
+    codes: torch.Tensor  # [out, in]; int8 for symmetric (signed) codes, uint8 for asymmetric
+    scales: torch.Tensor  # float, [out, n_groups]
+    zeros: torch.Tensor  # float (integer valued), [out, n_groups]
+    bits: int
+    sym: bool
+    group_size: int  # = in_features for per-channel
+    format_name: ClassVar[str] = "int"
+
+    def dequantize(self) -> torch.Tensor:
+        out, cols = self.codes.shape
+        grouped = _pad_to_groups(self.codes.float(), self.group_size)
+        w = self.scales.unsqueeze(-1) * (grouped - self.zeros.unsqueeze(-1))
+        return w.reshape(out, -1)[:, :cols]
+
+    def storage_bits(self) -> int:
+        """Code bits + one fp16 scale per group + one `bits`-bit zero per group (asymmetric only)."""
+        n_groups = self.scales.numel()
+        zero_bits = 0 if self.sym else self.bits * n_groups
+        return self.codes.numel() * self.bits + n_groups * SCALE_BITS + zero_bits
+
+    @property
+    def packable(self) -> bool:
+        return self.bits in (2, 3, 4, 8)
+
+    def pack(self) -> PackedLinear | None:
+        if not self.packable:
+            return None
+        offset = 2 ** (self.bits - 1) if self.sym else 0
+        codes = (self.codes.to(torch.int16) + offset).to(torch.uint8)
+        return PackedLinear.pack(codes, self.scales, self.zeros, self.bits, self.group_size, self.sym)
+
+    def packed_nbytes(self) -> int | None:
+        rows, cols = self.codes.shape
+        return packed_nbytes(rows, cols, self.scales.shape[1], self.bits, self.sym) if self.packable else None
+
+    def kernel_format(self, a_bits: int) -> KernelFormat | None:
+        """Weight-only: dequantize GEMM (2/3/4/8 bits). With ≤ 8-bit activations: integer GEMM, per-channel only."""
+        if not self.packable:
+            return None
+        per_channel = self.group_size == self.codes.shape[1]
+        group = None if per_channel else self.group_size
+        if a_bits >= 16:
+            return KernelFormat(self.bits, group, self.sym)
+        if a_bits <= 8 and per_channel:
+            return KernelFormat(self.bits, None, self.sym, a_bits)
+        return None
+
+
+@dataclass
+class LUTWeight:
+    """b-bit codes into a table of 2^b levels: per (row, group) (`levels` [out, n_groups, 2^b], no scales) or
+    shared (`levels` [2^b]) times a per-(row, group) `scales` [out, n_groups]."""
+
+    codes: torch.Tensor  # uint8 [out, in], values < 2^bits
+    levels: torch.Tensor  # float [out, n_groups, 2^bits] or [2^bits]
+    bits: int
+    group_size: int
+    scales: torch.Tensor | None = None  # float [out, n_groups] when the table is shared
+    format_name: ClassVar[str] = "lut"
+
+    def __post_init__(self):
+        if self.levels.shape[-1] != 2**self.bits:
+            raise ValueError(f"a {self.bits}-bit LUT needs {2**self.bits} levels, got {self.levels.shape[-1]}")
+        if (self.levels.dim() == 1) != (self.scales is not None):
+            raise ValueError("a shared level table needs per-group scales; per-group tables take none")
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.codes.shape
+        codes = self.codes.long()
+        if self.levels.dim() == 1:
+            return self.levels.float()[codes] * _per_group(self.scales.float(), self.group_size, cols)
+        groups = (torch.arange(cols) // self.group_size).expand(rows, cols)
+        return self.levels.float()[torch.arange(rows)[:, None], groups, codes]
+
+    def storage_bits(self) -> int:
+        scale_count = 0 if self.scales is None else self.scales.numel()
+        return self.codes.numel() * self.bits + (self.levels.numel() + scale_count) * SCALE_BITS
+
+    def pack(self) -> PackedLUTLinear | None:
+        if self.bits not in (2, 3, 4, 8):
+            return None
+        return PackedLUTLinear.pack(self.codes, self.levels, self.group_size, self.bits, self.scales)
+
+    def kernel_format(self, a_bits: int) -> KernelFormat | None:
+        """The LUT GEMM (kernels.reference/triton `lut_matmul`) runs 2-bit per-group tables, weight-only."""
+        if self.bits == 2 and self.levels.dim() == 3 and a_bits >= 16:
+            return KernelFormat(2, self.group_size, False, kind="lut")
+        return None
+
+
+@dataclass
+class TernaryWeight:
+    """Trits {−1, 0, +1} times a per-(row, group) scale."""
+
+    trits: torch.Tensor  # int8 [out, in]
+    scales: torch.Tensor  # float [out, n_groups]
+    group_size: int
+    format_name: ClassVar[str] = "ternary"
+
+    def dequantize(self) -> torch.Tensor:
+        return self.trits.float() * _per_group(self.scales.float(), self.group_size, self.trits.shape[1])
+
+    def storage_bits(self) -> int:
+        rows, cols = self.trits.shape
+        return 8 * rows * -(-cols // 5) + self.scales.numel() * SCALE_BITS
+
+    def pack(self) -> PackedTernaryLinear:
+        return PackedTernaryLinear.pack(self.trits, self.scales, self.group_size)
+
+    def kernel_format(self, a_bits: int) -> KernelFormat | None:
+        return None
+
+
+@dataclass
+class BinaryWeight:
+    """Signs ±1 times a per-(row, group) scale."""
+
+    signs: torch.Tensor  # int8 [out, in], values ±1
+    scales: torch.Tensor  # float [out, n_groups]
+    group_size: int
+    format_name: ClassVar[str] = "binary"
+
+    def dequantize(self) -> torch.Tensor:
+        return self.signs.float() * _per_group(self.scales.float(), self.group_size, self.signs.shape[1])
+
+    def storage_bits(self) -> int:
+        return self.signs.numel() + self.scales.numel() * SCALE_BITS
+
+    def pack(self) -> PackedBinaryLinear:
+        return PackedBinaryLinear.pack(self.signs, self.scales, self.group_size)
+
+    def kernel_format(self, a_bits: int) -> KernelFormat | None:
+        return None
+
+
+FORMATS: dict[str, type] = {cls.format_name: cls for cls in (QuantizedWeight, LUTWeight, TernaryWeight, BinaryWeight)}
+
+
+class UnknownFormat(TypeError):
+    """A quantized weight whose class is not in `FORMATS`; the message lists the known formats."""
+
+
+def check_format(qweight: object) -> QuantizedTensor:
+    if type(qweight) not in FORMATS.values():
+        raise UnknownFormat(
+            f"unknown quantized-weight format {type(qweight).__name__}; known: {', '.join(FORMATS)} "
+            "(add it to methods.core.formats.FORMATS with its storage count and packer)"
+        )
+    return qweight
