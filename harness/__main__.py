@@ -1,10 +1,11 @@
 """quantbench command line.
 
-python -m harness run    [hydra overrides]   one configuration
-python -m harness sweep  [hydra overrides]   comma lists expand to the cross product (Hydra multirun)
+python -m harness run    [key=value ...]     one configuration (run --help: the keys and examples)
+python -m harness sweep  [key=value ...]     comma lists expand to the cross product (Hydra multirun)
 python -m harness report [--check]           MLflow runs -> reports/runs.jsonl, leaderboard.md, pareto.png
 python -m harness ui                         MLflow UI on 127.0.0.1 against the configured store
-python -m harness list                       models, methods, tasks, bit grammar
+python -m harness list                       models, methods, act/kv plug-ins, budgets, bit grammar
+python -m harness bench  forward|load|kernels|runs   timings (bench --help)
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if command in ("run", "sweep"):
-        from harness import cli_sweep
+        from harness import cli_sweep, data
 
+        data.absolute_mirror_env()
         return cli_sweep.main(rest, multirun=command == "sweep")
     if command == "report":
         from harness import report
@@ -69,13 +71,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _list() -> int:
+    import dataclasses
+
     from harness.cli_sweep import group_options
     from harness.data import CALIB_DATASETS, PPL_DATASETS
     from harness.spec import BITS_GRAMMAR
     from methods import METHODS
+    from methods.act import ACT_QUANTIZERS
+    from methods.kv import KV_QUANTIZERS
 
     print("models:     " + ", ".join(group_options("model")) + "  (model=hf model.id=<hub id or path>)")
     print("methods:    " + ", ".join(sorted(METHODS)))
+    print("act:        " + ", ".join(sorted(ACT_QUANTIZERS)) + "  (activation quantizers, used when a < 16)")
+    print("kv:         " + ", ".join(sorted(KV_QUANTIZERS)) + "  (KV-cache quantizers, used when kv < 16)")
+    for group, registry in (("method", METHODS), ("act", ACT_QUANTIZERS), ("kv", KV_QUANTIZERS)):
+        for name, entry in sorted(registry.items()):
+            defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(entry.config_cls))
+            print(f"  {group}={name}: {defaults}")
     print("perplexity: " + ", ".join(PPL_DATASETS))
     print("calib:      " + ", ".join(CALIB_DATASETS))
     print("budgets:    " + ", ".join(group_options("budget")))

@@ -33,14 +33,23 @@ def _time_forward(model, ids, reps: int) -> list[float]:
     return times
 
 
-def forward_overhead(model_name: str, method: str, bits: str, seqlen: int, reps: int, params: dict) -> dict:
-    spec = ModelSpec(model_name)
-    fp_model, _ = models.load(spec)
-    q_model, _ = models.load(spec)
+def forward_overhead(model_name: str, method: str, bits: str, seqlen: int, reps: int, overrides: list[str]) -> dict:
+    """The method with its act/KV plug-ins, composed exactly as a run composes them (`runner.apply`)."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli_sweep import CONF_DIR
+    from harness.runner import apply, build_plugins, check_supported, spec_from_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model_name}", f"method={method}", f"bits={bits}", *overrides])
+    run = spec_from_config(cfg)
+    check_supported(run)
+    fp_model, _ = models.load(run.model)
+    q_model, _ = models.load(run.model)
     entry = METHODS[method]
-    bitspec = BitSpec.parse(bits)
-    entry.supports(bitspec)
-    entry.quantize(q_model, entry.make_config(method, params), bitspec, QuantContext(0, lambda: []))
+    act, kv = build_plugins(run)
+    config = entry.make_config(f"method {method!r}", run.method_params)
+    apply(q_model, entry, config, run.bits, QuantContext(0, lambda: [], act=act, kv=kv))
     ids = torch.randint(0, fp_model.config.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
     _time_forward(fp_model, ids, 1)
     _time_forward(q_model, ids, 1)
@@ -156,8 +165,8 @@ def main(argv: list[str]) -> int:
         return _bench_runs(uri, DEFAULT_EXPERIMENT, args.reps, args.device)
     if args.what == "load":
         return _bench_load(args.model, args.reps)
-    params = {"weights": "rtn"} if args.method == "quarot" else {}
-    result = forward_overhead(args.model, args.method, args.bits, args.seqlen, args.reps, params)
+    overrides = ["method.weights=rtn"] if args.method == "quarot" else []
+    result = forward_overhead(args.model, args.method, args.bits, args.seqlen, args.reps, overrides)
 
     def row(name, times):
         return f"| {name} | {min(times):.3f} | {statistics.median(times):.3f} | {max(times):.3f} |"

@@ -1,34 +1,59 @@
-"""`run` and `sweep`: Hydra (multirun) over conf/, with every combination validated before any model loads."""
+"""`run` and `sweep`: Hydra (multirun) over conf/, with every combination validated before any model loads.
+
+The jobs run in `harness.hydra_app` under whatever launcher `hydra/launcher=` picks (the basic one by default,
+joblib for local parallelism, submitit for SLURM); the summary and the exit status come from what the runs
+recorded in the tracking store, not from this process's memory, so they are right under every launcher.
+"""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-import hydra
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
 
-from harness.runner import Outcome, execute, run_name, spec_from_config
-from harness.spec import SpecError
+import harness.configs  # noqa: F401  (registers the structured configs)
+from harness.runner import check_supported, run_name, spec_from_config
+from harness.spec import RunSpec, SpecError
 from harness.tracking import Tracker
-from methods import METHODS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "eval", "budget")
-_OUTCOMES: list[Outcome] = []
+GROUPS = ("model", "method", "act", "kv", "eval", "budget")
+STATUSES = ("finished", "done-before", "unsupported", "failed", "missing")
+USAGE = """usage: python -m harness run   [key=value ...]   one configuration
+       python -m harness sweep [key=value ...]   comma lists expand to the cross product (Hydra multirun)
+
+groups (key=option):  {groups}
+other keys:           bits=w{{W}}[g{{G}}]a{{A}}kv{{K}}  seed=0  force=false  data_dir=...  tracking_uri=...
+                      calib.nsamples=16  calib.seqlen=2048  eval.ppl.dtype=float32  method.<param>=...
+                      act.<param>=...  kv.<param>=...  hydra/launcher=joblib (parallel jobs)
+examples:             python -m harness run method=gptq kv=rtn bits=w4g128a16kv4 budget=smoke
+                      python -m harness sweep method=rtn,gptq bits=w16a16kv16,w4g128a16kv16 model=gemma3-270m
+`python -m harness list` prints methods, plug-ins, models, budgets and the bits grammar."""
 
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _is_hydra_override(override: str) -> bool:
+    return override.lstrip("+~").startswith(("hydra.", "hydra/"))
+
+
+def usage() -> str:
+    groups = "  ".join(f"{group}: {'|'.join(group_options(group))}" for group in GROUPS)
+    return USAGE.format(groups=groups)
+
+
 def expand(overrides: list[str]) -> list[list[str]]:
-    """Cross product of comma lists, exactly as Hydra's basic sweeper expands them."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    """Cross product of comma lists, exactly as Hydra's basic sweeper expands them (hydra.* overrides, which
+    choose how jobs run, not what they compute, are left to Hydra)."""
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not _is_hydra_override(o)])
     for override in parsed:
         key = override.get_key_element()
         if key in GROUPS:
@@ -39,8 +64,19 @@ def expand(overrides: list[str]) -> list[list[str]]:
     return BasicSweeper.split_arguments(parsed, None)[0]
 
 
-def plan(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """Validate every combination; return (runnable run names, unsupported 'name: reason' lines).
+def _override_error(err: HydraException) -> str:
+    """Hydra's first line plus its cause's (the wrong type, or the key that does not exist), on one line."""
+    message = str(err).splitlines()[0]
+    cause = str(err.__cause__).splitlines()[0] if err.__cause__ else ""
+    if cause:
+        message = f"{message.rstrip('.')}: {cause}"
+    if "not in" in cause or not cause:
+        message += " (a key that does not exist; `python -m harness list` shows each group's keys)"
+    return message
+
+
+def plan_specs(overrides: list[str]) -> tuple[list[tuple[RunSpec, str]], list[str]]:
+    """Validate every combination: ([(spec, tracking uri + experiment)] to run, ['name: reason'] unsupported).
 
     Raises SpecError on a malformed combination, so nothing runs when any of them is wrong.
     """
@@ -50,28 +86,48 @@ def plan(overrides: list[str]) -> tuple[list[str], list[str]]:
             try:
                 cfg = compose(config_name="config", overrides=combo)
             except HydraException as err:
-                first = str(err).splitlines()[0]
-                raise SpecError(f"{first} (a key that does not exist; see conf/ or `python -m harness list`)") from err
+                raise SpecError(_override_error(err)) from err
             spec = spec_from_config(cfg)
             try:
-                METHODS[spec.method].supports(spec.bits)
-                runnable.append(run_name(spec))
+                check_supported(spec)
+                runnable.append((spec, (cfg.tracking_uri, cfg.experiment)))
             except ValueError as err:
                 unsupported.append(f"{run_name(spec)}: {err}")
     return runnable, unsupported
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def _job(cfg: DictConfig) -> None:
-    spec = spec_from_config(cfg)
-    outcome = execute(spec, cfg, Tracker(cfg.tracking_uri, cfg.experiment), force=bool(cfg.force))
-    _OUTCOMES.append(outcome)
-    print(f"[quantbench] {outcome.status:>11}  {outcome.run_name}  {outcome.detail}", flush=True)
+def plan(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(runnable run names, unsupported 'name: reason' lines); raises SpecError on a malformed combination."""
+    runnable, unsupported = plan_specs(overrides)
+    return [run_name(spec) for spec, _ in runnable], unsupported
+
+
+def recorded_outcomes(runnable: list[tuple[RunSpec, tuple[str, str]]], since_ms: int) -> dict[str, tuple[str, str]]:
+    """Run key -> (run name, outcome), read from the tracking store (keyed by run key: two runs may share a
+    name, e.g. when they differ only in an evaluation setting): `finished` / `failed` if a run of the key started
+    after `since_ms` ended so, `done-before` if only an earlier FINISHED run exists, else `missing` (the job
+    died before recording anything)."""
+    outcomes, trackers = {}, {}
+    for spec, (uri, experiment) in runnable:
+        tracker = trackers.setdefault((uri, experiment), Tracker(uri, experiment))
+        runs = tracker.runs_with_key(spec.run_key)
+        new = sorted((r for r in runs if r.info.start_time >= since_ms), key=lambda r: r.info.start_time)
+        if new:
+            outcome = {"FINISHED": "finished", "RUNNING": "missing"}.get(new[-1].info.status, "failed")
+        elif any(r.info.status == "FINISHED" for r in runs):
+            outcome = "done-before"
+        else:
+            outcome = "missing"
+        outcomes[spec.run_key] = (run_name(spec), outcome)
+    return outcomes
 
 
 def main(overrides: list[str], multirun: bool) -> int:
+    if any(o in ("-h", "--help") for o in overrides):
+        print(usage())
+        return 0
     try:
-        runnable, unsupported = plan(overrides)
+        runnable, unsupported = plan_specs(overrides)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -84,14 +140,17 @@ def main(overrides: list[str], multirun: bool) -> int:
     for line in unsupported:
         print(f"[quantbench] skipping unsupported {line}", flush=True)
     print(f"[quantbench] {len(runnable)} run(s) to do, {len(unsupported)} unsupported skipped", flush=True)
-    _OUTCOMES.clear()
-    argv = sys.argv
-    sys.argv = [argv[0], *(["--multirun"] if multirun else []), *overrides]
-    try:
-        _job()
-    finally:
-        sys.argv = argv
-    failed = [o for o in _OUTCOMES if o.status == "failed"]
-    counts = {s: sum(o.status == s for o in _OUTCOMES) for s in ("finished", "done-before", "unsupported", "failed")}
+    for uri, experiment in {store for _, store in runnable}:
+        Tracker(uri, experiment)  # create (migrate) the store once, before parallel jobs race to do it
+    since_ms = int(time.time() * 1000) - 1000
+    app = [sys.executable, "-m", "harness.hydra_app", *(["--multirun"] if multirun else []), *overrides]
+    returncode = subprocess.call(app)
+    outcomes = recorded_outcomes(runnable, since_ms)
+    counts = dict.fromkeys(STATUSES, 0) | {"unsupported": len(unsupported)}
+    for _, outcome in outcomes.values():
+        counts[outcome] += 1
     print("[quantbench] summary: " + ", ".join(f"{v} {k}" for k, v in counts.items()), flush=True)
-    return 1 if failed else 0
+    for key, (name, outcome) in outcomes.items():
+        if outcome == "missing":
+            print(f"[quantbench] missing  {name} (run key {key}): no run recorded (the job died; see the log above)")
+    return 1 if counts["failed"] or counts["missing"] or returncode else 0

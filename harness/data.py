@@ -30,8 +30,17 @@ class DataUnavailable(RuntimeError):
 
 
 def mirror_dir(configured: str | None = None) -> Path | None:
+    """The mirror as an absolute path (a relative one is taken from the working directory)."""
     value = configured or os.environ.get(DATA_ENV)
-    return Path(value) if value else None
+    return Path(value).expanduser().resolve() if value else None
+
+
+def absolute_mirror_env() -> None:
+    """Make `QUANTBENCH_DATA` absolute in this process's environment, so jobs a launcher starts in another
+    working directory (joblib, submitit, a Hydra job with chdir) read the same mirror."""
+    mirror = mirror_dir()
+    if mirror is not None:
+        os.environ[DATA_ENV] = str(mirror)
 
 
 def _unavailable(what: str, detail: str) -> DataUnavailable:

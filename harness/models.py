@@ -197,17 +197,19 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: in
 
 def tiny_gemma3(seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = 3) -> tuple[nn.Module, object]:
     """Seeded random-init Gemma-3 text model for tests, with the family's distinctive parts: sandwich norms,
-    q/k norms, head_dim (32) larger than hidden / heads, one KV head, sliding-window layers (window 16) next
-    to a full-attention layer, tied embeddings, and MLP width 96 = 3·32 (not a power of two)."""
+    q/k norms, head_dim (32) larger than hidden / heads (as Gemma-3-270M: 4 query heads of 256 on hidden 640),
+    one KV head, sliding-window layers (window 16) next to a full-attention layer, tied embeddings, and MLP
+    width 96 = 3·32 (not a power of two). Every linear dimension is a multiple of 32, as in the real models
+    (auto-round leaves other linears at 16 bit)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     tokenizer = byte_tokenizer()
     config = Gemma3TextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=48,
+        hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=num_layers,
-        num_attention_heads=2,
+        num_attention_heads=4,
         num_key_value_heads=1,
         head_dim=32,
         sliding_window=16,

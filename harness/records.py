@@ -94,8 +94,6 @@ def read_records(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-
-
 def merge_records(kept: list[dict], fresh: list[dict]) -> list[dict]:
     """Records of `kept` whose run key is not in `fresh`, plus all of `fresh` (one per key, sorted)."""
     fresh_keys = {rec["run_key"] for rec in fresh}

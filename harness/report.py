@@ -57,6 +57,18 @@ def method_label(method: str, params: dict[str, str]) -> str:
     return f"{method} ({', '.join(changed)})" if changed else method
 
 
+def row_label(rec: dict) -> str:
+    """The method label plus the act/KV plug-ins in use when they are not the default `rtn`
+    (e.g. `gptq + kv=kvquant`); records from before the plug-ins carry none."""
+    bits = BitSpec.parse(rec["bits"])
+    plugins = [
+        f"{group}={rec[group]['name']}"
+        for group, used in (("act", bits.quantizes_activations), ("kv", bits.quantizes_kv))
+        if used and rec.get(group, {}).get("name", "rtn") != "rtn"
+    ]
+    return " + ".join([method_label(rec["method"], rec["method_params"]), *plugins])
+
+
 def _calib_cell(rec: dict) -> str:
     """Calibration windows × tokens the method read; – when it read none (metric `calib_windows` = 0)."""
     used = rec["metrics"].get("calib_windows")
@@ -85,7 +97,7 @@ def _frame(records: list[dict]) -> pd.DataFrame:
         rows.append(
             {
                 "model": rec["model"],
-                "method": method_label(rec["method"], rec["method_params"]),
+                "method": row_label(rec),
                 "bits": rec["bits"],
                 "status": rec["status"],
                 "error": rec["error"],

@@ -18,13 +18,17 @@ from harness.spec import (
     LatencySpec,
     ModelSpec,
     PerplexitySpec,
+    PluginSpec,
     RunSpec,
     SpecError,
     ZeroShotSpec,
 )
 from harness.tracking import Tracker, flatten, provenance_tags
 from methods import METHODS
-from methods.base import QuantContext
+from methods.act import ACT_QUANTIZERS
+from methods.base import QuantContext, Request
+from methods.core.arch import ARCHS
+from methods.kv import KV_QUANTIZERS
 
 log = logging.getLogger("quantbench")
 RESERVED_METHOD_KEYS = ("name",)
@@ -37,16 +41,25 @@ class Outcome:
     detail: str = ""
 
 
-def spec_from_config(cfg: DictConfig) -> RunSpec:
-    """Build and validate the RunSpec (raises SpecError with a one-line message naming the fix)."""
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
-    method = method_cfg.pop("name")
-    if method not in METHODS:
-        raise SpecError(f"unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
+PLUGINS = {"act": ACT_QUANTIZERS, "kv": KV_QUANTIZERS}
+
+
+def _entry_and_params(cfg: DictConfig, group: str, registry: dict) -> tuple[str, dict]:
+    params = OmegaConf.to_container(cfg[group], resolve=True)
+    name = params.pop("name")
+    if name not in registry:
+        raise SpecError(f"unknown {group} {name!r}; valid: {', '.join(sorted(registry))}")
     try:
-        METHODS[method].make_config(method, method_cfg)
+        registry[name].make_config(f"{group} {name!r}", params)
     except (TypeError, ValueError) as err:
         raise SpecError(str(err)) from err
+    return name, params
+
+
+def spec_from_config(cfg: DictConfig) -> RunSpec:
+    """Build and validate the RunSpec (raises SpecError with a one-line message naming the fix)."""
+    method, method_cfg = _entry_and_params(cfg, "method", METHODS)
+    plugins = {group: PluginSpec(*_entry_and_params(cfg, group, registry)) for group, registry in PLUGINS.items()}
     bits = BitSpec.parse(cfg.bits)
     model = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     models.check_model_spec(model)
@@ -73,21 +86,44 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         zeroshot=zeroshot,
         seed=int(cfg.seed),
         budget=str(cfg.budget.name),
+        act=plugins["act"],
+        kv=plugins["kv"],
         data_dir=cfg.data_dir,
         latency=latency,
     )
 
 
+def build_plugins(spec: RunSpec) -> tuple:
+    """(act quantizer or None, KV quantizer or None): built only where the bits quantize activations / KV."""
+    built = []
+    for group, plugin, used in (("act", spec.act, spec.bits.a), ("kv", spec.kv, spec.bits.kv)):
+        entry = PLUGINS[group][plugin.name]
+        config = entry.make_config(f"{group} {plugin.name!r}", plugin.params)
+        built.append(entry.build(config, used) if used < 16 else None)
+    return tuple(built)
+
+
+def check_supported(spec: RunSpec) -> None:
+    """The method's `supports` on the full request (bits, architecture family, plug-ins), before loading."""
+    act, kv = build_plugins(spec)
+    METHODS[spec.method].supports(Request(spec.bits, ARCHS[models.family(spec.model)], act, kv))
+
+
+def method_label(spec: RunSpec) -> str:
+    """`gptq`, or `gptq + kv=kvquant` when a non-default plug-in is in use."""
+    used = [(g, p.name) for g, p, b in (("act", spec.act, spec.bits.a), ("kv", spec.kv, spec.bits.kv)) if b < 16]
+    return " + ".join([spec.method] + [f"{group}={name}" for group, name in used if name != "rtn"])
+
+
 def run_name(spec: RunSpec) -> str:
-    return f"{spec.model.id or spec.model.name}/{spec.method}/{spec.bits}"
+    return f"{spec.model.id or spec.model.name}/{method_label(spec)}/{spec.bits}"
 
 
 def execute(spec: RunSpec, cfg: DictConfig, tracker: Tracker, force: bool = False) -> Outcome:
     """Run one spec unless its key already finished; failures end FAILED in MLflow and are returned."""
     name = run_name(spec)
-    entry = METHODS[spec.method]
     try:
-        entry.supports(spec.bits)
+        check_supported(spec)
     except ValueError as err:
         return Outcome(name, "unsupported", str(err))
     if not force and tracker.finished_run_id(spec.run_key):
@@ -100,6 +136,7 @@ def execute(spec: RunSpec, cfg: DictConfig, tracker: Tracker, force: bool = Fals
     tags = {
         "model": spec.model.id or spec.model.name,
         "method": spec.method,
+        "method_label": method_label(spec),
         "bits": str(spec.bits),
         "budget": spec.budget,
         **provenance_tags(spec.model.device),
@@ -128,10 +165,11 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
         drawn.append(len(windows))
         return windows
 
-    ctx = QuantContext(seed=spec.seed, calibration=calibration, tokenizer=tokenizer)
+    act, kv = build_plugins(spec)
+    ctx = QuantContext(seed=spec.seed, calibration=calibration, tokenizer=tokenizer, act=act, kv=kv)
     with PeakRSS() as rss_quant:
         start = time.perf_counter()
-        summary = entry.quantize(model, config, spec.bits, ctx)
+        summary = apply(model, entry, config, spec.bits, ctx)
         quantize_seconds = time.perf_counter() - start
     tracker.log_metrics(
         {
@@ -144,8 +182,7 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
     if summary.notes:
         tracker.set_tags({f"note.{k}": v for k, v in summary.notes.items()})
 
-    kv_sym = bool(spec.method_params.get("kv_sym", False))
-    report = memory_report(model, spec.bits.kv, kv_sym, spec.method_params.get("kv_group_size"))
+    report = memory_report(model, kv_bytes_per_token=kv.bytes_per_token(model) if kv else None)
     tracker.log_metrics(report.metrics())
     tracker.set_tags({"sixteen_bit_layers": report.sixteen_bit_layers})
     if spec.latency.enabled:
@@ -177,6 +214,18 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
     )
     if spec.zeroshot.tasks:
         _zeroshot(spec, model, tokenizer, tracker)
+
+
+def apply(model, entry, config, bits: BitSpec, ctx: QuantContext):
+    """The weight method, then the act/KV plug-ins it was handed (fitted on calibration data if they need it,
+    then attached — idempotent, so a method may have attached them itself). Returns the method's summary."""
+    summary = entry.quantize(model, config, bits, ctx)
+    for plugin in (ctx.act, ctx.kv):
+        if plugin is not None:
+            if plugin.needs_calibration:
+                plugin.fit(model, ctx.calibration())
+            plugin.attach(model)
+    return summary
 
 
 def _latency(spec: RunSpec, model, tracker: Tracker) -> None:

@@ -1,75 +1,19 @@
 """What one run is: the bit setting (`BitSpec`) and the frozen, validated run description (`RunSpec`).
 
-`RunSpec.run_key` hashes every field that changes a number (model, method and its params, bits, seed,
-calibration and evaluation protocol, budget cuts) and nothing that does not (tracking URI, output paths,
-`force`). Code changes are not in the key: re-running a sweep after a code change needs `force=true`.
+`RunSpec.run_key` hashes every field that changes a number (model, method and its params, the act/KV plug-ins
+and their params when the bits use them, bits, seed, calibration and evaluation protocol, budget cuts) and
+nothing that does not (tracking URI, output paths, `force`). Code changes are not in the key: re-running a sweep
+after a code change needs `force=true`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-BITS_GRAMMAR = (
-    "w{W}[g{G}]a{A}kv{K} with W in {1, 1.58, 2, 3, 4, 5, 6, 8, 16}, A and K integers in 2..16 "
-    "(16 = not quantized), G a positive group size; e.g. w2a4kv4, w4g128a16kv16, w1.58a16kv16"
-)
-WEIGHT_BITS = (1.0, 1.58, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 16.0)
-_BITS_RE = re.compile(r"^w(\d+(?:\.\d+)?)(?:g(\d+))?a(\d+)kv(\d+)$")
-
-
-class SpecError(ValueError):
-    """A run description that cannot be run; the message is one line and names the fix."""
-
-
-@dataclass(frozen=True)
-class BitSpec:
-    """Weight, activation and KV-cache bit widths plus the weight group size (None = per channel)."""
-
-    w: float
-    a: int
-    kv: int
-    group: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> BitSpec:
-        match = _BITS_RE.match(str(text).strip().lower())
-        if not match:
-            raise SpecError(f"malformed bits {text!r}: expected {BITS_GRAMMAR}")
-        w = float(match.group(1))
-        group = int(match.group(2)) if match.group(2) else None
-        a, kv = int(match.group(3)), int(match.group(4))
-        if w not in WEIGHT_BITS:
-            raise SpecError(f"bits {text!r}: weight bits {match.group(1)} not allowed; expected {BITS_GRAMMAR}")
-        if not (2 <= a <= 16 and 2 <= kv <= 16):
-            raise SpecError(f"bits {text!r}: activation/KV bits out of range; expected {BITS_GRAMMAR}")
-        if group is not None and (group <= 0 or w == 16):
-            raise SpecError(f"bits {text!r}: a group size needs W < 16 and G > 0; expected {BITS_GRAMMAR}")
-        return cls(w=w, a=a, kv=kv, group=group)
-
-    def __str__(self) -> str:
-        w = f"{self.w:g}"
-        g = f"g{self.group}" if self.group else ""
-        return f"w{w}{g}a{self.a}kv{self.kv}"
-
-    @property
-    def quantizes_weights(self) -> bool:
-        return self.w < 16
-
-    @property
-    def quantizes_activations(self) -> bool:
-        return self.a < 16
-
-    @property
-    def quantizes_kv(self) -> bool:
-        return self.kv < 16
-
-    @property
-    def is_full_precision(self) -> bool:
-        return not (self.quantizes_weights or self.quantizes_activations or self.quantizes_kv)
+from methods.core.bits import BITS_GRAMMAR, BitSpec, SpecError  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -124,6 +68,21 @@ class LatencySpec:
 
 
 @dataclass(frozen=True)
+class PluginSpec:
+    """An act/KV quantizer plug-in: its registry name and parameters."""
+
+    name: str = "rtn"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+# Before the act/KV plug-ins, the RTN quantizer settings were method parameters under these names. A run whose
+# plug-ins are exactly those (rtn, with no setting the old ones lacked) keeps its old run key, so sweeps resume
+# over runs recorded before the change instead of redoing them.
+_LEGACY_ACT = {"a_sym": "sym", "a_clip_ratio": "clip_ratio"}
+_LEGACY_KV = {"kv_sym": "sym", "kv_clip_ratio": "clip_ratio", "kv_group_size": "group_size"}
+
+
+@dataclass(frozen=True)
 class RunSpec:
     model: ModelSpec
     method: str
@@ -134,15 +93,33 @@ class RunSpec:
     zeroshot: ZeroShotSpec = ZeroShotSpec()
     seed: int = 0
     budget: str = "full"
+    act: PluginSpec = PluginSpec()
+    kv: PluginSpec = PluginSpec()
     # Not part of the key:
     data_dir: str | None = field(default=None, compare=False)
     latency: LatencySpec = field(default_factory=LatencySpec, compare=False)
 
+    def _legacy_plugins(self) -> dict[str, Any] | None:
+        """The plug-ins as pre-plug-in method parameters, or None if they cannot be written that way."""
+        act, kv = self.act, self.kv
+        if act.name != "rtn" or kv.name != "rtn" or act.params.get("group_size") or kv.params.get("keys_pre_rope"):
+            return None
+        legacy = {old: act.params.get(new) for old, new in _LEGACY_ACT.items()}
+        return legacy | {old: kv.params.get(new) for old, new in _LEGACY_KV.items()}
+
     def key_fields(self) -> dict[str, Any]:
+        legacy = self._legacy_plugins()
+        plugins = {}
+        if legacy is None:  # only the plug-ins the bits use change numbers
+            if self.bits.quantizes_activations:
+                plugins["act"] = asdict(self.act)
+            if self.bits.quantizes_kv:
+                plugins["kv"] = asdict(self.kv)
         return {
             "model": asdict(self.model),
             "method": self.method,
-            "method_params": dict(sorted(self.method_params.items())),
+            "method_params": dict(sorted({**self.method_params, **(legacy or {})}.items())),
+            **plugins,
             "bits": str(self.bits),
             "calib": asdict(self.calib),
             "ppl": asdict(self.ppl),

@@ -71,18 +71,18 @@ class Tracker:
         self.experiment_id = mlflow.set_experiment(experiment).experiment_id
         self.client = mlflow.MlflowClient()
 
-    def _runs_with_key(self, run_key: str, status: str | None = None):
+    def runs_with_key(self, run_key: str, status: str | None = None):
         query = f"tags.run_key = '{run_key}'"
         if status:
             query += f" and attributes.status = '{status}'"
         return self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000)
 
     def finished_run_id(self, run_key: str) -> str | None:
-        runs = self._runs_with_key(run_key, "FINISHED")
+        runs = self.runs_with_key(run_key, "FINISHED")
         return runs[0].info.run_id if runs else None
 
     def _kill_stale(self, run_key: str) -> None:
-        for run in self._runs_with_key(run_key, "RUNNING"):
+        for run in self.runs_with_key(run_key, "RUNNING"):
             self.client.set_tag(run.info.run_id, "error", "interrupted (sweep killed); superseded by a re-run")
             self.client.set_terminated(run.info.run_id, "KILLED")
 

@@ -1,11 +1,64 @@
-"""What every method receives and returns."""
+"""What every method and act/KV plug-in receives and returns, and the registry entry they share.
+
+A weight method: a config dataclass, `supports(request)` raising `UnsupportedBits` before any model loads,
+and `quantize(model, config, bits, ctx) -> QuantSummary`. An activation or KV-cache plug-in: a config
+dataclass and `build(config, bits) -> ActQuantizer | KVQuantizer`; the runner composes them with any weight
+method (builds them before loading, hands them to the method in `ctx`, fits them if they need calibration,
+attaches them after the method ran). Attaching is idempotent, so a method that needs them inside its own loop
+(a QAT trainer) may attach them itself first.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
+from torch import nn
+
+from methods.core.arch import ArchAdapter
+from methods.core.bits import BitSpec
+
+
+class UnsupportedBits(ValueError):
+    """The method cannot run this request (bits, architecture or composition); raised before loading."""
+
+
+class ActQuantizer(Protocol):
+    """Quantizes the input of decoder linears (per token, or as the plug-in defines)."""
+
+    bits: int
+    needs_calibration: bool
+
+    def fit(self, model: nn.Module, windows: list[torch.Tensor]) -> None: ...
+
+    def attach(self, model: nn.Module) -> None: ...
+
+
+class KVQuantizer(Protocol):
+    """Quantizes the KV cache; keys before or after RoPE; reports its own bytes per token."""
+
+    bits: int
+    needs_calibration: bool
+    keys_pre_rope: bool
+
+    def fit(self, model: nn.Module, windows: list[torch.Tensor]) -> None: ...
+
+    def attach(self, model: nn.Module) -> None: ...
+
+    def bytes_per_token(self, model: nn.Module) -> float: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a run asks of a method, known before any model loads."""
+
+    bits: BitSpec
+    arch: ArchAdapter
+    act: ActQuantizer | None = None  # None when activations stay 16-bit
+    kv: KVQuantizer | None = None  # None when the KV cache stays 16-bit
 
 
 @dataclass
@@ -15,6 +68,8 @@ class QuantContext:
     seed: int
     calibration: Callable[[], list[torch.Tensor]]
     tokenizer: object = None
+    act: ActQuantizer | None = None
+    kv: KVQuantizer | None = None
 
 
 @dataclass
@@ -25,5 +80,26 @@ class QuantSummary:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class UnsupportedBits(ValueError):
-    """The method cannot run this bit setting; raised before any model is loaded."""
+@dataclass(frozen=True)
+class ConfigEntry:
+    """A registered config dataclass; `make_config` refuses unknown parameters with the valid ones."""
+
+    config_cls: type
+
+    def make_config(self, label: str, params: dict[str, Any]):
+        fields = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise ValueError(f"{label} has no parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+        return self.config_cls(**params)
+
+
+@dataclass(frozen=True)
+class MethodEntry(ConfigEntry):
+    supports: Callable[[Request], None] = None
+    quantize: Callable[..., QuantSummary] = None
+
+
+@dataclass(frozen=True)
+class PluginEntry(ConfigEntry):
+    build: Callable[[Any, int], ActQuantizer | KVQuantizer] = None

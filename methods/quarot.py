@@ -10,8 +10,13 @@ Pipeline (paper §4, Fig. 3–4):
 5. R3: online Hadamard on queries and keys after RoPE, so the quantized keys are rotated (§4.3);
 6. weights by GPTQ (default) or RTN — symmetric per channel (or group g), clip searched by MSE (`w_clip`);
    activations per-token symmetric, clip 0.9, at every decoder linear's input (after its online transform);
-   KV cache asymmetric, group = head_dim, clip 0.95 (§5 settings). Embeddings and lm_head stay 16-bit.
+   KV cache asymmetric, group = head_dim, clip 0.95 (§5 settings) — the `act=rtn` / `kv=rtn` plug-ins with
+   QuaRot's clip ratios from `conf/{act,kv}_recipe/quarot-rtn.yaml`. Embeddings and lm_head stay 16-bit.
 The rotated FP model equals the original to float32 round-off (tests check logits and PPL).
+
+Refused before loading: architectures whose residual stream cannot be rotated exactly (Gemma 3: its
+post-attention / post-feed-forward RMSNorms with learned gains sit on the sublayer outputs, so R1 would change
+the function), and a KV quantizer placing keys before RoPE (QuaRot quantizes keys after its online R3).
 """
 
 from __future__ import annotations
@@ -20,57 +25,62 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from harness.spec import BitSpec
-from methods.base import QuantContext, QuantSummary
+from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.arch import arch_of
 from methods.core.attention import attention_states
+from methods.core.bits import BitSpec, check_integer_weight_bits
+from methods.core.gptq import GPTQSettings, quantize_model_gptq
 from methods.core.hadamard import random_hadamard_matrix, random_orthogonal_matrix, small_factor
-from methods.core.qlinear import QLinear
+from methods.core.qlinear import QLinear, quantize_decoder_linears
+from methods.core.quantizers import WeightQuantizer
 from methods.core.rotation import (
     CrossHeadTransform,
     HadamardTransform,
-    fold_norms,
     fuse_input_transform,
-    rotate_residual,
-    rotate_values,
+    rotate_model,
 )
-from methods.gptq import GPTQConfig, quantize_weights, weight_quantizer
-from methods.rtn import attach_act_and_kv, check_integer_bits, quantize_weights_rtn
 
 
 @dataclass(frozen=True)
-class QuaRotConfig(GPTQConfig):
-    """GPTQ's solver settings plus the rotation; defaults differ where QuaRot's §5 differs from GPTQ's."""
+class QuaRotConfig(GPTQSettings):
+    """The rotation, the weight quantizer (GPTQ's solver settings, or RTN) and QuaRot's §5 weight grid."""
 
     rotation: str = "hadamard"  # "hadamard" (randomized Hadamard, the paper's) or "random" (orthogonal)
     weights: str = "gptq"  # "gptq" or "rtn"
     w_sym: bool = True
     w_mse_clip: bool = True
-    a_clip_ratio: float = 0.9
-    kv_clip_ratio: float = 0.95
 
 
-def supports(bits: BitSpec) -> None:
-    check_integer_bits(bits, "quarot")
+def supports(request: Request) -> None:
+    check_integer_weight_bits(request.bits, "quarot", UnsupportedBits)
+    if not request.arch.residual_rotation_exact:
+        raise UnsupportedBits(
+            f"quarot does not support the {request.arch.family} architecture: its norms on sublayer outputs "
+            f"({', '.join(request.arch.output_norms)}) have learned gains, so a residual rotation R1 is not exact"
+        )
+    if request.kv is not None and request.kv.keys_pre_rope:
+        raise UnsupportedBits(
+            "quarot quantizes keys after RoPE and its online Hadamard R3; a pre-RoPE key quantizer would see "
+            "unrotated keys: set kv.keys_pre_rope=false"
+        )
 
 
-def rotate_model(model: nn.Module, rotation: str, seed: int) -> dict[str, str]:
-    """Apply R1–R4 (and the cross-head transform); returns notes on which transforms are exact Hadamards."""
+def rotate(model: nn.Module, rotation: str, seed: int) -> dict[str, str]:
+    """R1 (randomized Hadamard, or random orthogonal) and R2 = Hadamard per value head fused by the shared
+    `rotate_model`; then QuaRot's online transforms: heads mixed before o_proj, R4 before down_proj, R3 on
+    queries and keys. Returns notes on which transforms are exact Hadamards."""
+    arch = arch_of(model)
     config = model.config
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    fold_norms(model)
+    hidden, heads, head_dim = config.hidden_size, arch.num_heads(config), arch.head_dim(config)
     if rotation == "hadamard":
-        q = random_hadamard_matrix(hidden, seed)
+        r1 = random_hadamard_matrix(hidden, seed)
     elif rotation == "random":
-        q = random_orthogonal_matrix(hidden, seed)
+        r1 = random_orthogonal_matrix(hidden, seed)
     else:
         raise ValueError(f"quarot rotation must be 'hadamard' or 'random', got {rotation!r}")
-    rotate_residual(model, q)
     hadamard = HadamardTransform()
-    rotate_values(model, head_dim, hadamard)
+    rotate_model(model, r1, [hadamard] * config.num_hidden_layers)
     cross_heads = CrossHeadTransform(heads, head_dim)
-    arch = arch_of(model)
     for layer, state in zip(arch.layers(model), attention_states(model), strict=True):
         attn, mlp = arch.attention(layer), arch.mlp(layer)
         fuse_input_transform(attn.o_proj, cross_heads)
@@ -90,11 +100,11 @@ def rotate_model(model: nn.Module, rotation: str, seed: int) -> dict[str, str]:
 def quantize(model: nn.Module, cfg: QuaRotConfig, bits: BitSpec, ctx: QuantContext) -> QuantSummary:
     if cfg.weights not in ("gptq", "rtn"):
         raise ValueError(f"quarot weights must be 'gptq' or 'rtn', got {cfg.weights!r}")
-    summary = QuantSummary(notes=rotate_model(model, cfg.rotation, ctx.seed))
+    summary = QuantSummary(notes=rotate(model, cfg.rotation, ctx.seed))
     if bits.quantizes_weights:
+        quantizer = WeightQuantizer(int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip)
         if cfg.weights == "gptq":
-            summary.metrics.update(quantize_weights(model, cfg, bits, ctx))
+            summary.metrics.update(quantize_model_gptq(model, ctx.calibration(), quantizer, cfg))
         else:
-            quantize_weights_rtn(model, weight_quantizer(cfg, bits))
-    attach_act_and_kv(model, bits, cfg)
+            quantize_decoder_linears(model, quantizer.quantize)
     return summary

@@ -5,7 +5,7 @@ per group with signed gradient descent (paper §3, Eq. 4–6) to minimise the bl
 calibration data. We hand it the harness's own seeded calibration windows (the same ones GPTQ/QuaRot get,
 not auto-round's hub dataset), then take back its fake-quantized (QDQ) weights, which are what we evaluate;
 its per-group `scale`/`zp` become our `QuantizedWeight` for memory accounting and packing. Activations and
-the KV cache, when the bit string asks, use the harness's RTN quantizers.
+the KV cache, when the bit string asks, come from the `act=` / `kv=` plug-ins.
 
 Defaults are the paper's (§4.1): 200 iterations, lr = minmax_lr = 1/iters, 512 samples of 2048 tokens,
 batch 8, asymmetric weights (auto-round's own default is now symmetric), plain RTN initialisation
@@ -25,19 +25,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.spec import BitSpec
-from methods.base import QuantContext, QuantSummary, UnsupportedBits
+from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.arch import decoder_linears
+from methods.core.bits import BitSpec
 from methods.core.formats import QuantizedWeight
 from methods.core.qlinear import QLinear
-from methods.rtn import ActKVSettings, attach_act_and_kv
 
 SIGNROUND_WEIGHT_BITS = (2, 3, 4, 8, 16)
 INSTALL = "pip install 'quantbench[autoround]'"
 
 
 @dataclass(frozen=True)
-class SignRoundConfig(ActKVSettings):
+class SignRoundConfig:
     iters: int = 200
     lr: float | None = None  # None = 1 / iters (paper)
     minmax_lr: float | None = None  # None = lr (paper)
@@ -57,8 +56,9 @@ def auto_round_version() -> str:
         raise UnsupportedBits(f"signround needs the auto-round library: {INSTALL}") from err
 
 
-def supports(bits: BitSpec) -> None:
+def supports(request: Request) -> None:
     auto_round_version()
+    bits = request.bits
     if bits.w not in SIGNROUND_WEIGHT_BITS:
         raise UnsupportedBits(
             f"signround does not support {bits}: weight bits must be one of "
@@ -121,6 +121,17 @@ def tune(model: nn.Module, cfg: SignRoundConfig, bits: BitSpec, windows: list[to
 def wrap_tuned(model: nn.Module, cfg: SignRoundConfig, bits: BitSpec) -> nn.Module:
     """Replace auto-round's tuned linears by our `QLinear` with the same weights (and codes for accounting)."""
     group = bits.group or -1
+    left = [
+        (name, tuple(linear.weight.shape))
+        for name, _, _, linear in decoder_linears(model)
+        if not hasattr(linear, "scale")
+    ]
+    if left:  # auto-round keeps integer weight-only linears with a dimension not a multiple of 32 at 16 bit
+        name, shape = left[0]
+        raise ValueError(
+            f"auto-round left {len(left)} decoder linear(s) at 16 bit, e.g. {name} {shape[0]}x{shape[1]}: it skips "
+            "linears whose dimensions are not multiples of 32; signround cannot run this model at these bits"
+        )
     for _, parent, attr, linear in decoder_linears(model):
         effective_group = group if group > 0 else linear.weight.shape[1]
         qweight = _quantized_weight(linear, int(bits.w), cfg.w_sym, effective_group)
@@ -131,6 +142,5 @@ def wrap_tuned(model: nn.Module, cfg: SignRoundConfig, bits: BitSpec) -> nn.Modu
 def quantize(model: nn.Module, cfg: SignRoundConfig, bits: BitSpec, ctx: QuantContext) -> QuantSummary:
     summary = QuantSummary(notes={"auto_round_version": auto_round_version()})
     if bits.quantizes_weights:
-        model = wrap_tuned(tune(model, cfg, bits, ctx.calibration(), ctx.tokenizer, ctx.seed), cfg, bits)
-    attach_act_and_kv(model, bits, cfg)
+        wrap_tuned(tune(model, cfg, bits, ctx.calibration(), ctx.tokenizer, ctx.seed), cfg, bits)
     return summary

@@ -43,12 +43,26 @@ def _runs(tmp_path):
         (["bits=w4a16kv16,w0a4kv4"], BITS_GRAMMAR),
         (["method.w_symm=true"], "Could not override 'method.w_symm'"),
         (["method=rtn", "+method.w_symm=true"], "has no parameter(s) w_symm"),
+        (["kv=nosuch"], "unknown kv 'nosuch'; valid: rtn"),
+        (["act=nosuch", "bits=w4a4kv4"], "unknown act 'nosuch'; valid: rtn"),
+        (["kv.clip=0.9"], "Could not override 'kv.clip'"),
+        (["method.damp=abc", "method=gptq"], "Value 'abc' of type 'str' could not be converted to Float"),
     ],
 )
 def test_bad_input_fails_before_anything_runs(overrides, expected):
     with pytest.raises(SpecError) as err:
         cli_sweep.plan(["model=tiny-llama", *overrides])
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_composition_the_method_refuses_is_listed_with_the_fix():
+    runnable, unsupported = cli_sweep.plan(
+        ["model=tiny-llama", "method=quarot,gptq", "bits=w4a4kv4", "kv.keys_pre_rope=true"]
+    )
+    assert runnable == ["tiny-llama/gptq/w4a4kv4"]
+    assert len(unsupported) == 1 and "set kv.keys_pre_rope=false" in unsupported[0]
+    _, unsupported = cli_sweep.plan(["model=tiny-gemma3", "method=quarot", "bits=w4a16kv16"])
+    assert "quarot does not support the gemma3 architecture" in unsupported[0]
 
 
 def test_unsupported_pairs_are_listed_not_run():
@@ -161,3 +175,25 @@ def test_bench_runs_measures_latency_of_runs_logged_without_it(tmp_path, data_di
     assert "packed_bits_per_weight" in measured.data.metrics  # logged by the run itself, kept as is
     again = _cli(["bench", "runs", "--reps", "2"], tmp_path, data_dir)
     assert "measured 0 run(s)" in again.stdout
+
+
+def test_parallel_sweep_with_the_joblib_launcher(tmp_path, data_dir):
+    """Hydra's joblib launcher runs the jobs in 2 worker processes on one fresh SQLite store (created once by the
+    CLI, before workers could race to migrate it); the summary is read back from the store."""
+    args = [
+        "sweep",
+        "model=tiny-llama",
+        "budget=smoke",
+        "eval.ppl.seqlen=256",
+        "bits=w16a16kv16,w4a16kv16,w4a4kv4",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    ]
+    first = _cli(args, tmp_path, data_dir)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "Joblib.Parallel(n_jobs=2" in first.stdout + first.stderr
+    assert "summary: 3 finished, 0 done-before, 0 unsupported, 0 failed, 0 missing" in first.stdout
+    assert sorted(r.info.status for r in _runs(tmp_path)) == ["FINISHED"] * 3
+    second = _cli(args, tmp_path, data_dir)
+    assert "summary: 0 finished, 3 done-before" in second.stdout and len(_runs(tmp_path)) == 3

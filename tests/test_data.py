@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from harness import data
@@ -33,3 +35,15 @@ def test_calibration_windows_are_seeded(data_dir):
 def test_unknown_calibration_dataset():
     with pytest.raises(SpecError, match="valid: wikitext2-valid"):
         data.check_calib_spec(CalibSpec("c5"))
+
+
+def test_a_relative_mirror_path_survives_a_change_of_directory(data_dir, tmp_path, monkeypatch):
+    """`export QUANTBENCH_DATA=../shared/data` (the README's) must still work in a job started elsewhere."""
+    import os
+
+    monkeypatch.chdir(Path(data_dir).parent)
+    monkeypatch.setenv(data.DATA_ENV, os.path.join(".", Path(data_dir).name))
+    data.absolute_mirror_env()
+    monkeypatch.chdir(tmp_path)
+    assert Path(os.environ[data.DATA_ENV]).is_absolute()
+    assert data.wikitext2_rows("test")[:3] == data.wikitext2_rows("test", data_dir)[:3]

@@ -113,7 +113,7 @@ def test_an_unknown_format_is_an_error_naming_the_known_ones(tiny):
     )
     getattr(parent, attr).qweight = Mystery()
     with pytest.raises(UnknownFormat):
-        memory_report(model, kv_bits=16)
+        memory_report(model)
     with pytest.raises(UnknownFormat):
         latency.model_format(model, 16)
 
@@ -130,7 +130,7 @@ def test_memory_and_latency_ask_the_format(tiny):
         return TernaryWeight(torch.sign(w).to(torch.int8), w.abs().mean(dim=1, keepdim=True), w.shape[1])
 
     _quantize_all(model, ternary)
-    report = memory_report(model, kv_bits=16)
+    report = memory_report(model)
     linears = [m for _, _, _, m in decoder_linears(model)]
     expected = sum(m.qweight.storage_bits() for m in linears)
     assert report.quantized_bits_per_weight == expected / report.quantized_weights

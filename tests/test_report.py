@@ -1,6 +1,7 @@
 """Leaderboard rendering from run records: deterministic, grouped, Δ against FP, failures shown."""
 
-from harness.report import method_label, render_leaderboard, select_latest
+from harness.records import select_latest
+from harness.report import method_label, render_leaderboard
 
 PROTOCOL = {
     "ppl_dataset": "wikitext2",

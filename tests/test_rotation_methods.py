@@ -1,6 +1,7 @@
 """QuaRot's rotations preserve the FP model; GPTQ/QuaRot methods run end to end on tiny-llama."""
 
 import torch
+from compose import quantize
 
 from harness.models import tiny_llama
 from harness.spec import BitSpec
@@ -48,13 +49,13 @@ def test_quarot_at_16_bits_equals_fp_model(tiny):
 def test_quarot_and_gptq_quantize_end_to_end(tiny):
     model, _ = tiny
     ref = _logits(model)
-    for module, cfg in (
-        (gptq, gptq.GPTQConfig()),
-        (quarot, quarot.QuaRotConfig()),
-        (quarot, quarot.QuaRotConfig(weights="rtn", rotation="random")),
+    for name, cfg in (
+        ("gptq", gptq.GPTQConfig()),
+        ("quarot", quarot.QuaRotConfig()),
+        ("quarot", quarot.QuaRotConfig(weights="rtn", rotation="random")),
     ):
         fresh, _ = tiny_llama(seed=0)
-        summary = module.quantize(fresh, cfg, BitSpec.parse("w4a4kv4"), _ctx())
+        summary = quantize(fresh, name, cfg, "w4a4kv4", _ctx().calibration)
         out = _logits(fresh)
         assert torch.isfinite(out).all() and 0 < (out - ref).abs().max() < 2.0
         down = fresh.model.layers[1].mlp.down_proj

@@ -1,15 +1,22 @@
 import torch
+from compose import quantize
 
-from harness.evaluate.memory import kv_bytes_per_token, memory_report
+from harness.evaluate.memory import memory_report
 from harness.spec import BitSpec
 from methods import rtn
 from methods.base import QuantContext
 from methods.core.arch import decoder_linears
+from methods.core.attention import uniform_kv_bytes_per_token
 from methods.core.qlinear import QLinear
+from methods.kv import rtn as kv_rtn
 
 
 def _ctx():
     return QuantContext(seed=0, calibration=lambda: (_ for _ in ()).throw(AssertionError("RTN needs no data")))
+
+
+def _quantize_rtn(model, bits: str) -> None:
+    quantize(model, "rtn", rtn.RTNConfig(), bits)
 
 
 def _logits(model):
@@ -20,7 +27,7 @@ def _logits(model):
 def test_fp_bits_change_nothing(tiny):
     model, _ = tiny
     before = _logits(model)
-    rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w16a16kv16"), _ctx())
+    _quantize_rtn(model, "w16a16kv16")
     assert torch.equal(before, _logits(model))
 
 
@@ -31,7 +38,7 @@ def test_each_quantizer_acts(tiny):
         import harness.models as models
 
         fresh, _ = models.tiny_llama(seed=0)
-        rtn.quantize(fresh, rtn.RTNConfig(), BitSpec.parse(bits), _ctx())
+        _quantize_rtn(fresh, bits)
         after = _logits(fresh)
         assert not torch.equal(before, after), bits
         assert (after - before).abs().max() < 1.0, bits  # a perturbation, not a broken model
@@ -39,11 +46,11 @@ def test_each_quantizer_acts(tiny):
 
 def test_memory_accounting_on_rtn_w4g32(tiny):
     model, _ = tiny
-    full = memory_report(model, kv_bits=16)
+    full = memory_report(model)
     assert full.quantized_bits_per_weight == 16.0
     assert full.sixteen_bit_params == sum(p.numel() for p in model.parameters())  # tied counted once
     rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w4g32a16kv16"), _ctx())
-    report = memory_report(model, kv_bits=16)
+    report = memory_report(model)
     linears = [m for _, _, _, m in decoder_linears(model)]
     assert all(isinstance(m, QLinear) for m in linears)
     n = sum(m.weight.numel() for m in linears)
@@ -54,9 +61,14 @@ def test_memory_accounting_on_rtn_w4g32(tiny):
 
 def test_kv_bytes(tiny):
     model, _ = tiny
-    cfg = model.config  # 2 layers, 2 kv heads, head_dim 16
-    assert kv_bytes_per_token(cfg, 16) == 2 * 2 * 2 * 16 * 2
-    assert kv_bytes_per_token(cfg, 4) == 2 * 2 * 2 * 16 * 0.5 + 2 * 2 * 2 * 4
+    # 2 layers, 2 kv heads, head_dim 16; one fp16 scale (+ fp16 zero when asymmetric) per head
+    assert uniform_kv_bytes_per_token(model, 16, True, None) == 2 * 2 * 2 * 16 * 2
+    assert uniform_kv_bytes_per_token(model, 4, False, None) == 2 * 2 * 2 * 16 * 0.5 + 2 * 2 * 2 * 4
+    assert uniform_kv_bytes_per_token(model, 4, True, 8) == 2 * 2 * 2 * 16 * 0.5 + 2 * 2 * 2 * 2 * 2
+    assert kv_rtn.build(kv_rtn.RTNKVConfig(), 4).bytes_per_token(model) == uniform_kv_bytes_per_token(
+        model, 4, False, None
+    )
+    assert memory_report(model).kv_bytes_per_token == 2 * 2 * 2 * 16 * 2
 
 
 def test_packed_bytes_count_the_int3_word_layout(tiny):
@@ -64,7 +76,7 @@ def test_packed_bytes_count_the_int3_word_layout(tiny):
 
     model, _ = tiny
     rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w3g32a16kv16"), _ctx())
-    report = memory_report(model, kv_bits=16)
+    report = memory_report(model)
     linears = [m for _, _, _, m in decoder_linears(model)]
     expected = sum(
         8 * packed_nbytes(*m.qweight.codes.shape, m.qweight.scales.shape[1], 3, m.qweight.sym) for m in linears
@@ -83,5 +95,5 @@ def test_packed_bytes_count_the_int3_word_layout(tiny):
 def test_no_packed_bytes_without_a_packed_format(tiny):
     model, _ = tiny
     rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w5a16kv16"), _ctx())
-    report = memory_report(model, kv_bits=16)
+    report = memory_report(model)
     assert report.packed_bits_per_weight is None and "packed_bits_per_weight" not in report.metrics()

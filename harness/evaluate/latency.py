@@ -62,9 +62,7 @@ def block_shapes(model: torch.nn.Module) -> Counter:
     """(out_features, in_features) -> count over the first decoder block's linears."""
     arch = arch_of(model)
     block = arch.layers(model)[0]
-    return Counter(
-        tuple(getattr(parent, attr).weight.shape) for parent, attr in arch.block_linears(block).values()
-    )
+    return Counter(tuple(getattr(parent, attr).weight.shape) for parent, attr in arch.block_linears(block).values())
 
 
 def measure(shapes: Counter, fmt: KernelFormat, spec: LatencySpec) -> tuple[dict[str, float], dict[str, str]]:

@@ -9,8 +9,8 @@
 * Every other parameter (embeddings, lm_head, norms, any linear left unquantized) is counted at 16 bits:
   that is how the model is deployed. Tied embeddings are counted once (shared storage); a method that
   unties them (rotations) pays for both.
-* KV cache per token: layers · 2 · kv_heads · head_dim elements at `kv` bits, plus an fp16 scale and,
-  for asymmetric grids, an fp16 zero per (token, head, group).
+* KV cache per token: what the run's KV quantizer plug-in reports (`bytes_per_token`: its own format — codes,
+  scales, zeros, outliers); 2 bytes per element when the cache stays 16-bit.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import nn
 
 from kernels.packing import packed_nbytes
 from methods.core.arch import decoder_linears
+from methods.core.attention import uniform_kv_bytes_per_token
 from methods.core.formats import check_format
 from methods.core.qlinear import QLinear
 
@@ -60,9 +61,8 @@ def _unique_parameters(module: nn.Module) -> dict[int, tuple[str, nn.Parameter]]
     return seen
 
 
-def memory_report(
-    model: nn.Module, kv_bits: int, kv_sym: bool = False, kv_group_size: int | None = None
-) -> MemoryReport:
+def memory_report(model: nn.Module, kv_bytes_per_token: float | None = None) -> MemoryReport:
+    """`kv_bytes_per_token`: from the KV quantizer plug-in; None = a 16-bit cache."""
     linear_bits, linear_weights, linear_param_ids = 0, 0, set()
     packed_bits: int | None = 0
     for _, _, _, module in decoder_linears(model):
@@ -89,7 +89,9 @@ def memory_report(
         sixteen_bit_layers=", ".join(sorted(other_names))
         + ", norms"
         + ("" if linear_weights else ", all decoder linears"),
-        kv_bytes_per_token=kv_bytes_per_token(model.config, kv_bits, kv_sym, kv_group_size),
+        kv_bytes_per_token=(
+            uniform_kv_bytes_per_token(model, 16, True, None) if kv_bytes_per_token is None else kv_bytes_per_token
+        ),
         packed_bits_per_weight=(packed_bits / linear_weights) if linear_weights and packed_bits else None,
     )
 
@@ -110,16 +112,6 @@ def _add_packed_bits(total: int | None, module: QLinear) -> int | None:
         return None
     packed = check_format(module.qweight).pack()
     return None if packed is None else total + 8 * packed.nbytes()
-
-
-def kv_bytes_per_token(config, kv_bits: int, sym: bool = False, group_size: int | None = None) -> float:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    elements = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
-    if kv_bits >= 16:
-        return elements * 2.0
-    groups = elements / (group_size or head_dim)
-    meta_bytes = groups * (2 if sym else 4)
-    return elements * kv_bits / 8 + meta_bytes
 
 
 class PeakRSS:

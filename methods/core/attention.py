@@ -94,3 +94,16 @@ def _use_quantbench_attention(model: nn.Module) -> None:
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
             config._attn_implementation = ATTN_IMPLEMENTATION
+
+
+def uniform_kv_bytes_per_token(model: nn.Module, bits: int, sym: bool, group_size: int | None) -> float:
+    """KV-cache bytes per token for a uniform per-(token, head, group) grid: layers · 2 · kv_heads · head_dim
+    codes at `bits`, plus an fp16 scale and (asymmetric) an fp16 zero per group; 16-bit: 2 bytes per element."""
+    arch = arch_of(model)
+    config = model.config
+    head_dim = arch.head_dim(config)
+    elements = config.num_hidden_layers * 2 * arch.num_kv_heads(config) * head_dim
+    if bits >= 16:
+        return elements * 2.0
+    groups = elements / (group_size or head_dim)
+    return elements * bits / 8 + groups * (2 if sym else 4)

@@ -92,9 +92,7 @@ class HessianCollector:
         self.hessians: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._handles = [
-            module.register_forward_hook(self._hook(name))
-            for name, module in linears.items()
-            if name not in shared
+            module.register_forward_hook(self._hook(name)) for name, module in linears.items() if name not in shared
         ]
 
     def _hook(self, name: str):

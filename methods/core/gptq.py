@@ -16,6 +16,8 @@ The same routine is LDLQ (QuIP §3) when the quantizer is the same: the two are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from methods.core.arch import arch_of
@@ -23,6 +25,17 @@ from methods.core.calibrate import HessianCollector, shared_input_owner, walk_bl
 from methods.core.formats import QuantizedWeight
 from methods.core.qlinear import set_quantized_weight
 from methods.core.quantizers import WeightQuantizer, _pad_to_groups, quantize_codes
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """The solver's settings (paper defaults: damp 1% of mean diag H, blocks of 128 columns, no act-order),
+    plus how many calibration windows go through a block per forward (memory only; no effect on numbers)."""
+
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    calib_batch_size: int = 4
 
 
 def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -108,13 +121,7 @@ def reconstruction_error(weight: torch.Tensor, dequantized: torch.Tensor, hessia
 
 
 def quantize_model_gptq(
-    model,
-    windows: list[torch.Tensor],
-    quantizer: WeightQuantizer,
-    damp: float = 0.01,
-    act_order: bool = False,
-    block_size: int = 128,
-    batch_size: int = 4,
+    model, windows: list[torch.Tensor], quantizer: WeightQuantizer, settings: GPTQSettings
 ) -> dict[str, float]:
     """GPTQ every decoder linear, block by block; later blocks see the outputs of the quantized earlier ones.
 
@@ -124,7 +131,7 @@ def quantize_model_gptq(
     arch = arch_of(model)
     shared = shared_input_owner(arch)
     totals = {"gptq_objective": 0.0, "rtn_objective": 0.0}
-    for _, block, inputs in walk_blocks(model, windows, batch_size, desc="gptq"):
+    for _, block, inputs in walk_blocks(model, windows, settings.calib_batch_size, desc="gptq"):
         linears = {name: getattr(parent, attr) for name, (parent, attr) in arch.block_linears(block).items()}
         collector = HessianCollector(linears, shared)
         with torch.no_grad():
@@ -135,7 +142,7 @@ def quantize_model_gptq(
             module = getattr(parent, attr)
             hessian = collector.hessian(name)
             weight = module.weight.data
-            qweight = gptq_quantize(weight, hessian, quantizer, damp, block_size, act_order)
+            qweight = gptq_quantize(weight, hessian, quantizer, settings.damp, settings.block_size, settings.act_order)
             totals["gptq_objective"] += reconstruction_error(weight, qweight.dequantize(), hessian)
             totals["rtn_objective"] += reconstruction_error(weight, quantizer.quantize(weight).dequantize(), hessian)
             set_quantized_weight(parent, attr, module, qweight)

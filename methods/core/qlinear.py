@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from methods.core.formats import QuantizedTensor, check_format
 from methods.core.quantizers import DynamicQuantizer
@@ -65,3 +66,23 @@ def set_quantized_weight(parent: nn.Module, attr: str, module: nn.Module, qweigh
         module.qweight = qweight
     else:
         setattr(parent, attr, QLinear(deq, module.bias, qweight=qweight))
+
+
+def attach_act_quantizers(model: nn.Module, quantizer_for: Callable[[str], Callable | None]) -> None:
+    """Give every decoder linear the input quantizer `quantizer_for(qualified name)` (wrapping plain linears in
+    `QLinear`; an existing QLinear keeps its weight, format and online transform). Idempotent."""
+    from methods.core.arch import decoder_linears
+
+    for name, parent, attr, module in list(decoder_linears(model)):
+        if not isinstance(module, QLinear):
+            module = QLinear.wrap(module)
+            setattr(parent, attr, module)
+        module.act_quant = quantizer_for(name)
+
+
+def quantize_decoder_linears(model: nn.Module, quantize: Callable[[torch.Tensor], QuantizedTensor]) -> None:
+    """Replace every decoder linear's weight by `quantize(weight)` (data-free methods: RTN, QuaRot-RTN)."""
+    from methods.core.arch import decoder_linears
+
+    for _, parent, attr, linear in tqdm(list(decoder_linears(model)), desc="quantize weights", unit="linear"):
+        set_quantized_weight(parent, attr, linear, quantize(linear.weight.data))

@@ -10,11 +10,13 @@ float64 and cast back, so the rotated FP model equals the original to float32 ro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from methods.core.arch import arch_of
 from methods.core.hadamard import hadamard_transform, small_factor
 
 
@@ -25,18 +27,14 @@ def _apply(linear: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], bias_f
         linear.bias.data = bias_fn(linear.bias.data.double()).to(dtype)
 
 
-def untie_embeddings(model: nn.Module) -> None:
-    """Give lm_head its own weight (a rotation/fold changes the two differently)."""
-    if model.lm_head.weight is model.model.embed_tokens.weight:
-        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.data.clone())
-    model.config.tie_word_embeddings = False
-    if hasattr(model, "_tied_weights_keys"):
-        model._tied_weights_keys = None
-
-
 def fold_norms(model: nn.Module) -> None:
-    """RMSNorm(x)·g followed by W equals RMSNorm(x) followed by W·diag(g); then g := 1 (QuaRot §3)."""
-    untie_embeddings(model)
+    """RMSNorm(x)·g followed by W equals RMSNorm(x) followed by W·diag(g); then g := 1 (QuaRot §3).
+
+    Only for architectures whose residual stream can be rotated exactly (the arch adapter says so)."""
+    arch = arch_of(model)
+    if not arch.residual_rotation_exact:
+        raise ValueError(f"norm folding for rotation is not exact for the {arch.family} architecture")
+    arch.untie_embeddings(model)
 
     def fold(norm: nn.Module, linears: list[nn.Module]) -> None:
         gain = norm.weight.data.double()
@@ -44,25 +42,25 @@ def fold_norms(model: nn.Module) -> None:
             _apply(linear, lambda w, g=gain: w * g[None, :])
         norm.weight.data = torch.ones_like(norm.weight.data)
 
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        fold(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-        fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
-    fold(model.model.norm, [model.lm_head])
+    for layer in arch.layers(model):
+        readers = arch.residual_readers(layer)
+        fold(arch.attention_norm(layer), readers[:3])
+        fold(arch.feedforward_norm(layer), readers[3:])
+    fold(arch.final_norm(model), [arch.lm_head(model)])
 
 
 def rotate_residual(model: nn.Module, q: torch.Tensor) -> None:
     """R1: residual stream x ↦ x Q, fused into embeddings, every reader and writer of the stream, lm_head."""
+    arch = arch_of(model)
     q = q.double()
-    emb = model.model.embed_tokens
+    emb = arch.embeddings(model)
     emb.weight.data = (emb.weight.data.double() @ q).to(emb.weight.dtype)
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for reader in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+    for layer in tqdm(arch.layers(model), desc="rotate R1", unit="block"):
+        for reader in arch.residual_readers(layer):
             _apply(reader, lambda w: w @ q)
-        for writer in (attn.o_proj, mlp.down_proj):
+        for writer in arch.residual_writers(layer):
             _apply(writer, lambda w: q.T @ w, lambda b: b @ q)
-    _apply(model.lm_head, lambda w: w @ q)
+    _apply(arch.lm_head(model), lambda w: w @ q)
 
 
 def _per_head(w: torch.Tensor, head_dim: int, fn: Callable[[torch.Tensor], torch.Tensor], dim: int) -> torch.Tensor:
@@ -74,16 +72,42 @@ def _per_head(w: torch.Tensor, head_dim: int, fn: Callable[[torch.Tensor], torch
     return fn(w.reshape(out, inp // head_dim, head_dim)).reshape(out, inp)
 
 
-def rotate_values(model: nn.Module, head_dim: int, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """R2: every value head v ↦ v Hᵀ (fused into v_proj's rows) and o_proj's input heads accordingly."""
-    for layer in model.model.layers:
-        attn = layer.self_attn
+def rotate_values(model: nn.Module, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    """R2: in layer l every value head v ↦ v R_lᵀ (`transforms[l]`: x ↦ x R_lᵀ, fused into v_proj's rows), and
+    o_proj's input heads accordingly, so o_proj's output is unchanged."""
+    arch = arch_of(model)
+    head_dim = arch.head_dim(model.config)
+    for layer, transform in zip(arch.layers(model), transforms, strict=True):
+        attn = arch.attention(layer)
         _apply(
             attn.v_proj,
-            lambda w: _per_head(w, head_dim, transform, 0),
-            lambda b: transform(b.reshape(-1, head_dim)).reshape(-1),
+            lambda w, t=transform: _per_head(w, head_dim, t, 0),
+            lambda b, t=transform: t(b.reshape(-1, head_dim)).reshape(-1),
         )
-        _apply(attn.o_proj, lambda w: _per_head(w, head_dim, transform, 1))
+        _apply(attn.o_proj, lambda w, t=transform: _per_head(w, head_dim, t, 1))
+
+
+def rotate_model(
+    model: nn.Module,
+    r1: torch.Tensor | Callable[[], torch.Tensor],
+    r2: Sequence[torch.Tensor | Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> None:
+    """Fold norms, untie embeddings, fuse R1 (hidden × hidden, residual x ↦ x R1) and, if given, one R2 per
+    layer into v_proj / o_proj. Rotations are values, so QuaRot (random Hadamard), SpinQuant (learned) and
+    QuIP/RCP (their own draws) share this fusion: R1 is a matrix or a zero-argument module/function producing
+    one (a learned rotation's current value); each R2 is a head_dim × head_dim matrix or a transform
+    x ↦ x R2ᵀ applied per head (e.g. `HadamardTransform`, which never builds the matrix)."""
+    fold_norms(model)
+    rotate_residual(model, r1 if isinstance(r1, torch.Tensor) else r1())
+    if r2 is not None:
+        rotate_values(model, [_per_head_transform(r) for r in r2])
+
+
+def _per_head_transform(rotation) -> Callable[[torch.Tensor], torch.Tensor]:
+    if not isinstance(rotation, torch.Tensor):
+        return rotation
+    matrix = rotation.double()
+    return lambda x: x @ matrix.T.to(x.dtype)
 
 
 def fuse_input_transform(linear: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:

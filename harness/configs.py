@@ -1,0 +1,38 @@
+"""Structured configs: every method's and plug-in's config dataclass is registered with Hydra's ConfigStore as
+`<group>/<name>_schema`, so defaults live once, in code. A YAML in `conf/<group>/` starts from its schema
+(`defaults: [<name>_schema, _self_]`) and carries only the paper-section comments and the values that differ.
+Hydra then type-checks every override (`method.damp=abc` fails) and knows the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from methods import METHODS
+from methods.act import ACT_QUANTIZERS
+from methods.kv import KV_QUANTIZERS
+
+GROUPS = {"method": METHODS, "act": ACT_QUANTIZERS, "kv": KV_QUANTIZERS}
+
+
+def schema(name: str, config_cls: type):
+    """The dataclass plus a `name` field (the registry key), as a writable structured DictConfig."""
+    node_cls = dataclasses.make_dataclass(
+        f"{config_cls.__name__}Node", [("name", str, dataclasses.field(default=name))], bases=(config_cls,), frozen=True
+    )
+    node = OmegaConf.structured(node_cls)
+    OmegaConf.set_readonly(node, False)  # frozen dataclasses give read-only nodes; YAML and overrides must merge
+    return node
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    for group, registry in GROUPS.items():
+        for name, entry in registry.items():
+            store.store(group=group, name=f"{name}_schema", node=schema(name, entry.config_cls))
+
+
+register_configs()

@@ -1,0 +1,10 @@
+"""KV-cache quantizer plug-ins (`kv=` on the command line): one line per plug-in."""
+
+from __future__ import annotations
+
+from methods.base import PluginEntry
+from methods.kv import rtn
+
+KV_QUANTIZERS: dict[str, PluginEntry] = {
+    "rtn": PluginEntry(rtn.RTNKVConfig, build=rtn.build),
+}

@@ -1,0 +1,84 @@
+"""The extension-points refactor changed no number: RTN, GPTQ and QuaRot on tiny-llama, composed the new way
+(Hydra config -> RunSpec -> method + act/KV plug-ins through `runner.apply`), give the logits recorded before
+the refactor (commit 4630f29, where A/KV settings were method parameters), and the run keys of configurations
+that existed before are unchanged (so resumed sweeps skip recorded runs).
+
+The logits were bit-identical on the machine that recorded them (old and new code run side by side); the stored
+slice is compared to 1e-4, because another CPU may sum in another order (the closest two methods differ by 0.04).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from harness.cli_sweep import CONF_DIR
+from harness.runner import apply, build_plugins, spec_from_config
+from methods import METHODS
+from methods.base import QuantContext
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "prerefactor_logits.json").read_text())
+
+
+def _windows():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (1, 64), generator=gen) for _ in range(8)]
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return spec_from_config(compose("config", overrides=overrides))
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE["logits"]))
+def test_logits_identical_to_before_the_refactor(case, tiny):
+    method, bits, params = case.split("/", 2)
+    overrides = [f"method={method}", f"bits={bits}", "model=tiny-llama"]
+    overrides += [f"method.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in json.loads(params).items()]
+    spec = _compose(overrides)
+    model, _ = tiny
+    entry = METHODS[method]
+    act, kv = build_plugins(spec)
+    config = entry.make_config(method, spec.method_params)
+    apply(model, entry, config, spec.bits, QuantContext(seed=0, calibration=_windows, act=act, kv=kv))
+    with torch.no_grad():
+        logits = model(torch.arange(240).reshape(2, 120) % 250).logits
+    torch.testing.assert_close(logits[:, ::12, ::8], torch.tensor(REFERENCE["logits"][case]), atol=1e-4, rtol=0)
+
+
+def _record_overrides(rec):
+    p = rec["protocol"]
+    overrides = [
+        f"model={rec['model']}",
+        f"method={rec['method']}",
+        f"bits={rec['bits']}",
+        f"budget={p['budget']}",
+        f"calib.nsamples={p['calib_nsamples']}",
+        f"calib.seqlen={p['calib_seqlen']}",
+        f"calib.dataset={p['calib_dataset']}",
+        f"eval.ppl.dtype={p['ppl_dtype']}",
+        f"seed={p['seed']}",
+    ]
+    if p["zs_tasks"] not in ("[]", None):
+        overrides += ["eval=fast" if p["zs_limit"] == "200" else "eval=full", f"eval.zeroshot.limit={p['zs_limit']}"]
+    for name, value in rec["method_params"].items():
+        if name.startswith(("a_", "kv_")):
+            group, key = ("act", name[2:]) if name.startswith("a_") else ("kv", name[3:])
+            overrides.append(f"{group}.{key}={value.lower() if value in ('True', 'False') else value}")
+        else:
+            overrides.append(f"method.{name}={value.lower() if value in ('True', 'False') else value}")
+    return overrides
+
+
+def test_recorded_runs_keep_their_run_keys():
+    """Every committed record re-composed from its logged parameters hashes to the key it was logged under."""
+    records = [json.loads(line) for line in (Path(__file__).parent.parent / "reports" / "runs.jsonl").open()]
+    checked = 0
+    for rec in records:
+        if "act" in rec or rec["model"] not in ("smollm2-135m",):
+            continue
+        assert _compose(_record_overrides(rec)).run_key == rec["run_key"], rec["run_key"]
+        checked += 1
+    assert checked >= 40
