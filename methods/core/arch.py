@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -54,6 +55,16 @@ class ArchAdapter:
 
     def lm_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head
+
+    def body(self, model: nn.Module) -> nn.Module:
+        """The decoder stack with its final norm: input ids -> last hidden states (before lm_head)."""
+        return model.model
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head on (a chunk of) final hidden states, with the family's logit soft-capping if it has one."""
+        logits = self.lm_head(model)(hidden)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.model.norm
