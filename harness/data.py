@@ -106,3 +106,10 @@ def calibration_windows(spec: CalibSpec, tokenizer, seed: int, data_dir: str | N
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.shape[1] - spec.seqlen, (spec.nsamples,), generator=generator)
     return [ids[:, int(s) : int(s) + spec.seqlen] for s in starts]
+
+
+def training_windows(spec, tokenizer, seed: int, data_dir: str | None = None) -> torch.Tensor:
+    """[spec.windows, spec.seqlen] token ids at seeded random offsets of a calibration corpus (never the test
+    split: only `CALIB_DATASETS` are accepted), for methods that train."""
+    windows = calibration_windows(CalibSpec(spec.dataset, spec.windows, spec.seqlen), tokenizer, seed + 1, data_dir)
+    return torch.cat(windows, dim=0)

@@ -21,6 +21,7 @@ from harness.spec import (
     PluginSpec,
     RunSpec,
     SpecError,
+    TrainSpec,
     ZeroShotSpec,
 )
 from harness.tracking import Tracker, flatten, provenance_tags
@@ -74,6 +75,10 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         limit=zs_cfg.get("limit"),
         batch_size=int(zs_cfg.get("batch_size", 8)),
     )
+    train = None
+    if METHODS[method].trains:
+        train = TrainSpec(**OmegaConf.to_container(cfg.train, resolve=True))
+        data.check_calib_spec(CalibSpec(train.dataset, train.windows, train.seqlen))
     lat_cfg = OmegaConf.to_container(cfg.eval.latency, resolve=True) if "latency" in cfg.eval else {"enabled": False}
     latency = LatencySpec(**{**lat_cfg, "tokens": tuple(lat_cfg.get("tokens", LatencySpec.tokens))})
     return RunSpec(
@@ -88,6 +93,7 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         budget=str(cfg.budget.name),
         act=plugins["act"],
         kv=plugins["kv"],
+        train=train,
         data_dir=cfg.data_dir,
         latency=latency,
     )
@@ -159,14 +165,8 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
     entry = METHODS[spec.method]
     config = entry.make_config(spec.method, spec.method_params)
     drawn: list[int] = []  # calibration windows the method actually read (0 for data-free methods)
-
-    def calibration():
-        windows = data.calibration_windows(spec.calib, tokenizer, spec.seed, spec.data_dir)
-        drawn.append(len(windows))
-        return windows
-
-    act, kv = build_plugins(spec)
-    ctx = QuantContext(seed=spec.seed, calibration=calibration, tokenizer=tokenizer, act=act, kv=kv)
+    ctx = make_context(spec, tokenizer, drawn, tracker.log_step_metrics)
+    kv = ctx.kv
     with PeakRSS() as rss_quant:
         start = time.perf_counter()
         summary = apply(model, entry, config, spec.bits, ctx)
@@ -214,6 +214,32 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
     )
     if spec.zeroshot.tasks:
         _zeroshot(spec, model, tokenizer, tracker)
+
+
+def make_context(spec: RunSpec, tokenizer, drawn: list[int] | None = None, log_step=None) -> QuantContext:
+    """What the method receives: lazy seeded calibration windows (their count appended to `drawn` when read),
+    training windows for methods that train, the act/KV plug-ins, a per-run checkpoint directory."""
+
+    def calibration():
+        windows = data.calibration_windows(spec.calib, tokenizer, spec.seed, spec.data_dir)
+        if drawn is not None:
+            drawn.append(len(windows))
+        return windows
+
+    def training():
+        return data.training_windows(spec.train, tokenizer, spec.seed, spec.data_dir)
+
+    act, kv = build_plugins(spec)
+    return QuantContext(
+        seed=spec.seed,
+        calibration=calibration,
+        tokenizer=tokenizer,
+        act=act,
+        kv=kv,
+        training=training if spec.train is not None else None,
+        log_step=log_step,
+        checkpoint_dir=str(models.cache_dir() / "checkpoints" / spec.run_key),
+    )
 
 
 def apply(model, entry, config, bits: BitSpec, ctx: QuantContext):

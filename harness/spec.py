@@ -38,6 +38,16 @@ class CalibSpec:
 
 
 @dataclass(frozen=True)
+class TrainSpec:
+    """Training data for methods that train (QAT): `windows` seeded windows of `seqlen` tokens from `dataset` —
+    a calibration corpus, never the evaluation's test split."""
+
+    dataset: str = "wikitext2-valid"
+    windows: int = 64
+    seqlen: int = 512
+
+
+@dataclass(frozen=True)
 class PerplexitySpec:
     """The PPL protocol (DESIGN.md): rows joined with blank lines, non-overlapping `seqlen` windows."""
 
@@ -95,6 +105,7 @@ class RunSpec:
     budget: str = "full"
     act: PluginSpec = PluginSpec()
     kv: PluginSpec = PluginSpec()
+    train: TrainSpec | None = None  # set only for methods that train
     # Not part of the key:
     data_dir: str | None = field(default=None, compare=False)
     latency: LatencySpec = field(default_factory=LatencySpec, compare=False)
@@ -124,6 +135,7 @@ class RunSpec:
             "calib": asdict(self.calib),
             "ppl": asdict(self.ppl),
             "seed": self.seed,
+            **({"train": asdict(self.train)} if self.train is not None else {}),
             **(
                 {"zeroshot": {"tasks": list(self.zeroshot.tasks), "limit": self.zeroshot.limit}}
                 if self.zeroshot.tasks

@@ -109,5 +109,9 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
+    def log_step_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Per-step series (training loss, learning rate): MLflow plots them as curves."""
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.mlflow.set_tags(dict(tags))

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from methods import gptq, quarot, rtn, signround
+from methods import gptq, paretoq, quarot, rtn, signround
 from methods.base import MethodEntry
 
 METHODS: dict[str, MethodEntry] = {
@@ -12,4 +12,5 @@ METHODS: dict[str, MethodEntry] = {
     "gptq": MethodEntry(gptq.GPTQConfig, supports=gptq.supports, quantize=gptq.quantize),
     "quarot": MethodEntry(quarot.QuaRotConfig, supports=quarot.supports, quantize=quarot.quantize),
     "signround": MethodEntry(signround.SignRoundConfig, supports=signround.supports, quantize=signround.quantize),
+    "paretoq": MethodEntry(paretoq.ParetoQConfig, supports=paretoq.supports, quantize=paretoq.quantize, trains=True),
 }

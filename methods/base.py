@@ -70,6 +70,9 @@ class QuantContext:
     tokenizer: object = None
     act: ActQuantizer | None = None
     kv: KVQuantizer | None = None
+    training: Callable[[], torch.Tensor] | None = None  # [windows, seqlen] training ids (methods that train)
+    log_step: Callable[[int, dict[str, float]], None] | None = None  # per-step metrics (loss curves)
+    checkpoint_dir: str | None = None  # where a training method keeps its resumable checkpoint
 
 
 @dataclass
@@ -98,6 +101,7 @@ class ConfigEntry:
 class MethodEntry(ConfigEntry):
     supports: Callable[[Request], None] = None
     quantize: Callable[..., QuantSummary] = None
+    trains: bool = False  # reads `ctx.training()`: the run gets a `train:` data spec (in its run key)
 
 
 @dataclass(frozen=True)

@@ -16,69 +16,80 @@ for every method in `METHODS` × {tiny-llama, tiny-gemma3}, composed exactly as 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness import data, models
+from harness import models
 from harness.cli_sweep import CONF_DIR
 from harness.evaluate import latency
 from harness.evaluate.memory import memory_report
-from harness.runner import PLUGINS, apply, build_plugins, check_supported, spec_from_config
+from harness.runner import PLUGINS, apply, check_supported, make_context, spec_from_config
 from methods import METHODS
-from methods.base import QuantContext, UnsupportedBits
+from methods.base import UnsupportedBits
 from methods.core.arch import decoder_linears
 from methods.core.attention import attention_states
 from methods.core.formats import check_format
 from methods.core.qlinear import QLinear
 
 FAMILIES = ("tiny-llama", "tiny-gemma3")
-BITS = "w4g16a4kv4"  # weights, activations and KV cache all quantized; g16 divides every tiny linear's width
+# Each method runs the first of these it supports: weights, activations and KV cache all quantized where it can
+# (g16 divides every tiny linear's width), else weight-only per channel with a quantized KV cache.
+BIT_CHOICES = ("w4g16a4kv4", "w4a16kv4", "w2a16kv4")
 PROBE_BITS = ("w16a16kv16", "w8a8kv8", "w4g32a16kv16", "w3a4kv4", "w2g64a16kv4", "w1.58a16kv16", "w1a16kv16")
 CASES = [(method, model) for method in METHODS for model in FAMILIES]
 
 
-def _spec(method: str, model: str, bits: str = BITS):
+def _spec(method: str, model: str, bits: str):
     overrides = [f"method={method}", f"model={model}", f"bits={bits}", "budget=smoke", "calib.seqlen=64"]
+    overrides += ["train.windows=4", "train.seqlen=32", "method.steps=2"] if METHODS[method].trains else []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return spec_from_config(compose("config", overrides=overrides))
+
+
+def _first_supported(method: str, model: str):
+    """The spec of the first bit setting the method supports, or its refusal of the last one."""
+    for bits in BIT_CHOICES:
+        spec = _spec(method, model, bits)
+        try:
+            check_supported(spec)
+            return spec
+        except UnsupportedBits as refusal:
+            last = refusal
+    return last
 
 
 def _ids():
     return torch.arange(160).reshape(2, 80) % 250
 
 
-def _quantize(spec, data_dir: str):
+def _quantize(spec, data_dir: str, checkpoints):
     """A fresh model of the spec, quantized by the method and its plug-ins; (model, method summary, kv)."""
     model, tokenizer = models.load(spec.model)
     entry = METHODS[spec.method]
-    act, kv = build_plugins(spec)
-
-    def calibration():
-        return data.calibration_windows(spec.calib, tokenizer, spec.seed, data_dir)
-
-    ctx = QuantContext(seed=spec.seed, calibration=calibration, tokenizer=tokenizer, act=act, kv=kv)
+    ctx = make_context(replace(spec, data_dir=data_dir), tokenizer)
+    ctx.checkpoint_dir = str(checkpoints)
+    kv = ctx.kv
     torch.manual_seed(spec.seed)
     summary = apply(model, entry, entry.make_config(spec.method, spec.method_params), spec.bits, ctx)
     return model, summary, kv
 
 
 @pytest.fixture(scope="module")
-def quantized(data_dir):
+def quantized(data_dir, tmp_path_factory):
     """(method, model) -> (spec, quantized model, kv plug-in, logits), or the refusal; built once per case."""
     cache = {}
 
     def get(method: str, model: str):
         if (method, model) not in cache:
-            spec = _spec(method, model)
-            try:
-                check_supported(spec)
-            except UnsupportedBits as refusal:
-                cache[method, model] = refusal
-                return refusal
-            qmodel, _, kv = _quantize(spec, data_dir)
+            spec = _first_supported(method, model)
+            if isinstance(spec, UnsupportedBits):
+                cache[method, model] = spec
+                return spec
+            qmodel, _, kv = _quantize(spec, data_dir, tmp_path_factory.mktemp("checkpoints"))
             with torch.no_grad():
                 logits = qmodel(_ids()).logits
             cache[method, model] = (spec, qmodel, kv, logits)
@@ -120,14 +131,14 @@ def test_supports_decides_before_any_model_loads(method, monkeypatch):
     monkeypatch.setattr(models, "load", no_loading)
     refused = 0
     for model in FAMILIES:
-        for bits in PROBE_BITS:
+        for bits in PROBE_BITS + BIT_CHOICES:
             try:
                 check_supported(_spec(method, model, bits))
             except UnsupportedBits as refusal:
                 message = str(refusal)
                 assert message and "\n" not in message and method in message, message
                 refused += 1
-    assert refused < len(FAMILIES) * len(PROBE_BITS), f"{method} refuses every setting"
+    assert refused < len(FAMILIES) * (len(PROBE_BITS) + len(BIT_CHOICES)), f"{method} refuses every setting"
 
 
 @pytest.mark.parametrize(("method", "model"), CASES)
@@ -172,14 +183,15 @@ def test_latency_uses_the_formats_own_kernel_or_none(method, model, quantized):
 @pytest.mark.parametrize(("method", "model"), CASES)
 def test_the_plugins_the_bits_ask_for_are_attached(method, model, quantized):
     spec, qmodel, _, _ = _case(quantized, method, model)
-    assert all(m.act_quant is not None and m.act_quant.bits == spec.bits.a for _, _, _, m in decoder_linears(qmodel))
+    for _, _, _, m in decoder_linears(qmodel):
+        assert (m.act_quant.bits == spec.bits.a) if spec.bits.quantizes_activations else m.act_quant is None
     states = attention_states(qmodel)
     assert all(s.key_quant is not None and s.value_quant is not None for s in states)
 
 
 @pytest.mark.parametrize(("method", "model"), CASES)
-def test_same_seed_same_logits(method, model, quantized, data_dir):
+def test_same_seed_same_logits(method, model, quantized, data_dir, tmp_path):
     spec, _, _, logits = _case(quantized, method, model)
-    again, _, _ = _quantize(spec, data_dir)
+    again, _, _ = _quantize(spec, data_dir, tmp_path)
     with torch.no_grad():
         assert torch.equal(again(_ids()).logits, logits)
