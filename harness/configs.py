@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from methods import METHODS
 from methods.act import ACT_QUANTIZERS
@@ -24,8 +24,16 @@ def schema(name: str, config_cls: type):
         f"{config_cls.__name__}Node", [("name", str, dataclasses.field(default=name))], bases=(config_cls,), frozen=True
     )
     node = OmegaConf.structured(node_cls)
-    OmegaConf.set_readonly(node, False)  # frozen dataclasses give read-only nodes; YAML and overrides must merge
+    _writable(node)  # frozen dataclasses give read-only nodes (nested ones too); YAML and overrides must merge
     return node
+
+
+def _writable(node) -> None:
+    OmegaConf.set_readonly(node, False)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _writable(child)
 
 
 def register_configs() -> None:

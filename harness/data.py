@@ -76,19 +76,24 @@ def ppl_token_ids(dataset: str, tokenizer, data_dir: str | None = None) -> torch
     return tokenizer(text, return_tensors="pt").input_ids
 
 
-def calibration_text(dataset: str, data_dir: str | None = None) -> str:
+def corpus_rows(dataset: str, data_dir: str | None = None) -> list[str]:
+    """The rows (documents, or WikiText lines) of a calibration corpus."""
     if dataset == "wikitext2-valid":
-        return "\n\n".join(wikitext2_rows("validation", data_dir))
+        return wikitext2_rows("validation", data_dir)
     if dataset == "wikitext2-train":
-        return "\n\n".join(wikitext2_rows("train", data_dir))
+        return wikitext2_rows("train", data_dir)
     if dataset == "c4-exllamav2":
         mirror = mirror_dir(data_dir)
         path = None if mirror is None else mirror / "calibration" / "exllamav2_c4.jsonl"
         if path is None or not path.exists():
             raise _unavailable("c4-exllamav2 calibration text", f"{path} missing")
         with open(path, encoding="utf-8") as handle:
-            return "\n\n".join(json.loads(line)["text"] for line in handle)
+            return [json.loads(line)["text"] for line in handle]
     raise SpecError(f"unknown calibration dataset {dataset!r}; valid: {', '.join(CALIB_DATASETS)}")
+
+
+def calibration_text(dataset: str, data_dir: str | None = None) -> str:
+    return "\n\n".join(corpus_rows(dataset, data_dir))
 
 
 def check_calib_spec(spec: CalibSpec) -> None:

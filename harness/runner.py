@@ -237,8 +237,10 @@ def make_context(spec: RunSpec, tokenizer, drawn: list[int] | None = None, log_s
         act=act,
         kv=kv,
         training=training if spec.train is not None else None,
+        training_rows=(lambda: data.corpus_rows(spec.train.dataset, spec.data_dir)) if spec.train is not None else None,
         log_step=log_step,
         checkpoint_dir=str(models.cache_dir() / "checkpoints" / spec.run_key),
+        cache_dir=str(models.cache_dir()),
     )
 
 

@@ -71,8 +71,10 @@ class QuantContext:
     act: ActQuantizer | None = None
     kv: KVQuantizer | None = None
     training: Callable[[], torch.Tensor] | None = None  # [windows, seqlen] training ids (methods that train)
+    training_rows: Callable[[], list[str]] | None = None  # the training corpus's rows (prompts for generation)
     log_step: Callable[[int, dict[str, float]], None] | None = None  # per-step metrics (loss curves)
     checkpoint_dir: str | None = None  # where a training method keeps its resumable checkpoint
+    cache_dir: str | None = None  # run-independent cache (e.g. teacher generations reused across runs)
 
 
 @dataclass
@@ -90,11 +92,22 @@ class ConfigEntry:
     config_cls: type
 
     def make_config(self, label: str, params: dict[str, Any]):
-        fields = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(params) - fields)
-        if unknown:
-            raise ValueError(f"{label} has no parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
-        return self.config_cls(**params)
+        return _build(self.config_cls, label, params)
+
+
+def _build(config_cls: type, label: str, params: dict[str, Any]):
+    """The dataclass from a (nested) dict; a field whose default is a dataclass is built from its sub-dict."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise ValueError(f"{label} has no parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    values = {}
+    for name, value in params.items():
+        nested = fields[name].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(nested):
+            value = _build(nested, f"{label}.{name}", value)
+        values[name] = value
+    return config_cls(**values)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def _runs(tmp_path):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["method=nope"], "unknown method 'nope'; valid: gptq, paretoq, quarot, rtn"),
+        (["method=nope"], "unknown method 'nope'; valid: bitdistiller, gptq, paretoq, quarot, rtn"),
         (["model=gpt9"], "unknown model 'gpt9'; valid: gemma3-270m, hf, smollm2-135m, tiny-gemma3, tiny-llama"),
         (["bits=w2a4"], BITS_GRAMMAR),
         (["bits=w4a16kv16,w0a4kv4"], BITS_GRAMMAR),
@@ -148,7 +148,8 @@ def test_list_names_models_methods_and_grammar(capsys):
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "gptq, quarot, rtn" in out and "smollm2-135m" in out and BITS_GRAMMAR in out
+    assert "bitdistiller, gptq, paretoq, quarot, rtn, signround" in out
+    assert "smollm2-135m" in out and BITS_GRAMMAR in out
     assert main(["nope"]) == 2
     assert "valid: run, sweep, report" in capsys.readouterr().err
 
@@ -158,7 +159,8 @@ def test_bench_unknown_method_lists_valid(capsys):
 
     assert main(["bench", "forward", "--method", "nope"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: unknown method 'nope'; valid: gptq, paretoq, quarot, rtn") and "\n" not in err
+    assert err.startswith("error: unknown method 'nope'; valid: bitdistiller, gptq, paretoq, quarot, rtn")
+    assert "\n" not in err
 
 
 def test_bench_runs_measures_latency_of_runs_logged_without_it(tmp_path, data_dir):

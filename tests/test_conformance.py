@@ -45,7 +45,7 @@ CASES = [(method, model) for method in METHODS for model in FAMILIES]
 
 def _spec(method: str, model: str, bits: str):
     overrides = [f"method={method}", f"model={model}", f"bits={bits}", "budget=smoke", "calib.seqlen=64"]
-    overrides += ["train.windows=4", "train.seqlen=32", "method.steps=2"] if METHODS[method].trains else []
+    overrides += ["train.windows=4", "train.seqlen=32"] if METHODS[method].trains else []  # + smoke cuts
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return spec_from_config(compose("config", overrides=overrides))
 
@@ -71,7 +71,7 @@ def _quantize(spec, data_dir: str, checkpoints):
     model, tokenizer = models.load(spec.model)
     entry = METHODS[spec.method]
     ctx = make_context(replace(spec, data_dir=data_dir), tokenizer)
-    ctx.checkpoint_dir = str(checkpoints)
+    ctx.checkpoint_dir = ctx.cache_dir = str(checkpoints)
     kv = ctx.kv
     torch.manual_seed(spec.seed)
     summary = apply(model, entry, entry.make_config(spec.method, spec.method_params), spec.bits, ctx)
