@@ -95,19 +95,21 @@ class ConfigEntry:
         return _build(self.config_cls, label, params)
 
 
-def _build(config_cls: type, label: str, params: dict[str, Any]):
-    """The dataclass from a (nested) dict; a field whose default is a dataclass is built from its sub-dict."""
+def _build(config_cls: type, label: str, params: dict[str, Any], base=None):
+    """The dataclass from a (nested) dict; a field whose default is a dataclass is built from its sub-dict, on top
+    of that default (so a method's own defaults for a shared settings block hold)."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(params) - set(fields))
     if unknown:
         raise ValueError(f"{label} has no parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
     values = {}
     for name, value in params.items():
-        nested = fields[name].default_factory
-        if isinstance(value, dict) and dataclasses.is_dataclass(nested):
-            value = _build(nested, f"{label}.{name}", value)
+        factory = fields[name].default_factory
+        default = factory() if factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            value = _build(type(default), f"{label}.{name}", value, default)
         values[name] = value
-    return config_cls(**values)
+    return dataclasses.replace(base, **values) if base is not None else config_cls(**values)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@
    probability on the first `cakld_batches` batches (computed over scored tokens; the authors' off-by-one
    variant is logged beside it).
 4. Defaults (`train/train.sh`, README): AdamW lr 8e-6, constant schedule, no weight decay; the authors train 4
-   epochs at batch 128 on 8,000 generations of up to 1,024 new tokens — we take a CPU budget (`steps`,
-   `generation.*`, `train.seqlen`) and say so in the run's metrics. `steps: 0` records the clipping alone.
+   epochs at batch 128 on 8,000 generations of up to 1,024 new tokens — we take a CPU budget (`loop.steps`,
+   `generation.*`, `train.seqlen`) and say so in the run's metrics. `loop.steps: 0` records the clipping alone.
 Simplified, and why: no Alpaca prompts (not in the offline mirror); sequences packed into fixed windows rather
 than padded (no padding to mask); the NF3 variant at 3 bits is not implemented yet (its two-scale level table
 needs a format of its own).
@@ -34,7 +34,7 @@ from methods.core.formats import QuantizedWeight
 from methods.core.losses import KL_KINDS, LossSettings, distillation, teacher_confidence
 from methods.core.qat import convert, prepare
 from methods.core.selfdistill import GenerationSettings, cached_generations, pack, select_prompts
-from methods.core.trainer import ParamGroup, TrainSettings, batch_at, train
+from methods.core.trainer import LoopConfig, batch_at, train
 
 BITDISTILLER_BITS = (2, 3, 4)
 
@@ -47,14 +47,7 @@ class BitDistillerConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     kd_loss: str = "cakld"  # cakld | forward | reverse
     cakld_batches: int = 10
-    steps: int | None = None  # optimizer steps; None = one pass over the training windows
-    batch_size: int = 2
-    grad_accum: int = 1
-    lr: float = 8e-6
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    loss_chunk: int = 256
-    checkpoint_every: int = 50
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=8e-6, schedule="constant"))
 
 
 def supports(request: Request) -> None:
@@ -127,22 +120,15 @@ def quantize(model: nn.Module, cfg: BitDistillerConfig, bits: BitSpec, ctx: Quan
     if cfg.clip:
         metrics.update(clip_model_weights(model, ctx.calibration(), int(bits.w), bits.group, cfg.clip_search))
     prepare(model, lambda name, weight: AsymMinMaxSTE(int(bits.w), bits.group or weight.shape[1]))
-    windows = _training_windows(model, teacher, cfg, ctx, metrics) if cfg.steps != 0 else None
+    loop = cfg.loop
+    windows = _training_windows(model, teacher, cfg, ctx, metrics) if loop.steps != 0 else None
     if windows is not None:
-        steps = cfg.steps if cfg.steps is not None else max(1, windows.shape[0] // (cfg.batch_size * cfg.grad_accum))
-        gamma_batches = [batch_at(windows, k, cfg.batch_size, ctx.seed) for k in range(cfg.cakld_batches)]
-        confidence = teacher_confidence(teacher, gamma_batches, chunk=cfg.loss_chunk)
+        steps = loop.steps if loop.steps is not None else loop.one_pass(windows.shape[0])
+        gamma_batches = [batch_at(windows, k, loop.batch_size, ctx.seed) for k in range(cfg.cakld_batches)]
+        confidence = teacher_confidence(teacher, gamma_batches, chunk=loop.loss_chunk)
         metrics.update({"cakld_gamma": confidence.gamma, "cakld_gamma_reference_code": confidence.gamma_reference_code})
-        loss_settings = LossSettings(chunk=cfg.loss_chunk)
-        settings = TrainSettings(
-            steps=steps,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            groups=(ParamGroup(r"layers\..*\.weight$", cfg.lr, cfg.weight_decay),),
-            schedule=cfg.schedule,
-            seed=ctx.seed,
-            checkpoint_every=cfg.checkpoint_every,
-        )
+        loss_settings = LossSettings(chunk=loop.loss_chunk)
+        settings = loop.settings(steps, r"layers\..*\.weight$", ctx.seed)
         checkpoint = Path(ctx.checkpoint_dir) / "bitdistiller.pt" if ctx.checkpoint_dir else None
         result = train(
             model,
@@ -152,18 +138,7 @@ def quantize(model: nn.Module, cfg: BitDistillerConfig, bits: BitSpec, ctx: Quan
             checkpoint_path=checkpoint,
             on_step=ctx.log_step,
         )
-        metrics.update(
-            {
-                "train_steps": float(result.steps),
-                "train_tokens": float(result.tokens),
-                "train_seconds": result.seconds,
-                **(
-                    {"train_loss_first": result.losses[0], "train_loss_last": result.losses[-1]}
-                    if result.losses
-                    else {}
-                ),
-            }
-        )
+        metrics.update(result.metrics())
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)
     convert(model)

@@ -7,8 +7,8 @@ whole network at 1, 1.58, 2, 3 or 4 bits per weight, one learnable step α per o
 * Training (§4; `1_run_train.sh`): next-token cross-entropy only (no distillation), every parameter trains —
   latent weights, α, and the 16-bit embeddings/lm_head/norms — with AdamW, lr 2e-5, no weight decay, cosine
   schedule without warmup, gradient clipping at 1.0 (the HF Trainer default the authors run under).
-* Steps: the paper trains ≤2-bit models 3× as long as 3/4-bit ones (120k vs 40k iterations): `steps` is the
-  ≤2-bit count and 3/4 bit run `steps / low_bit_step_ratio`. `steps: null` = one pass over the training windows
+* Steps: the paper trains ≤2-bit models 3× as long as 3/4-bit ones (120k vs 40k iterations): `loop.steps` is
+  the ≤2-bit count and 3/4 bit run `loop.steps / low_bit_step_ratio`; null = one pass over the training windows
   at ≤2 bit.
 * Formats after `convert`: symmetric per-channel int3/int4 codes, a 4-level table α·{±¼, ±¾} at 2 bit, ternary
   (5 trits per byte + fp16 scale ⅔α per row), binary (1 bit + fp16 α per row) — counted truly by the memory report.
@@ -19,7 +19,7 @@ Activations stay 16-bit (the paper is weight-only); a KV-cache plug-in composes 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -29,24 +29,16 @@ from methods.core.bits import BitSpec
 from methods.core.losses import LossSettings, cross_entropy
 from methods.core.lsq import TERNARY, ParetoQWeightQuantizer
 from methods.core.qat import convert, prepare
-from methods.core.trainer import ParamGroup, TrainSettings, train
+from methods.core.trainer import LoopConfig, train
 
 PARETOQ_BITS = (1, TERNARY, 2, 3, 4)
 
 
 @dataclass(frozen=True)
 class ParetoQConfig:
-    steps: int | None = None  # optimizer steps at <= 2 bit; None = one pass over the training windows
+    # loop.steps: optimizer steps at <= 2 bit (None = one pass over the training windows)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=2e-5, schedule="cosine", max_grad_norm=1.0))
     low_bit_step_ratio: float = 3.0  # <=2-bit runs train this many times longer than 3/4-bit runs
-    batch_size: int = 2
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    loss_chunk: int = 256  # positions per lm_head chunk in the loss
-    checkpoint_every: int = 50
 
 
 def supports(request: Request) -> None:
@@ -61,7 +53,7 @@ def supports(request: Request) -> None:
 
 def steps_for(cfg: ParetoQConfig, bits: BitSpec, windows: int) -> int:
     """Optimizer steps for this bit width (0 stays 0: the initialised quantizers alone)."""
-    low_bit_steps = cfg.steps if cfg.steps is not None else max(1, windows // (cfg.batch_size * cfg.grad_accum))
+    low_bit_steps = cfg.loop.steps if cfg.loop.steps is not None else cfg.loop.one_pass(windows)
     if bits.w <= 2 or low_bit_steps == 0:
         return low_bit_steps
     return max(1, round(low_bit_steps / cfg.low_bit_step_ratio))
@@ -72,18 +64,8 @@ def quantize(model: nn.Module, cfg: ParetoQConfig, bits: BitSpec, ctx: QuantCont
         return QuantSummary()
     windows = ctx.training()
     prepare(model, lambda name, weight: ParetoQWeightQuantizer(weight, bits.w))
-    settings = TrainSettings(
-        steps=steps_for(cfg, bits, windows.shape[0]),
-        batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        groups=(ParamGroup(r".*", cfg.lr, cfg.weight_decay),),
-        schedule=cfg.schedule,
-        warmup_steps=cfg.warmup_steps,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=ctx.seed,
-        checkpoint_every=cfg.checkpoint_every,
-    )
-    loss_settings = LossSettings(chunk=cfg.loss_chunk)
+    settings = cfg.loop.settings(steps_for(cfg, bits, windows.shape[0]), r".*", ctx.seed)
+    loss_settings = LossSettings(chunk=cfg.loop.loss_chunk)
     checkpoint = Path(ctx.checkpoint_dir) / "paretoq.pt" if ctx.checkpoint_dir else None
     result = train(
         model,
@@ -98,12 +80,5 @@ def quantize(model: nn.Module, cfg: ParetoQConfig, bits: BitSpec, ctx: QuantCont
         param.requires_grad_(False)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # finished: the run's record holds the result
-    return QuantSummary(
-        notes={"resumed_from_step": str(result.resumed_from)} if result.resumed_from else {},
-        metrics={
-            "train_steps": float(result.steps),
-            "train_tokens": float(result.tokens),
-            "train_seconds": result.seconds,
-            **({"train_loss_first": result.losses[0], "train_loss_last": result.losses[-1]} if result.losses else {}),
-        },
-    )
+    notes = {"resumed_from_step": str(result.resumed_from)} if result.resumed_from else {}
+    return QuantSummary(notes=notes, metrics=result.metrics())

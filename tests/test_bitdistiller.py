@@ -1,6 +1,8 @@
 """BitDistiller on tiny-llama: the clip search against the authors' formula, the training quantizer, the
 self-distillation cache, and the method end to end (zero steps = AWQ-style RTN of the weights)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -62,6 +64,11 @@ def test_refuses(bits):
         bitdistiller.supports(Request(BitSpec.parse(bits), ARCHS["llama"]))
 
 
+def _cfg(loop=None, **fields) -> bitdistiller.BitDistillerConfig:
+    default = bitdistiller.BitDistillerConfig()
+    return replace(default, loop=replace(default.loop, **(loop or {})), **fields)
+
+
 def _ctx(tmp_path):
     tok = byte_tokenizer()
     rows = ["The tower stands on the hill above the river, " * 20, "short row", "A second long row of text. " * 30]
@@ -94,13 +101,13 @@ def test_zero_steps_without_clipping_is_awq_rtn_and_clipping_moves_the_weights(t
     bits = BitSpec.parse("w2g32a16kv16")
     plain, _ = tiny_llama(seed=0)
     originals = {name: m.weight.detach().clone() for name, _, _, m in decoder_linears(plain)}
-    bitdistiller.quantize(plain, bitdistiller.BitDistillerConfig(clip=False, steps=0), bits, _ctx(tmp_path))
+    bitdistiller.quantize(plain, _cfg({"steps": 0}, clip=False), bits, _ctx(tmp_path))
     for name, _, _, module in decoder_linears(plain):
         rows, cols = originals[name].shape
         expected = asym_minmax_fake_quant(originals[name].reshape(rows, -1, 32), 2).reshape(rows, cols)
         assert torch.allclose(module.weight, expected, atol=1e-6), name
     clipped, _ = tiny_llama(seed=0)
-    summary = bitdistiller.quantize(clipped, bitdistiller.BitDistillerConfig(steps=0), bits, _ctx(tmp_path))
+    summary = bitdistiller.quantize(clipped, _cfg({"steps": 0}), bits, _ctx(tmp_path))
     assert summary.metrics["clip_linears"] == 2 * 5 and summary.metrics["clip_range_kept"] < 1.0  # q/k skipped
     q_proj = clipped.model.layers[0].self_attn.q_proj.weight
     assert torch.equal(q_proj, plain.model.layers[0].self_attn.q_proj.weight)
@@ -109,9 +116,8 @@ def test_zero_steps_without_clipping_is_awq_rtn_and_clipping_moves_the_weights(t
 
 def test_self_distillation_training_runs_and_logs_gamma(tmp_path):
     model, _ = tiny_llama(seed=0)
-    cfg = bitdistiller.BitDistillerConfig(
-        steps=2, lr=1e-3, cakld_batches=2, generation=GenerationSettings(max_prompts=2, max_new_tokens=40)
-    )
+    generation = GenerationSettings(max_prompts=2, max_new_tokens=40)
+    cfg = _cfg({"steps": 2, "lr": 1e-3}, cakld_batches=2, generation=generation)
     summary = bitdistiller.quantize(model, cfg, BitSpec.parse("w3g32a16kv16"), _ctx(tmp_path))
     assert 0 < summary.metrics["cakld_gamma"] < 1 and summary.metrics["train_steps"] == 2
     assert summary.metrics["selfdistill_prompts"] == 2  # the two rows longer than 512 characters

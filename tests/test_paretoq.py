@@ -1,6 +1,8 @@
 """ParetoQ on tiny-llama: what it accepts, its step budget per bit width, the formats it leaves, and that at
 zero steps 4-bit LSQ is symmetric per-channel RTN."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from compose import quantize
@@ -11,6 +13,11 @@ from methods import paretoq, rtn
 from methods.base import QuantContext, Request, UnsupportedBits
 from methods.core.arch import ARCHS, decoder_linears
 from methods.core.formats import BinaryWeight, LUTWeight, QuantizedWeight, TernaryWeight
+
+
+def _cfg(**loop) -> paretoq.ParetoQConfig:
+    default = paretoq.ParetoQConfig()
+    return replace(default, loop=replace(default.loop, **loop))
 
 
 def _ctx():
@@ -26,7 +33,7 @@ def test_refuses_what_the_paper_does_not_train(bits):
 
 
 def test_low_bit_runs_train_three_times_longer():
-    cfg = paretoq.ParetoQConfig(steps=120)
+    cfg = _cfg(steps=120)
     assert [paretoq.steps_for(cfg, BitSpec.parse(f"w{b}a16kv16"), 1000) for b in ("1", "1.58", "2", "3", "4")] == [
         120,
         120,
@@ -34,7 +41,7 @@ def test_low_bit_runs_train_three_times_longer():
         40,
         40,
     ]
-    assert paretoq.steps_for(paretoq.ParetoQConfig(batch_size=4), BitSpec.parse("w2a16kv16"), 1000) == 250
+    assert paretoq.steps_for(_cfg(batch_size=4), BitSpec.parse("w2a16kv16"), 1000) == 250
 
 
 @pytest.mark.parametrize(
@@ -49,7 +56,7 @@ def test_low_bit_runs_train_three_times_longer():
 def test_trains_and_leaves_the_bit_widths_format(bits, fmt):
     model, _ = tiny_llama(seed=0)
     embeddings = model.model.embed_tokens.weight.detach().clone()
-    summary = paretoq.quantize(model, paretoq.ParetoQConfig(steps=3, lr=1e-3), BitSpec.parse(bits), _ctx())
+    summary = paretoq.quantize(model, _cfg(steps=3, lr=1e-3), BitSpec.parse(bits), _ctx())
     steps = 3 if bits != "w3a16kv16" else 1
     assert summary.metrics["train_steps"] == steps and summary.metrics["train_tokens"] == steps * 2 * 32
     assert all(isinstance(m.qweight, fmt) for _, _, _, m in decoder_linears(model))
@@ -59,7 +66,7 @@ def test_trains_and_leaves_the_bit_widths_format(bits, fmt):
 
 def test_zero_steps_of_four_bit_lsq_is_symmetric_per_channel_rtn():
     trained, _ = tiny_llama(seed=0)
-    paretoq.quantize(trained, paretoq.ParetoQConfig(steps=0), BitSpec.parse("w4a16kv16"), _ctx())
+    paretoq.quantize(trained, _cfg(steps=0), BitSpec.parse("w4a16kv16"), _ctx())
     reference, _ = tiny_llama(seed=0)
     quantize(reference, "rtn", rtn.RTNConfig(w_sym=True), "w4a16kv16")
     ids = torch.arange(64).reshape(2, 32)

@@ -64,6 +64,50 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step (mean over its micro-batches)
     resumed_from: int = 0
 
+    def metrics(self) -> dict[str, float]:
+        """What the run records of its training (the leaderboard's cost column reads tokens and seconds)."""
+        losses = {"train_loss_first": self.losses[0], "train_loss_last": self.losses[-1]} if self.losses else {}
+        return {
+            "train_steps": float(self.steps),
+            "train_tokens": float(self.tokens),
+            "train_seconds": self.seconds,
+            **losses,
+        }
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """A training method's loop settings as its config exposes them (`method.loop.*`); each method gives its
+    paper's defaults with `field(default_factory=lambda: LoopConfig(...))`."""
+
+    steps: int | None = None  # optimizer steps; None = one pass over the training windows
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    loss_chunk: int = 256  # positions per lm_head chunk in the loss
+    checkpoint_every: int = 50
+
+    def one_pass(self, windows: int) -> int:
+        return max(1, windows // (self.batch_size * self.grad_accum))
+
+    def settings(self, steps: int, pattern: str, seed: int) -> TrainSettings:
+        """Train the parameters whose names match `pattern` with this loop for `steps` steps."""
+        return TrainSettings(
+            steps=steps,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            groups=(ParamGroup(pattern, self.lr, self.weight_decay),),
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            max_grad_norm=self.max_grad_norm,
+            seed=seed,
+            checkpoint_every=self.checkpoint_every,
+        )
+
 
 def lr_factor(step: int, settings: TrainSettings) -> float:
     """Multiplier of each group's lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
