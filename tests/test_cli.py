@@ -199,3 +199,20 @@ def test_parallel_sweep_with_the_joblib_launcher(tmp_path, data_dir):
     assert sorted(r.info.status for r in _runs(tmp_path)) == ["FINISHED"] * 3
     second = _cli(args, tmp_path, data_dir)
     assert "summary: 0 finished, 3 done-before" in second.stdout and len(_runs(tmp_path)) == 3
+
+
+def test_a_training_method_logs_its_loss_curve_and_cost(tmp_path, data_dir):
+    """ParetoQ on tiny-llama through the CLI: training windows from the calibration corpus, the loss per step as
+    an MLflow series, the training tokens and seconds as run metrics; the train spec is part of the run key."""
+    args = ["run", "model=tiny-llama", "method=paretoq", "bits=w2a16kv16", "budget=smoke", "eval.ppl.seqlen=256"]
+    done = _cli([*args, "train.seqlen=64", "method.loop.steps=3"], tmp_path, data_dir)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (run,) = _runs(tmp_path)
+    assert run.data.metrics["train_steps"] == 3 and run.data.metrics["train_tokens"] == 3 * 2 * 64
+    assert run.data.params["train.dataset"] == "wikitext2-valid"
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2]
+    other = _cli([*args, "train.seqlen=32", "method.loop.steps=3"], tmp_path, data_dir)
+    assert "summary: 1 finished" in other.stdout  # another training spec is another run key
