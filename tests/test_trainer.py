@@ -196,3 +196,24 @@ def test_data_order_and_schedules_are_functions_of_the_step():
     settings = TrainSettings(steps=10, warmup_steps=2, schedule="cosine")
     assert [round(lr_factor(s, settings), 4) for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 0.5]
     assert lr_factor(9, TrainSettings(steps=10, schedule="linear")) == pytest.approx(0.1)
+
+
+def test_a_custom_optimizer_plugs_in_per_group():
+    """SpinQuant's Cayley SGD will come in this way: a factory named by a group, passed to `train`."""
+    model = _prepared()
+    built = []
+
+    def plain_sgd(groups):
+        built.append([len(g["params"]) for g in groups])
+        return torch.optim.SGD(groups)
+
+    groups = (
+        ParamGroup(r"weight_quantizer\.alpha", 1e-3, optimizer="cayley-stand-in"),
+        ParamGroup(r"mlp\..*weight$", 1e-3),
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, cross_entropy, _corpus(), _settings(steps=1, groups=groups), optimizers={"cayley-stand-in": plain_sgd})
+    assert built == [[2 * 7]]  # one param group: every linear's step size (2 blocks x 7 linears)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("alpha" in n for n in changed) and any("mlp" in n for n in changed)
+    assert not any("self_attn" in n and n.endswith(".weight") for n in changed)

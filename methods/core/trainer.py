@@ -90,6 +90,7 @@ class LoopConfig:
     max_grad_norm: float | None = None
     loss_chunk: int = 256  # positions per lm_head chunk in the loss
     checkpoint_every: int = 50
+    bf16_autocast: bool = False  # bf16 compute, fp32 master weights (CUDA; this CPU has no bf16 units)
 
     def one_pass(self, windows: int) -> int:
         return max(1, windows // (self.batch_size * self.grad_accum))
@@ -106,6 +107,7 @@ class LoopConfig:
             max_grad_norm=self.max_grad_norm,
             seed=seed,
             checkpoint_every=self.checkpoint_every,
+            bf16_autocast=self.bf16_autocast,
         )
 
 
