@@ -37,3 +37,19 @@ def test_matches_manual_protocol_and_tail_is_dropped(tiny):
     assert math.isclose(result.ppl, math.exp(float(torch.stack(nlls).mean())), rel_tol=1e-5)
     limited = perplexity(model, ids, seqlen=128, max_windows=1, progress=False)
     assert limited.windows == 1 and math.isclose(limited.ppl, math.exp(float(nlls[0])), rel_tol=1e-5)
+
+
+def test_chunked_lm_head_gives_the_full_logits_perplexity():
+    from harness.models import tiny_gemma3
+
+    model, _ = tiny_gemma3(seed=0)
+    ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(0))
+    chunked = perplexity(model, ids, seqlen=100, batch_size=2, progress=False, chunk=7)
+    with torch.no_grad():
+        nll = [
+            nn.functional.cross_entropy(
+                model(ids[:, i * 100 : (i + 1) * 100]).logits[0, :-1], ids[0, i * 100 + 1 : (i + 1) * 100]
+            )
+            for i in range(4)
+        ]
+    assert math.isclose(chunked.ppl, math.exp(float(torch.stack(nll).mean())), rel_tol=1e-6)

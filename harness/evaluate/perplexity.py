@@ -4,6 +4,10 @@ The test split's rows are joined with "\\n\\n" and tokenized once; the token str
 non-overlapping windows of `seqlen` (the tail shorter than `seqlen` is dropped); each window is scored
 independently (no BOS added, no context carried over) and PPL = exp(mean NLL over all predicted tokens,
 i.e. seqlen − 1 per window). `max_windows` takes the first windows only (a budget cut, logged).
+
+The loss is taken from the final hidden states `chunk` positions at a time (lm_head + cross-entropy per chunk),
+so no [seqlen × vocabulary] logits tensor is ever built whole — 2 GB per window for Gemma 3's 262k vocabulary.
+Models of a family without an architecture adapter fall back to the full logits.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from methods.core.arch import UnsupportedArchitecture, arch_of
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ def perplexity(
     batch_size: int = 1,
     max_windows: int | None = None,
     progress: bool = True,
+    chunk: int = 512,
 ) -> PerplexityResult:
     n_windows = token_ids.shape[1] // seqlen
     if max_windows is not None:
@@ -53,10 +60,8 @@ def perplexity(
     bar = tqdm(total=n_windows, desc=f"perplexity (seqlen {seqlen})", unit="win", disable=not progress)
     for first in range(0, n_windows, batch_size):
         batch = windows[first : first + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1, :].float()
         targets = batch[:, 1:]
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        nll_sum += float(nll)
+        nll_sum += float(_summed_nll(model, batch, targets, chunk))
         count += targets.numel()
         bar.update(batch.shape[0])
     bar.close()
@@ -71,3 +76,21 @@ def perplexity(
         seqlen=seqlen,
         seconds=seconds,
     )
+
+
+def _summed_nll(model: nn.Module, batch: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Σ −log p(target) over the window's predicted positions, lm_head applied `chunk` positions at a time."""
+    try:
+        arch = arch_of(model)
+    except (UnsupportedArchitecture, AttributeError):  # no adapter for the family (or no HF config at all)
+        logits = model(batch, use_cache=False).logits[:, :-1, :].float()
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    hidden = arch.body(model)(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+    total = torch.zeros((), dtype=torch.float64, device=batch.device)
+    for start in range(0, hidden.shape[1], chunk):
+        logits = arch.logits(model, hidden[:, start : start + chunk]).float()
+        part = targets[:, start : start + chunk]
+        # classes on the last, contiguous dim: PyTorch's CPU cross-entropy over a strided class dim (input
+        # [batch, vocab, tokens]) loses ~4e-5 relative on a 49k vocabulary
+        total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), part.reshape(-1), reduction="sum")
+    return total

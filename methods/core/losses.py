@@ -81,8 +81,11 @@ def cross_entropy(
     arch = arch_of(model)
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = arch.logits(model, h).float()
-        return F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE, reduction="none").sum(-1)
+        logits = arch.logits(model, h).float()  # classes last and contiguous (a strided class dim is less exact)
+        flat = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="none"
+        )
+        return flat.reshape(y.shape).sum(-1)
 
     total = sum(
         checkpoint(chunk_loss, hidden[:, part], targets[:, part], use_reentrant=False)
