@@ -82,3 +82,16 @@ def test_signround_model_evaluates_as_auto_round_evaluates_it(data_dir):
     ppl_rtn = perplexity(rtn_model, ids, 2048, max_windows=2, progress=False).ppl
     print(f"auto-round iters=0 {ppl_auto_round:.4f}, our rtn {ppl_rtn:.4f}")
     assert abs(ppl_auto_round / ppl_rtn - 1) < 5e-3
+
+
+def test_gemma3_270m_loads_with_its_shape_and_scores_a_window(data_dir):
+    """The second family end to end: Gemma-3-270M from its wheels (first load dequantizes the GGUF and caches it)."""
+    model, tok = models.load(ModelSpec("gemma3-270m"))
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim) == (18, 640, 2048, 256)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (4, 1, 262_144)
+    assert "sliding_attention" in cfg.layer_types and "full_attention" in cfg.layer_types
+    ids = data.ppl_token_ids("wikitext2", tok, data_dir)
+    assert ids.shape == (1, 292_283)  # 142 windows of 2048
+    first = perplexity(model, ids, 2048, max_windows=1, progress=False)
+    assert 5 < first.ppl < 60, first.ppl
