@@ -13,9 +13,10 @@
 4. Defaults (`train/train.sh`, README): AdamW lr 8e-6, constant schedule, no weight decay; the authors train 4
    epochs at batch 128 on 8,000 generations of up to 1,024 new tokens — we take a CPU budget (`loop.steps`,
    `generation.*`, `train.seqlen`) and say so in the run's metrics. `loop.steps: 0` records the clipping alone.
+`quant_type: nf3` (3 bits): the authors' NF3 table, positive weights scaled by the group max and negative ones
+by |min| (`SignedLUTWeight`: codes + table + two fp16 scales per group; no packed kernel yet, so "no kernel").
 Simplified, and why: no Alpaca prompts (not in the offline mirror); sequences packed into fixed windows rather
-than padded (no padding to mask); the NF3 variant at 3 bits is not implemented yet (its two-scale level table
-needs a format of its own).
+than padded (no padding to mask).
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ from torch import nn
 
 from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.bits import BitSpec
-from methods.core.clip_search import ClipSearchSettings, clip_model_weights, pad_groups_replicating
-from methods.core.formats import QuantizedWeight
+from methods.core.clip_search import (
+    ClipSearchSettings,
+    asym_minmax_fake_quant,
+    clip_model_weights,
+    pad_groups_replicating,
+)
+from methods.core.formats import QuantizedWeight, SignedLUTWeight
 from methods.core.losses import KL_KINDS, LossSettings, distillation, teacher_confidence
 from methods.core.qat import convert, prepare
 from methods.core.selfdistill import GenerationSettings, cached_generations, pack, select_prompts
@@ -41,6 +47,7 @@ BITDISTILLER_BITS = (2, 3, 4)
 
 @dataclass(frozen=True)
 class BitDistillerConfig:
+    quant_type: str = "int"  # "int" (asymmetric uniform) or "nf3" (3 bits only)
     clip: bool = True
     clip_search: ClipSearchSettings = field(default_factory=ClipSearchSettings)
     data: str = "teacher"  # "teacher": self-distillation generations; "corpus": the plain training windows
@@ -58,8 +65,82 @@ def supports(request: Request) -> None:
         raise UnsupportedBits(f"bitdistiller does not support {bits}: it quantizes weights only (use a16)")
 
 
+def _weight_quantizer(cfg: BitDistillerConfig, bits: int, group: int) -> nn.Module:
+    if cfg.quant_type == "int":
+        return AsymMinMaxSTE(bits, group)
+    if cfg.quant_type == "nf3" and bits == 3:
+        return NF3STE(group)
+    raise ValueError(f"bitdistiller quant_type must be 'int', or 'nf3' at 3 bits; got {cfg.quant_type!r} at {bits}")
+
+
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+NF3_LEVELS = (
+    -1.0,
+    -0.5350227355957031,
+    -0.2469314038753510,
+    0.0,
+    0.1833375245332718,
+    0.3819939494132996,
+    0.6229856610298157,
+    1.0,
+)  # the authors' `SteN2F3Quantizer` table; their thresholds are the midpoints
+
+
+def _nearest_level(q: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level (levels ascending), ties toward the upper level as the authors' `>=` does."""
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(q, midpoints, right=True)
+
+
+class NF3STE(nn.Module):
+    """BitDistiller's NF3 ("n2f3") training quantizer: per group, w ≥ 0 is scaled by max and w < 0 by |min|, each
+    rounded to the nearest of the 8 table levels, straight through. Deviation: scales are floored at 1e-5 (the
+    code divides by zero for a group whose max or min is exactly 0)."""
+
+    bits = 3
+
+    def __init__(self, group: int):
+        super().__init__()
+        self.group = group
+        self.register_buffer("levels", torch.tensor(NF3_LEVELS), persistent=False)
+
+    def _scales(self, grouped: torch.Tensor):
+        pos = grouped.amax(-1, keepdim=True).abs().clamp(min=1e-5).detach()
+        neg = grouped.amin(-1, keepdim=True).abs().clamp(min=1e-5).detach()
+        return pos, neg
+
+    def _codes(self, grouped: torch.Tensor) -> torch.Tensor:
+        pos, neg = self._scales(grouped)
+        q = torch.where(grouped >= 0, grouped / pos, grouped / neg)
+        return _nearest_level(q, self.levels)
+
+    def fake_quant(self, grouped: torch.Tensor) -> torch.Tensor:
+        """Quantized values of groups along the last dim (no gradient path; the clip search's grid)."""
+        pos, neg = self._scales(grouped)
+        level = self.levels[self._codes(grouped)]
+        return level * torch.where(level < 0, neg, pos)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        rows, cols = weight.shape
+        grouped = pad_groups_replicating(weight, self.group)
+        pos, neg = self._scales(grouped)
+        q = torch.where(grouped >= 0, grouped / pos, grouped / neg)
+        level = self.levels[_nearest_level(q.detach(), self.levels)]
+        q = q + (level - q).detach()
+        return (q * torch.where(grouped >= 0, pos, neg)).reshape(rows, -1)[:, :cols]
+
+    @torch.no_grad()
+    def freeze(self, weight: torch.Tensor) -> SignedLUTWeight:
+        rows, cols = weight.shape
+        grouped = pad_groups_replicating(weight.float(), self.group)
+        pos, neg = self._scales(grouped)
+        codes = self._codes(grouped).reshape(rows, -1)[:, :cols]
+        return SignedLUTWeight(
+            codes.to(torch.uint8), self.levels.clone(), neg.squeeze(-1), pos.squeeze(-1), 3, self.group
+        )
 
 
 class AsymMinMaxSTE(nn.Module):
@@ -117,9 +198,14 @@ def quantize(model: nn.Module, cfg: BitDistillerConfig, bits: BitSpec, ctx: Quan
         raise ValueError(f"bitdistiller kd_loss must be one of {', '.join(KL_KINDS)}, got {cfg.kd_loss!r}")
     metrics: dict[str, float] = {}
     teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the FP model, before any clipping
+    _weight_quantizer(cfg, int(bits.w), 1)  # a wrong quant_type fails before any work
     if cfg.clip:
-        metrics.update(clip_model_weights(model, ctx.calibration(), int(bits.w), bits.group, cfg.clip_search))
-    prepare(model, lambda name, weight: AsymMinMaxSTE(int(bits.w), bits.group or weight.shape[1]))
+        if cfg.quant_type == "nf3":
+            grid = NF3STE(1).fake_quant
+        else:
+            grid = lambda groups: asym_minmax_fake_quant(groups, int(bits.w))  # noqa: E731
+        metrics.update(clip_model_weights(model, ctx.calibration(), grid, bits.group, cfg.clip_search))
+    prepare(model, lambda name, weight: _weight_quantizer(cfg, int(bits.w), bits.group or weight.shape[1]))
     loop = cfg.loop
     windows = _training_windows(model, teacher, cfg, ctx, metrics) if loop.steps != 0 else None
     if windows is not None:

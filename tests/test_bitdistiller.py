@@ -38,7 +38,7 @@ def test_clip_search_is_the_authors_search():
     w = torch.randn(8, 64, generator=gen)
     w[0, 3] = 9.0  # an outlier the search should clip
     x = torch.randn(40, 64, generator=gen)
-    ours = search_clip(w, x, 2, 32, ClipSearchSettings())
+    ours = search_clip(w, x, lambda g: asym_minmax_fake_quant(g, 2), 32, ClipSearchSettings())
     theirs = _authors_search(w, x, 2, 32)
     assert torch.allclose(ours[0], theirs[0]) and torch.allclose(ours[1], theirs[1])
     assert ours[0][0, 0] < 9.0  # the outlier's group is clipped
@@ -123,3 +123,23 @@ def test_self_distillation_training_runs_and_logs_gamma(tmp_path):
     assert summary.metrics["selfdistill_prompts"] == 2  # the two rows longer than 512 characters
     assert all(isinstance(m.qweight, QuantizedWeight) for _, _, _, m in decoder_linears(model))
     assert not (tmp_path / "ckpt" / "bitdistiller.pt").exists()  # removed once the run finished
+
+
+def test_nf3_is_the_authors_table_with_a_scale_per_sign():
+    w = torch.tensor([[-2.0, -0.6, -0.2, 0.0, 0.15, 0.5, 0.9, 1.0]])  # group max 1.0, |min| 2.0
+    quantizer = bitdistiller.NF3STE(8)
+    expected = torch.tensor(
+        [[-2.0, -0.2469314038753510 * 2, 0.0, 0.0, 0.1833375245332718, 0.3819939494132996, 1.0, 1.0]]
+    )
+    assert torch.allclose(quantizer(w), expected, atol=1e-6)
+    frozen = quantizer.freeze(w)
+    assert torch.allclose(frozen.dequantize(), expected, atol=1e-6)
+    assert frozen.storage_bits() == 8 * 3 + (8 + 2) * 16  # codes + table + two scales
+
+
+def test_nf3_runs_end_to_end_and_refuses_other_widths(tmp_path):
+    model, _ = tiny_llama(seed=0)
+    bitdistiller.quantize(model, _cfg({"steps": 0}, quant_type="nf3"), BitSpec.parse("w3g32a16kv16"), _ctx(tmp_path))
+    assert all(type(m.qweight).__name__ == "SignedLUTWeight" for _, _, _, m in decoder_linears(model))
+    with pytest.raises(ValueError, match="'nf3' at 3 bits"):
+        bitdistiller.quantize(model, _cfg(quant_type="nf3"), BitSpec.parse("w2g32a16kv16"), _ctx(tmp_path))

@@ -15,6 +15,7 @@ their [rows, tokens, groups, group] intermediate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +53,16 @@ def asym_minmax_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
     return (torch.clamp(torch.round(w / scales) + zeros, 0, max_int) - zeros) * scales
 
 
+FakeQuant = Callable[[torch.Tensor], torch.Tensor]  # groups along the last dim -> their quantized values
+
+
 @torch.no_grad()
 def search_clip(
-    weight: torch.Tensor, inputs: torch.Tensor, bits: int, group: int, settings: ClipSearchSettings
+    weight: torch.Tensor, inputs: torch.Tensor, fake_quant: FakeQuant, group: int, settings: ClipSearchSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max, min) clip bounds, each [rows, n_groups, 1], for `weight` [rows, cols] given `inputs` [tokens, cols]."""
+    """(max, min) clip bounds, each [rows, n_groups, 1], for `weight` [rows, cols] given `inputs` [tokens, cols];
+    `fake_quant` is the grid the clipped groups are quantized on (`asym_minmax_fake_quant` with the bits bound,
+    or BitDistiller's NF3)."""
     w = pad_groups_replicating(weight.float(), group)
     x = nn.functional.pad(inputs.float(), (0, w.shape[1] * group - weight.shape[1]))  # zero inputs: no output
     x = x.reshape(x.shape[0], w.shape[1], group)
@@ -68,7 +74,7 @@ def search_clip(
     min_vals = org_min.unsqueeze(0) * shrink  # every min shrink at once: [steps, rows, groups, 1]
     for i in range(steps):
         max_val = org_max * (1 - i / settings.n_grid)
-        delta = asym_minmax_fake_quant(torch.clamp(w.unsqueeze(0), min_vals, max_val), bits) - w
+        delta = fake_quant(torch.clamp(w.unsqueeze(0), min_vals, max_val)) - w
         errs = torch.einsum("tgk,jrgk->jrgt", x, delta).pow(2).mean(-1, keepdim=True)
         for j in range(steps):  # in the authors' order, so ties resolve as theirs do
             better = errs[j] < best_err
@@ -93,7 +99,11 @@ class _TokenSampler:
 
 @torch.no_grad()
 def clip_model_weights(
-    model: nn.Module, windows: list[torch.Tensor], bits: int, group: int | None, settings: ClipSearchSettings
+    model: nn.Module,
+    windows: list[torch.Tensor],
+    fake_quant: FakeQuant,
+    group: int | None,
+    settings: ClipSearchSettings,
 ) -> dict[str, float]:
     """Search every decoder linear's clips (except q/k) block by block, then clamp the weights. Returns the mean
     fraction of the original range kept, for the record."""
@@ -116,7 +126,8 @@ def clip_model_weights(
         for name, linear in linears.items():
             cols = linear.weight.shape[1]
             features = torch.cat(samplers[name].kept)
-            clips.append((linear, group or cols, *search_clip(linear.weight, features, bits, group or cols, settings)))
+            bounds = search_clip(linear.weight, features, fake_quant, group or cols, settings)
+            clips.append((linear, group or cols, *bounds))
     kept = []
     for linear, group_size, max_val, min_val in clips:  # applied after the walk: every block saw unclipped inputs
         rows, cols = linear.weight.shape

@@ -11,6 +11,8 @@ Implementations:
   Storage: b bits per code + fp16 scale per group + b-bit zero per group (asymmetric only).
 * `LUTWeight` — non-uniform levels: b-bit codes index a table of 2^b levels, per (row, group) (RCP's LDP) or
   one shared table times a per-group fp16 scale (NF3/NF4). Storage: codes + fp16 levels (+ fp16 scales).
+* `SignedLUTWeight` — codes into one shared table in [−1, 1] with separate scales for negative and positive
+  levels per group (BitDistiller's NF3). Storage: codes + table + two fp16 scales per group.
 * `TernaryWeight` — {−1, 0, +1} × per-(row, group) fp16 scale (ParetoQ 1.58 bit). Storage: 5 trits per byte
   (the packed layout: 1.6 bits per weight, the densest byte-aligned one) + scales.
 * `BinaryWeight` — sign × per-(row, group) fp16 scale (ParetoQ 1 bit). Storage: 1 bit per weight + scales.
@@ -155,6 +157,38 @@ class LUTWeight:
 
 
 @dataclass
+class SignedLUTWeight:
+    """b-bit codes into one shared table of levels in [−1, 1]; a negative level is scaled by its group's negative
+    scale and a positive one by its positive scale (BitDistiller's NF3: the group's |min| and max).
+    Storage: codes + the table + two fp16 scales per group. No packed layout or kernel yet."""
+
+    codes: torch.Tensor  # uint8 [out, in], values < 2^bits
+    levels: torch.Tensor  # float [2^bits], ascending
+    neg_scales: torch.Tensor  # float [out, n_groups]
+    pos_scales: torch.Tensor  # float [out, n_groups]
+    bits: int
+    group_size: int
+    format_name: ClassVar[str] = "lut-signed"
+
+    def dequantize(self) -> torch.Tensor:
+        cols = self.codes.shape[1]
+        level = self.levels.float()[self.codes.long()]
+        neg = _per_group(self.neg_scales.float(), self.group_size, cols)
+        pos = _per_group(self.pos_scales.float(), self.group_size, cols)
+        return level * torch.where(level < 0, neg, pos)
+
+    def storage_bits(self) -> int:
+        scales = self.neg_scales.numel() + self.pos_scales.numel()
+        return self.codes.numel() * self.bits + (self.levels.numel() + scales) * SCALE_BITS
+
+    def pack(self) -> None:
+        return None
+
+    def kernel_format(self, a_bits: int) -> KernelFormat | None:
+        return None
+
+
+@dataclass
 class TernaryWeight:
     """Trits {−1, 0, +1} times a per-(row, group) scale."""
 
@@ -199,7 +233,9 @@ class BinaryWeight:
         return None
 
 
-FORMATS: dict[str, type] = {cls.format_name: cls for cls in (QuantizedWeight, LUTWeight, TernaryWeight, BinaryWeight)}
+FORMATS: dict[str, type] = {
+    cls.format_name: cls for cls in (QuantizedWeight, LUTWeight, SignedLUTWeight, TernaryWeight, BinaryWeight)
+}
 
 
 class UnknownFormat(TypeError):
