@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "adamw": lambda groups: torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8),
+    "adamw": lambda groups: torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=True),
     "sgd": lambda groups: torch.optim.SGD(groups, momentum=0.0),
 }
 SCHEDULES = ("constant", "cosine", "linear")
