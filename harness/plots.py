@@ -26,7 +26,9 @@ def plot_pareto(records: list[dict], path: Path) -> None:
         ax.set_xlabel("bits per weight (quantized linears, incl. scales/zeros)")
         ax.set_ylabel("WikiText-2 perplexity (log)")
         windows = group.p_ppl_max_windows.iloc[0]
-        ax.set_title(f"{model} ({'whole test split' if _whole_split(windows) else f'first {windows} windows'})")
+        split = "whole test split" if _whole_split(windows) else f"first {windows} windows"
+        zeroshot = group.p_zs_tasks.iloc[0] not in ("[]", None)
+        ax.set_title(f"{model} ({split}{', runs with zero-shot tasks' if zeroshot else ''})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
