@@ -19,15 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from methods.core.formats import QuantizedWeight
+from methods.core.formats import _pad_to_groups as zero_padded_groups
 
 
 def _pad_to_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
-    """Reshape the last dim into groups of `group_size`, zero-padding the trailing partial group."""
-    cols = x.shape[-1]
-    pad = (-cols) % group_size
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], -1, group_size), cols
+    """Reshape the last dim into groups of `group_size`, zero-padding the trailing partial group; also the width."""
+    return zero_padded_groups(x, group_size), x.shape[-1]
 
 
 def scale_zero(
