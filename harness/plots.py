@@ -16,10 +16,19 @@ def plot_pareto(records: list[dict], path: Path) -> None:
     frame = _frame(records)
     frame = frame[(frame.status == "FINISHED") & frame.ppl.notna() & frame.bpw.notna()]
     groups = sorted(frame.groupby(["model", "protocol"]), key=_section_order) if len(frame) else []
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 4.5), squeeze=False)
-    for ax, ((model, _), group) in zip(axes[0], groups, strict=False):
+    # One colour per method label across all panels, one legend under them (labels can be long: they name
+    # every non-default parameter), panels two to a row.
+    methods = sorted(frame.method.unique()) if len(frame) else []
+    colours = {m: plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i) for i, m in enumerate(methods)}
+    cols = min(2, max(1, len(groups)))
+    rows_n = max(1, -(-len(groups) // cols))
+    legend_in = 0.25 * -(-len(methods) // 2) + 0.3 if methods else 0.0
+    fig, axes = plt.subplots(rows_n, cols, figsize=(7.5 * cols, 5 * rows_n + legend_in), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax, ((model, _), group) in zip(axes.flat, groups, strict=False):
         for method, rows in sorted(group.groupby("method")):
-            ax.scatter(rows.bpw, rows.ppl, label=method)
+            ax.scatter(rows.bpw, rows.ppl, label=method, color=colours[method])
             for row in rows.itertuples():
                 ax.annotate(row.bits, (row.bpw, row.ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_yscale("log")
@@ -30,8 +39,12 @@ def plot_pareto(records: list[dict], path: Path) -> None:
         zeroshot = group.p_zs_tasks.iloc[0] not in ("[]", None)
         ax.set_title(f"{model} ({split}{', runs with zero-shot tasks' if zeroshot else ''})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    if methods:
+        handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[m], label=m) for m in methods]
+        fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, frameon=False)
+        fig.tight_layout(rect=(0, legend_in / (5 * rows_n + legend_in), 1, 1))
+    else:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)

@@ -44,10 +44,14 @@ def method_label(method: str, params: dict[str, str]) -> str:
     import dataclasses
 
     from methods import METHODS
+    from methods.core.params import key_neutral
 
     entry = METHODS.get(method)
     if entry is None:
         return method
+    # A record that logged its parameters but lacks a later-added one ran with its legacy value (methods.core.params).
+    if params:
+        params = {**{k: "null" if v is None else str(v) for k, v in key_neutral(entry.config_cls).items()}, **params}
     changed = []
     for f in dataclasses.fields(entry.config_cls):
         if f.name in params:

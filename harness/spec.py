@@ -118,6 +118,16 @@ class RunSpec:
         legacy = {old: act.params.get(new) for old, new in _LEGACY_ACT.items()}
         return legacy | {old: kv.params.get(new) for old, new in _LEGACY_KV.items()}
 
+    def _keyed_method_params(self) -> dict[str, Any]:
+        """The method's parameters, less those added after runs were recorded while they hold the value those
+        runs implicitly had (`methods.core.params.added_later`): old records keep their keys."""
+        from methods import METHODS
+        from methods.core.params import key_neutral
+
+        entry = METHODS.get(self.method)
+        neutral = key_neutral(entry.config_cls) if entry is not None else {}
+        return {k: v for k, v in self.method_params.items() if not (k in neutral and v == neutral[k])}
+
     def key_fields(self) -> dict[str, Any]:
         legacy = self._legacy_plugins()
         plugins = {}
@@ -129,7 +139,7 @@ class RunSpec:
         return {
             "model": asdict(self.model),
             "method": self.method,
-            "method_params": dict(sorted({**self.method_params, **(legacy or {})}.items())),
+            "method_params": dict(sorted({**self._keyed_method_params(), **(legacy or {})}.items())),
             **plugins,
             "bits": str(self.bits),
             "calib": asdict(self.calib),

@@ -2,13 +2,16 @@
 
 Pipeline (paper §4, Fig. 3–4):
 1. fold RMSNorm weights into the next linears, untie embeddings (§3 "computational invariance");
-2. R1: randomized Hadamard on the residual stream, fused into embeddings, all linears and lm_head;
+2. R1: randomized Hadamard Q = diag(s)·H on the residual stream (random signs first, as the authors' code),
+   fused into embeddings, all linears and lm_head;
 3. R2: Hadamard per value head, fused into v_proj and o_proj; online Hadamard across heads before o_proj,
    so o_proj's input sees H_nh ⊗ H_hd (for SmolLM2's 9 heads no order-9 Hadamard exists: a fixed random
    orthogonal 9×9 block is used instead — still exact invariance, see `hadamard.small_factor`);
 4. R4: online Hadamard before down_proj, its inverse fused into down_proj (order 1536 = 12·128 exact);
 5. R3: online Hadamard on queries and keys after RoPE, so the quantized keys are rotated (§4.3);
-6. weights by GPTQ (default) or RTN — symmetric per channel (or group g), clip searched by MSE (`w_clip`);
+6. weights by GPTQ (default; the authors' settings: no act-order, damp 0.01, fp32 solve; `true_sequential`
+   is their code's order, an option here) or RTN — symmetric per channel (or group g), max|w| / (2^(b-1) - 1),
+   clip searched by MSE (`w_clip`);
    activations per-token symmetric, clip 0.9, at every decoder linear's input (after its online transform);
    KV cache asymmetric, group = head_dim, clip 0.95 (§5 settings) — the `act=rtn` / `kv=rtn` plug-ins with
    QuaRot's clip ratios from `conf/{act,kv}_recipe/quarot-rtn.yaml`. Embeddings and lm_head stay 16-bit.
@@ -31,6 +34,7 @@ from methods.core.attention import attention_states
 from methods.core.bits import BitSpec, check_integer_weight_bits
 from methods.core.gptq import GPTQSettings, quantize_model_gptq
 from methods.core.hadamard import random_hadamard_matrix, random_orthogonal_matrix, small_factor
+from methods.core.params import added_later
 from methods.core.qlinear import QLinear, quantize_decoder_linears
 from methods.core.quantizers import WeightQuantizer
 from methods.core.rotation import (
@@ -49,6 +53,11 @@ class QuaRotConfig(GPTQSettings):
     weights: str = "gptq"  # "gptq" or "rtn"
     w_sym: bool = True
     w_mse_clip: bool = True
+    act_order: bool = False  # the authors' fake_quant default (--act_order off); GPTQ's own default is on
+    w_sym_grid: str = added_later("absmax", legacy="absmax")  # the authors' symmetric grid: max|w| / (2^(b-1) - 1)
+    # diag(s)·H (the authors': random signs before the Hadamard); false = H·diag(s), which this harness used
+    # before and which leaves |x Q| independent of the seed (kept to re-create rows recorded with it)
+    signs_first: bool = added_later(True, legacy=False)
 
 
 def supports(request: Request) -> None:
@@ -65,7 +74,7 @@ def supports(request: Request) -> None:
         )
 
 
-def rotate(model: nn.Module, rotation: str, seed: int) -> dict[str, str]:
+def rotate(model: nn.Module, rotation: str, seed: int, signs_first: bool = True) -> dict[str, str]:
     """R1 (randomized Hadamard, or random orthogonal) and R2 = Hadamard per value head fused by the shared
     `rotate_model`; then QuaRot's online transforms: heads mixed before o_proj, R4 before down_proj, R3 on
     queries and keys. Returns notes on which transforms are exact Hadamards."""
@@ -73,7 +82,7 @@ def rotate(model: nn.Module, rotation: str, seed: int) -> dict[str, str]:
     config = model.config
     hidden, heads, head_dim = config.hidden_size, arch.num_heads(config), arch.head_dim(config)
     if rotation == "hadamard":
-        r1 = random_hadamard_matrix(hidden, seed)
+        r1 = random_hadamard_matrix(hidden, seed, signs_first=signs_first)
     elif rotation == "random":
         r1 = random_orthogonal_matrix(hidden, seed)
     else:
@@ -100,9 +109,11 @@ def rotate(model: nn.Module, rotation: str, seed: int) -> dict[str, str]:
 def quantize(model: nn.Module, cfg: QuaRotConfig, bits: BitSpec, ctx: QuantContext) -> QuantSummary:
     if cfg.weights not in ("gptq", "rtn"):
         raise ValueError(f"quarot weights must be 'gptq' or 'rtn', got {cfg.weights!r}")
-    summary = QuantSummary(notes=rotate(model, cfg.rotation, ctx.seed))
+    summary = QuantSummary(notes=rotate(model, cfg.rotation, ctx.seed, cfg.signs_first))
     if bits.quantizes_weights:
-        quantizer = WeightQuantizer(int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip)
+        quantizer = WeightQuantizer(
+            int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip, sym_grid=cfg.w_sym_grid
+        )
         if cfg.weights == "gptq":
             summary.metrics.update(quantize_model_gptq(model, ctx.calibration(), quantizer, cfg))
         else:

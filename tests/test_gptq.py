@@ -51,3 +51,59 @@ def test_dead_inputs_get_zero_weight():
     h[:, 5] = 0
     q = gptq_quantize(w, h, WeightQuantizer(4, None, sym=True))
     assert torch.all(q.dequantize()[:, 5] == 0)
+
+
+def test_fp32_solve_matches_the_fp64_solve():
+    """The reference code solves in fp32; ours did in fp64. Same codes almost everywhere, same objective."""
+    w, h = _problem()
+    quantizer = WeightQuantizer(3, 32)
+    q32 = gptq_quantize(w, h, quantizer, act_order=True, dtype=torch.float32)
+    q64 = gptq_quantize(w, h, quantizer, act_order=True, dtype=torch.float64)
+    assert (q32.codes == q64.codes).float().mean() > 0.99
+    e32, e64 = (reconstruction_error(w, q.dequantize(), h) for q in (q32, q64))
+    assert abs(e32 - e64) / e64 < 0.01
+
+
+def test_true_sequential_groups_follow_the_shared_inputs(tiny):
+    from methods.core.arch import arch_of
+    from methods.core.gptq import sequential_groups
+
+    model, _ = tiny
+    arch = arch_of(model)
+    names = list(arch.block_linears(arch.layers(model)[0]))
+    q, k, v, o, gate, up, down = names
+    assert sequential_groups(arch, names, True) == [[q, k, v], [o], [gate, up], [down]]
+    assert sequential_groups(arch, names, False) == [names]
+
+
+def test_sink_weight_scales_the_first_positions_rows_of_the_hessian():
+    from torch import nn
+
+    from methods.core.calibrate import HessianCollector
+
+    lin = nn.Linear(6, 3)
+    x = torch.randn(2, 5, 6)
+    plain, weighted = HessianCollector({"l": lin}, {}), HessianCollector({"l": lin}, {}, sink_weight=9.0)
+    lin(x)
+    plain.remove()
+    weighted.remove()
+    first = x[:, 0].reshape(-1, 6)
+    expected = plain.hessian("l") + (2.0 / 10) * 8.0 * (first.T @ first).double()
+    torch.testing.assert_close(weighted.hessian("l"), expected, rtol=1e-5, atol=1e-6)  # x xᵀ summed in fp32
+
+
+@pytest.mark.parametrize("overrides", [{"true_sequential": True}, {"sink_weight": 16.0}])
+def test_gptq_options_run_on_a_model_and_change_its_weights(tiny, overrides):
+    from methods.core.gptq import GPTQSettings, quantize_model_gptq
+
+    gen = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, 256, (1, 32), generator=gen) for _ in range(4)]
+    results = []
+    for settings in (GPTQSettings(), GPTQSettings(**overrides)):
+        from harness.models import tiny_llama
+
+        model, _ = tiny_llama(seed=0)
+        totals = quantize_model_gptq(model, windows, WeightQuantizer(3, 16), settings)
+        assert totals["gptq_objective"] < totals["rtn_objective"]
+        results.append(model.model.layers[1].self_attn.o_proj.weight.detach().clone())
+    assert not torch.equal(*results)

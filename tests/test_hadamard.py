@@ -48,3 +48,17 @@ def test_random_hadamard_is_seeded_and_orthogonal():
     a, b, c = random_hadamard_matrix(96, 0), random_hadamard_matrix(96, 0), random_hadamard_matrix(96, 1)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.allclose(a @ a.T, torch.eye(96, dtype=torch.float64), atol=1e-12)
+
+
+def test_random_signs_act_before_the_hadamard_so_the_seed_changes_magnitudes():
+    """Q = diag(s)·H (the authors'): |x Q| depends on the seed. H·diag(s) (the old, wrong order) only flips the
+    signs of x H, so every seed gives the same magnitudes — the randomisation did nothing for a quantizer."""
+    x = torch.randn(8, 96, dtype=torch.float64)
+    q0, q1 = random_hadamard_matrix(96, 0), random_hadamard_matrix(96, 1)
+    assert not torch.allclose((x @ q0).abs(), (x @ q1).abs(), atol=1e-6)
+    h = hadamard_matrix(96)
+    signs = torch.diagonal(q0 @ h.T)  # Q Hᵀ = diag(s)
+    assert torch.equal(signs.abs().round(), torch.ones(96, dtype=torch.float64))
+    assert torch.allclose(q0, torch.diag(signs) @ h, atol=1e-12)
+    old0, old1 = (random_hadamard_matrix(96, seed, signs_first=False) for seed in (0, 1))
+    assert torch.allclose((x @ old0).abs(), (x @ old1).abs(), atol=1e-12)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -7,6 +8,7 @@ from methods.core.quantizers import (
     dequantize_codes,
     fake_quantize,
     fake_quantize_dynamic,
+    quantize_codes,
     scale_zero,
 )
 
@@ -82,3 +84,18 @@ def test_symmetric_grid_uses_qmax_of_signed_range():
     x = torch.tensor([[-1.0, 0.5, 1.0]])
     scale, zero = scale_zero(x, 4, sym=True)
     assert torch.allclose(scale, torch.tensor([[1.0 / 7]])) and float(zero) == 0.0
+
+
+def test_full_range_symmetric_grid_is_gptqs_minmax_grid_with_zero_at_the_middle():
+    """GPTQ's reference symmetric grid: min/max over [-a, a] with 2^b - 1 steps and zero at 2^(b-1), i.e.
+    scale a / (2^(b-1) - 1/2); every one of the 16 codes is reachable and -a lands on the lowest one."""
+    a = 1.3
+    x = torch.linspace(-a, a, 401).reshape(1, -1)
+    scale, zero = scale_zero(x, 4, sym=True, sym_grid="full_range")
+    assert torch.allclose(scale, torch.tensor([[2 * a / 15]])) and float(zero) == 0.0
+    codes = quantize_codes(x, scale, zero, 4, True)
+    assert codes.unique().numel() == 16 and float(codes.min()) == -8
+    absmax_codes = quantize_codes(x, *scale_zero(x, 4, sym=True), 4, True)
+    assert absmax_codes.unique().numel() == 15  # the absmax grid never uses -8
+    with pytest.raises(ValueError, match="sym_grid must be one of absmax, full_range"):
+        scale_zero(x, 4, sym=True, sym_grid="midrise")

@@ -18,6 +18,7 @@ from harness.cli_sweep import CONF_DIR
 from harness.runner import apply, build_plugins, spec_from_config
 from methods import METHODS
 from methods.base import QuantContext
+from methods.core.params import key_neutral, legacy_values
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "prerefactor_logits.json").read_text())
 
@@ -36,7 +37,9 @@ def _compose(overrides):
 def test_logits_identical_to_before_the_refactor(case, tiny):
     method, bits, params = case.split("/", 2)
     overrides = [f"method={method}", f"bits={bits}", "model=tiny-llama"]
-    overrides += [f"method.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in json.loads(params).items()]
+    # Parameters added (or whose default changed) since then, at the value the recorded code had.
+    params = {**legacy_values(METHODS[method].config_cls), **json.loads(params)}
+    overrides += [f"method.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()]
     spec = _compose(overrides)
     model, _ = tiny
     entry = METHODS[method]
@@ -63,7 +66,9 @@ def _record_overrides(rec):
     ]
     if p["zs_tasks"] not in ("[]", None):
         overrides += ["eval=fast" if p["zs_limit"] == "200" else "eval=full", f"eval.zeroshot.limit={p['zs_limit']}"]
-    for name, value in rec["method_params"].items():
+    # A parameter added after the record was made: the record ran with its legacy value.
+    added = {k: str(v) for k, v in key_neutral(METHODS[rec["method"]].config_cls).items()}
+    for name, value in {**added, **rec["method_params"]}.items():
         if name.startswith(("a_", "kv_")):
             group, key = ("act", name[2:]) if name.startswith("a_") else ("kv", name[3:])
             overrides.append(f"{group}.{key}={value.lower() if value in ('True', 'False') else value}")

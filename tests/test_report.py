@@ -17,6 +17,9 @@ PROTOCOL = {
     "zs_limit": "null",
 }
 
+# QuaRot's parameters added after earlier records (a record lacking them is labelled with their legacy values).
+QUAROT_NOW = {"signs_first": "True", "solve_dtype": "float32"}
+
 
 def _record(key, method, bits, ppl, status="FINISHED", start=1, params=None, error=""):
     metrics = (
@@ -77,7 +80,7 @@ def test_leaderboard_is_deterministic_and_sorted():
 
 
 def test_method_label_names_non_default_params():
-    assert method_label("quarot", {"weights": "rtn", "a_clip_ratio": "0.9"}) == "quarot (weights=rtn)"
+    assert method_label("quarot", {"weights": "rtn", **QUAROT_NOW}) == "quarot (weights=rtn)"
     assert method_label("rtn", {"w_sym": "False"}) == "rtn"
 
 
@@ -101,7 +104,7 @@ def test_overview_pivots_settings_by_method_and_bolds_the_best():
         _record("fp", "rtn", "w16a16kv16", 10.0),
         _record("g3", "gptq", "w3g128a16kv16", 12.0),
         _record("r3", "rtn", "w3g128a16kv16", 15.0),
-        _record("q3", "quarot", "w3g128a16kv16", 11.0, params={"weights": "rtn"}),
+        _record("q3", "quarot", "w3g128a16kv16", 11.0, params={"weights": "rtn", **QUAROT_NOW}),
         _record("r2", "rtn", "w2a4kv4", 900.0),
         _record("g2", "gptq", "w2a4kv4", None, status="FAILED", error="boom"),
     ]
@@ -120,3 +123,11 @@ def test_overview_splits_a_method_run_at_two_calibration_budgets():
     board = render_leaderboard([small, big])
     assert "| bits | gptq [128 × 2048] | gptq [16 × 2048] |" in board
     assert "| `w4g128a16kv16` | **30.00** | 31.00 |" in board
+
+
+def test_a_record_made_before_a_parameter_existed_is_labelled_with_its_legacy_value():
+    """QuaRot rows recorded before `signs_first` existed ran with H·diag(s): the label says so, so they never
+    share a row label with runs of the corrected rotation."""
+    old = {"rotation": "hadamard", "weights": "gptq", "w_sym": "True", "act_order": "False"}
+    assert method_label("quarot", old) == "quarot (solve_dtype=float64, signs_first=False)"
+    assert method_label("quarot", {**old, **QUAROT_NOW}) == "quarot"

@@ -85,10 +85,12 @@ class HessianCollector:
     """Accumulates H = 2/N Σ x xᵀ over all N calibration tokens at the input of each given linear (GPTQ Eq. 2).
 
     The input seen is the one the weight multiplies: after the module's online transform, if it has one.
+    `sink_weight` ≠ 1 weights the rows of each sequence's first position (the attention sink) by that factor:
+    H = 2/N Σ w_t x_t x_tᵀ (an option of `methods.core.gptq`; 1 is GPTQ's Eq. 2).
     """
 
-    def __init__(self, linears: dict[str, nn.Module], shared: dict[str, str]):
-        self.shared = shared
+    def __init__(self, linears: dict[str, nn.Module], shared: dict[str, str], sink_weight: float = 1.0):
+        self.shared, self.sink_weight = shared, sink_weight
         self.hessians: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self._handles = [
@@ -101,6 +103,9 @@ class HessianCollector:
             transform = getattr(module, "input_transform", None)
             if transform is not None:
                 x = transform(x)
+            if self.sink_weight != 1.0 and x.dim() == 3:
+                x = x.clone()
+                x[:, 0] *= self.sink_weight**0.5
             x = x.reshape(-1, x.shape[-1]).float()
             if name not in self.hessians:
                 self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)

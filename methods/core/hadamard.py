@@ -118,11 +118,20 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return hadamard_transform(torch.eye(n, dtype=torch.float64)).T.to(dtype)
 
 
-def random_hadamard_matrix(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """QuaRot's randomized Hadamard: H · diag(s) with seeded random signs s ∈ {±1}ⁿ (orthonormal)."""
+def random_hadamard_matrix(
+    n: int, seed: int, dtype: torch.dtype = torch.float64, signs_first: bool = True
+) -> torch.Tensor:
+    """QuaRot's randomized Hadamard Q = diag(s) · H with seeded random signs s ∈ {±1}ⁿ (orthonormal), applied as
+    x ↦ x Q = (x ∘ s) H: the signs act *before* the mixing, as in the authors' code (Hadamard applied to the rows
+    of diag(s)), so they change which combinations of x the rotated coordinates hold.
+
+    `signs_first=False` gives H · diag(s), the version this harness used before: x H diag(s) only flips the
+    signs of the rotated coordinates, so |x Q| — all a quantizer sees — does not depend on the seed. Kept only
+    to re-create runs recorded with it."""
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
-    return (hadamard_matrix(n) * signs[None, :]).to(dtype)
+    h = hadamard_matrix(n)
+    return (signs[:, None] * h if signs_first else h * signs[None, :]).to(dtype)
 
 
 def random_orthogonal_matrix(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -4,8 +4,12 @@ Conventions (those of GPTQ / QuaRot reference code, and of auto-round):
 * asymmetric, `b` bits: range [min(x, 0), max(x, 0)] scaled by `clip_ratio`,
   scale = (max - min) / (2^b - 1), zero = round(-min / scale), q = clamp(round(x / scale) + zero, 0, 2^b - 1),
   x̂ = scale · (q - zero).
-* symmetric, `b` bits: scale = clip_ratio · max|x| / (2^(b-1) - 1), q = clamp(round(x / scale), -2^(b-1), 2^(b-1) - 1),
-  x̂ = scale · q (codes are stored offset by 2^(b-1) so they are unsigned).
+* symmetric, `b` bits, two conventions (`sym_grid`), both q = clamp(round(x / scale), -2^(b-1), 2^(b-1) - 1),
+  x̂ = scale · q (codes are stored offset by 2^(b-1) so they are unsigned):
+  - "absmax" (QuaRot's, this harness's default): scale = clip_ratio · max|x| / (2^(b-1) - 1): ±max|x| land on
+    ±(2^(b-1) - 1), so the lowest code -2^(b-1) is never used;
+  - "full_range" (GPTQ's reference code and llm-compressor: a min/max grid over [-max|x|, max|x|] with the zero
+    point at 2^(b-1)): scale = clip_ratio · max|x| / (2^(b-1) - 1/2), every code used, +max|x| clipped by half a step.
 The range always contains 0, so zero-padding a trailing partial group changes nothing: that is how
 per-group statistics handle widths that are not a multiple of the group size (e.g. 576 with g128).
 An all-zero group gets scale 1 (every code maps back to 0).
@@ -27,15 +31,20 @@ def _pad_to_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]
     return zero_padded_groups(x, group_size), x.shape[-1]
 
 
+SYM_GRIDS = ("absmax", "full_range")
+
+
 def scale_zero(
-    x: torch.Tensor, bits: int, sym: bool, clip_ratio: float | torch.Tensor = 1.0
+    x: torch.Tensor, bits: int, sym: bool, clip_ratio: float | torch.Tensor = 1.0, sym_grid: str = "absmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for a reduction over the last dim (keepdim). Zero is 0 for symmetric grids."""
     xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
     xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
     if sym:
+        if sym_grid not in SYM_GRIDS:
+            raise ValueError(f"sym_grid must be one of {', '.join(SYM_GRIDS)}, got {sym_grid!r}")
         absmax = torch.maximum(xmin.abs(), xmax)
-        scale = absmax / (2 ** (bits - 1) - 1)
+        scale = absmax / (2 ** (bits - 1) - (0.5 if sym_grid == "full_range" else 1))
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         return scale, torch.zeros_like(scale)
     scale = (xmax - xmin) / (2**bits - 1)
@@ -113,17 +122,18 @@ class WeightQuantizer:
     mse_grid: int = 100
     mse_min_ratio: float = 0.2
     mse_norm: float = 2.4
+    sym_grid: str = "absmax"  # symmetric grids only: "absmax" or "full_range" (module docstring)
 
     def group_params(self, w_grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale/zero for weights already shaped [..., group]; picks the MSE-best clip if asked."""
         if not self.mse_clip:
-            return scale_zero(w_grouped, self.bits, self.sym, self.clip_ratio)
+            return scale_zero(w_grouped, self.bits, self.sym, self.clip_ratio, self.sym_grid)
         best_err = torch.full(w_grouped.shape[:-1] + (1,), math.inf, device=w_grouped.device)
-        best_scale, best_zero = scale_zero(w_grouped, self.bits, self.sym, 1.0)
+        best_scale, best_zero = scale_zero(w_grouped, self.bits, self.sym, 1.0, self.sym_grid)
         steps = int(round((1 - self.mse_min_ratio) * self.mse_grid))
         for i in range(steps + 1):
             ratio = 1.0 - i / self.mse_grid
-            scale, zero = scale_zero(w_grouped, self.bits, self.sym, ratio)
+            scale, zero = scale_zero(w_grouped, self.bits, self.sym, ratio, self.sym_grid)
             err = (fake_quantize(w_grouped, scale, zero, self.bits, self.sym) - w_grouped).abs()
             err = err.pow(self.mse_norm).sum(dim=-1, keepdim=True)
             better = err < best_err
