@@ -84,9 +84,16 @@ def _calib_cell(rec: dict) -> str:
 
 
 def _speedup_cell(rec: dict) -> str:
+    """End-to-end batch-1 generation (deployed mode) where it ran, marked "e2e"; else one block's linears."""
+    metrics = rec["metrics"]
+    if "deploy.decode.speedup" in metrics:
+        on_kernel, total = int(metrics["deploy.linears_on_kernel"]), int(metrics["deploy.linears_total"])
+        if on_kernel == 0:
+            return "no kernel"
+        coverage = "" if on_kernel == total else f" ({on_kernel}/{total} linears)"
+        return f"{metrics['deploy.prefill.speedup']:.2f}× / {metrics['deploy.decode.speedup']:.2f}× e2e{coverage}"
     if rec.get("latency_format") == "none":
         return "no kernel"
-    metrics = rec["metrics"]
     prefill, decode = metrics.get("latency.prefill.speedup"), metrics.get("latency.decode.speedup")
     if prefill is None and decode is None:
         return "–"
@@ -163,7 +170,9 @@ def _section_header(group: pd.DataFrame) -> list[str]:
     lines.append(
         "- `packed b/w`: bytes of the deployed packed layout (int32 code words, int3 = 10 codes per word); "
         "`speedup` = dense 16-bit time / kernel time of one decoder block's linears, prefill (2048 tokens) / "
-        "decode (1 token), median over repetitions (min–max in runs.jsonl); – = no kernel for the format"
+        "decode (1 token), median over repetitions (min–max in runs.jsonl); – = no kernel for the format; "
+        '"e2e" = deployed mode (`eval=deploy`): batch-1 generation tokens/s of the packed model over the bf16 '
+        "model, prefill / decode"
     )
     tasks = zeroshot_tasks(group)
     if tasks:

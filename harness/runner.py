@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from harness.evaluate.perplexity import perplexity
 from harness.spec import (
     BitSpec,
     CalibSpec,
+    DeploySpec,
     LatencySpec,
     ModelSpec,
     PerplexitySpec,
@@ -81,6 +83,9 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         data.check_calib_spec(CalibSpec(train.dataset, train.windows, train.seqlen))
     lat_cfg = OmegaConf.to_container(cfg.eval.latency, resolve=True) if "latency" in cfg.eval else {"enabled": False}
     latency = LatencySpec(**{**lat_cfg, "tokens": tuple(lat_cfg.get("tokens", LatencySpec.tokens))})
+    deploy = (
+        DeploySpec(**OmegaConf.to_container(cfg.eval.deploy, resolve=True)) if "deploy" in cfg.eval else DeploySpec()
+    )
     return RunSpec(
         model=model,
         method=method,
@@ -96,6 +101,7 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         train=train,
         data_dir=cfg.data_dir,
         latency=latency,
+        deploy=deploy,
     )
 
 
@@ -214,6 +220,8 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
     )
     if spec.zeroshot.tasks:
         _zeroshot(spec, model, tokenizer, tracker)
+    if spec.deploy.enabled:
+        _deploy(spec, model, token_ids, tracker)
 
 
 def make_context(spec: RunSpec, tokenizer, drawn: list[int] | None = None, log_step=None) -> QuantContext:
@@ -276,6 +284,51 @@ def _latency(spec: RunSpec, model, tracker: Tracker) -> None:
         tags["latency.dense_dtype"],
         metrics.get("latency.prefill.speedup", float("nan")),
         metrics.get("latency.decode.speedup", float("nan")),
+    )
+
+
+def _deploy(spec: RunSpec, model, token_ids, tracker: Tracker) -> None:
+    """Deployed mode: packed kernels, the perplexity check (a mismatch fails the run), generation speed."""
+    from harness.evaluate import deploy
+
+    settings = spec.deploy
+    window_ppl = perplexity(model, token_ids, spec.ppl.seqlen, 1, settings.windows).ppl
+    reference = deploy.bf16_copy(model)
+    reference_ppl = perplexity(reference, token_ids, spec.ppl.seqlen, 1, settings.windows).ppl
+    del reference
+    summary = deploy.deploy(model)
+    deployed_ppl = perplexity(model, token_ids, spec.ppl.seqlen, 1, settings.windows).ppl
+    metrics = {
+        "deploy.windows": float(settings.windows),
+        "deploy.fake_fp32_ppl": window_ppl,
+        "deploy.fake_bf16_ppl": reference_ppl,
+        "deploy.ppl": deployed_ppl,
+        "deploy.linears_on_kernel": float(summary.linears_on_kernel),
+        "deploy.linears_total": float(summary.linears_total),
+    }
+    tags = {"deploy.kernels": json.dumps(summary.on_kernel), "deploy.fallback": json.dumps(summary.fallback)}
+    tracker.set_tags(tags)
+    tracker.log_metrics(metrics)
+    metrics["deploy.ppl_rel_diff"] = deploy.check_perplexity(deployed_ppl, reference_ppl, settings.tolerance)
+    sixteen_bit, _ = models.load(spec.model)
+    prompt = token_ids.reshape(-1)[: settings.prompt_tokens].reshape(1, -1)
+    speed = deploy.generation_speed(
+        model, sixteen_bit.to(deploy.DEPLOY_DTYPE), prompt, settings.new_tokens, settings.reps
+    )
+    tracker.log_metrics({"deploy.ppl_rel_diff": metrics["deploy.ppl_rel_diff"], **speed})
+    log.info(
+        "%s: deployed (%d/%d linears on kernels %s): PPL %.4f vs fake-quant bf16 %.4f; decode %.1f tok/s "
+        "(%.2fx bf16), prefill %.1f tok/s (%.2fx)",
+        run_name(spec),
+        summary.linears_on_kernel,
+        summary.linears_total,
+        tags["deploy.kernels"],
+        deployed_ppl,
+        reference_ppl,
+        speed["deploy.deploy.decode_tok_s"],
+        speed["deploy.decode.speedup"],
+        speed["deploy.deploy.prefill_tok_s"],
+        speed["deploy.prefill.speedup"],
     )
 
 

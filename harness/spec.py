@@ -78,6 +78,20 @@ class LatencySpec:
 
 
 @dataclass(frozen=True)
+class DeploySpec:
+    """Deployed mode (harness/evaluate/deploy.py): packed kernels, a perplexity check on the first `windows`
+    windows (relative `tolerance` to the fake-quant model in the same dtype), generation speed at batch 1.
+    Measurements and a check, so not in the run key."""
+
+    enabled: bool = False
+    windows: int = 2
+    tolerance: float = 0.001
+    prompt_tokens: int = 128
+    new_tokens: int = 32
+    reps: int = 3
+
+
+@dataclass(frozen=True)
 class PluginSpec:
     """An act/KV quantizer plug-in: its registry name and parameters."""
 
@@ -109,6 +123,7 @@ class RunSpec:
     # Not part of the key:
     data_dir: str | None = field(default=None, compare=False)
     latency: LatencySpec = field(default_factory=LatencySpec, compare=False)
+    deploy: DeploySpec = field(default_factory=DeploySpec, compare=False)
 
     def _legacy_plugins(self) -> dict[str, Any] | None:
         """The plug-ins as pre-plug-in method parameters, or None if they cannot be written that way."""

@@ -131,3 +131,18 @@ def test_a_record_made_before_a_parameter_existed_is_labelled_with_its_legacy_va
     old = {"rotation": "hadamard", "weights": "gptq", "w_sym": "True", "act_order": "False"}
     assert method_label("quarot", old) == "quarot (solve_dtype=float64, signs_first=False)"
     assert method_label("quarot", {**old, **QUAROT_NOW}) == "quarot"
+
+
+def test_speedup_column_prefers_the_deployed_end_to_end_figure_and_says_its_coverage():
+    from harness.report import _speedup_cell
+
+    rec = _record("d", "rtn", "w4g128a16kv16", 12.0)
+    rec["metrics"].update({"latency.prefill.speedup": 0.7, "latency.decode.speedup": 0.1})
+    assert _speedup_cell(rec) == "0.70× / 0.10×"
+    deployed = {"deploy.prefill.speedup": 0.5, "deploy.decode.speedup": 1.6, "deploy.linears_total": 210.0}
+    rec["metrics"].update({**deployed, "deploy.linears_on_kernel": 210.0})
+    assert _speedup_cell(rec) == "0.50× / 1.60× e2e"
+    rec["metrics"]["deploy.linears_on_kernel"] = 180.0
+    assert _speedup_cell(rec) == "0.50× / 1.60× e2e (180/210 linears)"
+    rec["metrics"]["deploy.linears_on_kernel"] = 0.0
+    assert _speedup_cell(rec) == "no kernel"

@@ -1,0 +1,161 @@
+"""Deployed mode (`eval=deploy`): the quantized model run on packed weights and real kernels, checked and timed.
+
+1. `deploy(model)`: every fake-quant decoder linear whose format a kernel runs is replaced by a
+   `DeployedLinear` holding only the packed weight (`kernels.cpu_packed`: PyTorch's int4/int8 packed CPU
+   kernels for weight-only formats, the integer GEMM for per-channel weights with per-token symmetric
+   activations); the rest of the model is cast to bf16, the dtype those kernels are fast in. A linear with no
+   kernel (LUT, ternary, group-wise weights with quantized activations, asymmetric activations...) keeps its
+   fake-quant path and is counted: the run reports how many linears ran on a kernel.
+2. Perplexity on the first `windows` windows must equal that of the fake-quant model evaluated in the same
+   dtype (bf16) within `tolerance` (0.1%): a mismatch fails the run. The fp32 fake-quant PPL of the same windows
+   is logged beside it, so the cost of bf16 itself shows.
+3. Generation at batch 1 (greedy, KV cache): prefill tokens/s of a `prompt_tokens` prompt and decode tokens/s
+   of `new_tokens` tokens, the deployed model against the 16-bit (bf16) model, alternated `reps` times in one
+   process; medians and their ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kernels.cpu_packed import DEPLOY_DTYPE, Int4CPUWeight, Int8CPUWeight, IntGemmCPUWeight
+from methods.core.arch import decoder_linears
+from methods.core.formats import QuantizedWeight
+from methods.core.qlinear import QLinear
+from methods.core.quantizers import DynamicQuantizer
+
+
+class DeploymentMismatch(RuntimeError):
+    """The deployed model's perplexity differs from the fake-quant model's beyond the tolerance."""
+
+
+class DeployedLinear(nn.Module):
+    """y = kernel(T(x)) + b: the online transform (if any), then the packed weight's kernel (which quantizes
+    the activations itself when its format does)."""
+
+    def __init__(self, kernel, bias: torch.Tensor | None, input_transform=None):
+        super().__init__()
+        self.kernel = kernel
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(DEPLOY_DTYPE), requires_grad=False)
+        self.input_transform = input_transform
+        self.in_features, self.out_features = kernel.in_features, kernel.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        y = self.kernel.matmul(x).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, {self.kernel.name}"
+
+
+def kernel_for(module: QLinear):
+    """The packed weight that runs this linear on a CPU kernel, or (None, reason)."""
+    qweight, act = module.qweight, module.act_quant
+    if not isinstance(qweight, QuantizedWeight):
+        return None, f"format {type(qweight).__name__}" if qweight is not None else "16-bit weight"
+    if act is None or act.bits >= 16:
+        kernel = Int4CPUWeight.from_quantized(qweight) or Int8CPUWeight.from_quantized(qweight)
+        return (kernel, "") if kernel else (None, f"w{qweight.bits} g{qweight.group_size} weight-only")
+    if not isinstance(act, DynamicQuantizer) or not act.sym or act.group_size is not None:
+        return None, "activations not per-token symmetric"
+    kernel = IntGemmCPUWeight.from_quantized(qweight, act.bits, act.clip_ratio)
+    return (kernel, "") if kernel else (None, f"w{qweight.bits} g{qweight.group_size} with a{act.bits}")
+
+
+@dataclass
+class DeploySummary:
+    on_kernel: dict[str, int] = field(default_factory=dict)  # kernel name -> linears
+    fallback: dict[str, int] = field(default_factory=dict)  # reason -> linears kept fake-quant
+
+    @property
+    def linears_on_kernel(self) -> int:
+        return sum(self.on_kernel.values())
+
+    @property
+    def linears_total(self) -> int:
+        return self.linears_on_kernel + sum(self.fallback.values())
+
+
+def deploy(model: nn.Module) -> DeploySummary:
+    """Swap every decoder QLinear a kernel runs for its DeployedLinear (in place) and cast the model to bf16."""
+    summary = DeploySummary()
+    for _, parent, attr, module in list(decoder_linears(model)):
+        if not isinstance(module, QLinear):
+            summary.fallback["16-bit linear"] = summary.fallback.get("16-bit linear", 0) + 1
+            continue
+        kernel, reason = kernel_for(module)
+        if kernel is None:
+            summary.fallback[reason] = summary.fallback.get(reason, 0) + 1
+            continue
+        setattr(parent, attr, DeployedLinear(kernel, module.bias, module.input_transform))
+        summary.on_kernel[kernel.name] = summary.on_kernel.get(kernel.name, 0) + 1
+    model.to(DEPLOY_DTYPE)
+    return summary
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers ≥ 5.x names the KV cache `cache` (in and out); older versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def _generate_times(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds for the prompt, decode seconds for `new_tokens` greedy tokens), batch 1, KV cache."""
+    keyword = _cache_keyword(model)
+    start = time.perf_counter()
+    out = model(prompt, use_cache=True)
+    prefill = time.perf_counter() - start
+    cache, token = out[keyword], out.logits[:, -1:].argmax(-1)
+    if cache is None:
+        raise RuntimeError(f"the model returned no KV cache ({keyword}); decode speed needs one")
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, use_cache=True, **{keyword: cache})
+        cache, token = out[keyword], out.logits[:, -1:].argmax(-1)
+    return prefill, time.perf_counter() - start
+
+
+def generation_speed(
+    deployed: nn.Module, sixteen_bit: nn.Module, prompt: torch.Tensor, new_tokens: int, reps: int
+) -> dict[str, float]:
+    """Prefill and decode tokens/s of both models, alternated in one process after a warm-up of each."""
+    _generate_times(deployed, prompt[:, :8], 2)
+    _generate_times(sixteen_bit, prompt[:, :8], 2)
+    times: dict[str, list[tuple[float, float]]] = {"deploy": [], "bf16": []}
+    for _ in range(reps):
+        times["deploy"].append(_generate_times(deployed, prompt, new_tokens))
+        times["bf16"].append(_generate_times(sixteen_bit, prompt, new_tokens))
+    metrics = {}
+    for name, runs in times.items():
+        metrics[f"deploy.{name}.prefill_tok_s"] = prompt.shape[1] / statistics.median(t[0] for t in runs)
+        metrics[f"deploy.{name}.decode_tok_s"] = new_tokens / statistics.median(t[1] for t in runs)
+    for phase in ("prefill", "decode"):
+        metrics[f"deploy.{phase}.speedup"] = (
+            metrics[f"deploy.deploy.{phase}_tok_s"] / metrics[f"deploy.bf16.{phase}_tok_s"]
+        )
+    return metrics
+
+
+def check_perplexity(deployed_ppl: float, fake_ppl: float, tolerance: float) -> float:
+    """Relative difference; raises DeploymentMismatch beyond `tolerance`."""
+    rel = abs(deployed_ppl - fake_ppl) / fake_ppl
+    if rel > tolerance:
+        raise DeploymentMismatch(
+            f"deployed-mode PPL {deployed_ppl:.4f} differs from the fake-quant PPL {fake_ppl:.4f} in bf16 by "
+            f"{100 * rel:.3f}% (> {100 * tolerance:.2f}%): a packed format or kernel does not match its format"
+        )
+    return rel
+
+
+def bf16_copy(model: nn.Module) -> nn.Module:
+    """The fake-quant model in bf16 (the deployed model's reference), leaving `model` as it is."""
+    return copy.deepcopy(model).to(DEPLOY_DTYPE)

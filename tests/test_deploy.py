@@ -1,0 +1,103 @@
+"""Deployed mode: packed CPU kernels equal their formats, and the deployed model equals the fake-quant one."""
+
+import copy
+
+import pytest
+import torch
+
+from harness.evaluate.deploy import DeploymentMismatch, bf16_copy, check_perplexity, deploy
+from kernels.cpu_packed import Int4CPUWeight, Int8CPUWeight, IntGemmCPUWeight, int4_kernel_group
+from methods import METHODS
+from methods.core.quantizers import DynamicQuantizer, WeightQuantizer
+from tests.compose import quantize
+
+
+def _weight(rows=48, cols=192, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def _x(cols=192, tokens=5):
+    return torch.randn(tokens, cols, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("group, sym", [(32, False), (128, False), (None, True), (None, False), (64, True)])
+def test_int4_kernel_equals_the_dequantized_weight(group, sym):
+    """192 columns with g128 is 1.5 groups: the kernel runs groups of 64 repeating each group's scale/offset."""
+    skew = 0.0 if sym else 0.1  # asymmetric groups far from zero-centred: zero points far from 8
+    qweight = WeightQuantizer(4, group, sym=sym).quantize(_weight() + skew)
+    assert sym or (qweight.zeros - 8).abs().mean() > 3
+    kernel = Int4CPUWeight.from_quantized(qweight)
+    assert kernel is not None and kernel.kernel_group == int4_kernel_group(group or 192, 192)
+    x = _x()
+    expected = x @ qweight.dequantize().T
+    out = kernel.matmul(x).float()
+    assert (out - expected).abs().max() < 0.02 * expected.abs().max()  # bf16 activations and scales
+
+
+def test_int4_kernel_refuses_what_it_cannot_run():
+    assert Int4CPUWeight.from_quantized(WeightQuantizer(3, 32).quantize(_weight())) is None  # 3-bit codes
+    assert Int4CPUWeight.from_quantized(WeightQuantizer(4, 48).quantize(_weight())) is None  # 48: no kernel group
+    assert int4_kernel_group(128, 200) is None and int4_kernel_group(128, 576) == 64
+
+
+def test_int8_kernel_equals_the_dequantized_weight_and_needs_a_symmetric_per_channel_grid():
+    qweight = WeightQuantizer(8, None, sym=True).quantize(_weight())
+    x = _x()
+    expected = x @ qweight.dequantize().T
+    out = Int8CPUWeight.from_quantized(qweight).matmul(x).float()
+    assert (out - expected).abs().max() < 0.01 * expected.abs().max()
+    assert Int8CPUWeight.from_quantized(WeightQuantizer(8, 64, sym=True).quantize(_weight())) is None
+    assert Int8CPUWeight.from_quantized(WeightQuantizer(8, None, sym=False).quantize(_weight())) is None
+
+
+@pytest.mark.parametrize("w_bits, a_bits, sym, clip", [(4, 4, True, 0.9), (4, 4, False, 1.0), (4, 8, True, 1.0)])
+def test_integer_gemm_equals_fake_quantized_activations_times_weights(w_bits, a_bits, sym, clip):
+    qweight = WeightQuantizer(w_bits, None, sym=sym).quantize(_weight())
+    kernel = IntGemmCPUWeight.from_quantized(qweight, a_bits, clip)
+    x = _x()
+    expected = DynamicQuantizer(a_bits, True, clip)(x) @ qweight.dequantize().T
+    torch.testing.assert_close(kernel.matmul(x), expected, rtol=1e-4, atol=1e-5)
+    assert IntGemmCPUWeight.from_quantized(WeightQuantizer(4, 64).quantize(_weight()), 4, 1.0) is None
+
+
+CASES = [
+    ("rtn", "w4g32a16kv16", {}, "int4pack-cpu"),
+    ("rtn", "w4a16kv16", {"w_sym": True}, "int4pack-cpu"),
+    ("rtn", "w8a16kv16", {"w_sym": True}, "int8pack-cpu"),
+    ("rtn", "w4a4kv16", {}, "int-gemm-cpu"),
+    ("quarot", "w4a4kv4", {"weights": "rtn"}, "int-gemm-cpu"),
+]
+
+
+@pytest.mark.parametrize("method, bits, params, kernel", CASES)
+def test_deployed_model_equals_the_fake_quant_model(tiny, method, bits, params, kernel):
+    from harness.evaluate.perplexity import perplexity
+
+    """The deployed model's logits differ from the fake-quant model's in bf16 by no more than bf16 arithmetic
+    itself moves them (fake-quant bf16 vs fp32; 4-bit activations flip codes on such noise, so both are ~6% on
+    a random model with a16 ~0.5%); a wrong scale or offset mapping gives ~100%."""
+    model, _ = tiny
+    quantize(model, method, METHODS[method].make_config(method, params), bits)
+    reference = bf16_copy(model)
+    fp32 = copy.deepcopy(model)
+    summary = deploy(model)
+    assert summary.on_kernel == {kernel: summary.linears_total} and not summary.fallback
+    ids = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_logits, dep_logits, fp32_logits = (m(ids).logits.float() for m in (reference, model, fp32))
+    bf16_noise = (ref_logits - fp32_logits).norm() / fp32_logits.norm()
+    assert (dep_logits - ref_logits).norm() / ref_logits.norm() < 1.5 * bf16_noise
+    ppl_ref, ppl_dep = perplexity(reference, ids, 128).ppl, perplexity(model, ids, 128).ppl
+    assert check_perplexity(ppl_dep, ppl_ref, 0.001) <= 0.001
+
+
+def test_a_format_without_a_kernel_keeps_its_fake_quant_path(tiny):
+    model, _ = tiny
+    quantize(model, "rtn", METHODS["rtn"].make_config("rtn", {}), "w2g32a16kv16")
+    summary = deploy(model)
+    assert summary.linears_on_kernel == 0 and summary.fallback == {"w2 g32 weight-only": summary.linears_total}
+
+
+def test_a_perplexity_mismatch_fails_with_a_message_naming_the_cause():
+    with pytest.raises(DeploymentMismatch, match="packed format or kernel"):
+        check_perplexity(10.1, 10.0, 0.001)
