@@ -1,4 +1,5 @@
-"""`python -m harness bench forward|load|kernels|runs`: model load time; fake-quantized vs FP forward time;
+"""`python -m harness bench forward|eval|quantize|load|kernels|runs`: model load time; fake-quantized vs FP forward
+time; the perplexity evaluator vs the bare forward (`eval`); a method's quantization time (`quantize`);
 packed-format kernels against dense matmuls (kernels/bench.py); `runs` measures the per-run latency
 (harness/evaluate/latency.py) of finished runs in the tracking store that were logged without it.
 
@@ -61,6 +62,86 @@ def forward_overhead(model_name: str, method: str, bits: str, seqlen: int, reps:
         "fp": fp_times,
         "quant": q_times,
         "ratio_median": statistics.median(q_times) / statistics.median(fp_times),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _compose_run(model_name: str, method: str, bits: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli_sweep import CONF_DIR
+    from harness.runner import check_supported, spec_from_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model_name}", f"method={method}", f"bits={bits}", *overrides])
+    run = spec_from_config(cfg)
+    check_supported(run)
+    return run
+
+
+def bench_quantize(model_name: str, method: str, bits: str, overrides: list[str], ppl_windows: int) -> dict:
+    """One method's quantization exactly as a run does it (`runner.apply`), timed: drawing the calibration
+    windows, then the method (calibration forwards, statistics, solve); the layer objective it reports; and,
+    if `ppl_windows` > 0, WikiText-2 PPL on the first windows (a quick check that speed did not cost accuracy)."""
+    from harness import data
+    from harness.evaluate.perplexity import perplexity
+    from harness.runner import apply, build_plugins
+
+    run = _compose_run(model_name, method, bits, overrides)
+    model, tokenizer = models.load(run.model)
+    start = time.perf_counter()
+    windows = data.calibration_windows(run.calib, tokenizer, run.seed, run.data_dir)
+    data_seconds = time.perf_counter() - start
+    entry = METHODS[method]
+    act, kv = build_plugins(run)
+    config = entry.make_config(f"method {method!r}", run.method_params)
+    start = time.perf_counter()
+    summary = apply(model, entry, config, run.bits, QuantContext(run.seed, lambda: windows, act=act, kv=kv))
+    result = {
+        "calib": f"{len(windows)} x {run.calib.seqlen}",
+        "data_seconds": data_seconds,
+        "quantize_seconds": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
+        **summary.metrics,
+    }
+    if ppl_windows > 0:
+        ids = data.ppl_token_ids(run.ppl.dataset, tokenizer, run.data_dir)
+        result["ppl"] = perplexity(model, ids, run.ppl.seqlen, 1, ppl_windows, progress=False).ppl
+        result["ppl_windows"] = ppl_windows
+    return result
+
+
+def eval_overhead(model_name: str, windows: int, seqlen: int, reps: int) -> dict:
+    """The perplexity evaluator (harness/evaluate/perplexity.py) against the bare forward pass (`model(ids)`,
+    logits returned, nothing else) over the same WikiText-2 windows, alternated `reps` times after a warm-up."""
+    from harness import data
+    from harness.evaluate.perplexity import perplexity
+
+    run = _compose_run(model_name, "rtn", "w16a16kv16", [])
+    model, tokenizer = models.load(run.model)
+    ids = data.ppl_token_ids(run.ppl.dataset, tokenizer, run.data_dir)
+    batches = ids[0, : windows * seqlen].reshape(windows, 1, seqlen)
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for batch in batches:
+                model(batch, use_cache=False)
+        return time.perf_counter() - start
+
+    def evaluator() -> float:
+        return perplexity(model, ids, seqlen, 1, windows, progress=False).seconds
+
+    bare(), evaluator()
+    bare_times, eval_times = [], []
+    for _ in range(reps):
+        bare_times.append(bare())
+        eval_times.append(evaluator())
+    return {
+        "bare": bare_times,
+        "eval": eval_times,
+        "ratio_median": statistics.median(eval_times) / statistics.median(bare_times),
+        "tokens": windows * seqlen,
         "threads": torch.get_num_threads(),
     }
 
@@ -134,7 +215,7 @@ def _bench_runs(tracking_uri: str, experiment: str, reps: int, device: str) -> i
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness bench")
-    parser.add_argument("what", choices=["forward", "load", "kernels", "runs"])
+    parser.add_argument("what", choices=["forward", "eval", "quantize", "load", "kernels", "runs"])
     parser.add_argument("--models", default="smollm2-135m,llama-2-7b", help="kernels: comma list of shape sets")
     parser.add_argument("--tokens", default="1,2048", help="kernels: comma list of token counts")
     parser.add_argument("--device", default="cpu", help="kernels: cpu, or cuda for the Triton kernels")
@@ -143,7 +224,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--bits", default="w4a4kv4")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args(argv)
+    parser.add_argument("--windows", type=int, default=4, help="eval: WikiText-2 windows timed per repetition")
+    parser.add_argument("--ppl-windows", type=int, default=0, help="quantize: PPL on the first windows afterwards")
+    parser.add_argument(
+        "overrides", nargs="*", help="quantize: config overrides as a run takes them (calib.nsamples=128 ...)"
+    )
+    args = parser.parse_intermixed_args(argv)
     if args.method not in METHODS:
         print(f"error: unknown method {args.method!r}; valid: {', '.join(sorted(METHODS))}", file=sys.stderr)
         return 2
@@ -165,11 +251,34 @@ def main(argv: list[str]) -> int:
         return _bench_runs(uri, DEFAULT_EXPERIMENT, args.reps, args.device)
     if args.what == "load":
         return _bench_load(args.model, args.reps)
-    overrides = ["method.weights=rtn"] if args.method == "quarot" else []
-    result = forward_overhead(args.model, args.method, args.bits, args.seqlen, args.reps, overrides)
 
     def row(name, times):
         return f"| {name} | {min(times):.3f} | {statistics.median(times):.3f} | {max(times):.3f} |"
+
+    if args.what == "quantize":
+        result = bench_quantize(args.model, args.method, args.bits, args.overrides, args.ppl_windows)
+        print(f"quantize {args.model} with {args.method} {args.bits} {' '.join(args.overrides)}")
+        print(
+            "\n".join(
+                f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}"
+                for name, value in result.items()
+            )
+        )
+        return 0
+    if args.what == "eval":
+        result = eval_overhead(args.model, args.windows, args.seqlen, args.reps)
+        print(
+            f"{args.model}: {args.windows} windows of {args.seqlen}, fp32, "
+            f"{result['threads']} threads, {args.reps} reps"
+        )
+        print("| pass | min s | median s | max s |\n|---|---:|---:|---:|")
+        print(row("bare forward (logits)", result["bare"]))
+        print(row("perplexity evaluator", result["eval"]))
+        tok_s = result["tokens"] / statistics.median(result["eval"])
+        print(f"median ratio: {result['ratio_median']:.3f}x the bare forward; evaluator {tok_s:.0f} tokens/s")
+        return 0
+    overrides = ["method.weights=rtn"] if args.method == "quarot" else []
+    result = forward_overhead(args.model, args.method, args.bits, args.seqlen, args.reps, overrides)
 
     print(f"forward of {args.model}, 1 x {args.seqlen} tokens, fp32, {result['threads']} threads, {args.reps} reps")
     print("| model | min s | median s | max s |\n|---|---:|---:|---:|")
