@@ -16,10 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from harness.records import export_records, merge_records, read_records, write_records
 from harness.spec import BitSpec
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+
+CLAIMS_DIR = Path(__file__).resolve().parent.parent / "conf" / "claims"
 
 # Calibration is a property of a row (what the method read), not of the evaluation: sections group runs by
 # the evaluation protocol only, and the `calib` column says what each method used.
@@ -321,7 +324,7 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"{board_path} matches {records_path} ({len(read_records(records_path))} runs)")
         return 0
-    from harness.plots import plot_pareto
+    from harness.plots import plot_pareto, plot_paretoq
 
     fresh = export_records(args.tracking_uri, args.experiment)
     kept = read_records(out / "runs.jsonl") if (out / "runs.jsonl").exists() else []
@@ -329,6 +332,9 @@ def main(argv: list[str]) -> int:
     write_records(records, out / "runs.jsonl")
     (out / "leaderboard.md").write_text(render_leaderboard(records), encoding="utf-8")
     plot_pareto(records, out / "pareto.png")
+    claims = OmegaConf.to_container(OmegaConf.load(CLAIMS_DIR / "paretoq.yaml"))
+    if plot_paretoq(records, claims, out / "paretoq.png"):
+        print(f"wrote {out / 'paretoq.png'}")
     print(
         f"wrote {out / 'runs.jsonl'} ({len(records)} runs: {len(fresh)} from {args.tracking_uri}, "
         f"{len(records) - len(fresh)} kept from the file), {out / 'leaderboard.md'}, {out / 'pareto.png'}"

@@ -146,3 +146,22 @@ def test_speedup_column_prefers_the_deployed_end_to_end_figure_and_says_its_cove
     assert _speedup_cell(rec) == "0.50× / 1.60× e2e (180/210 linears)"
     rec["metrics"]["deploy.linears_on_kernel"] = 0.0
     assert _speedup_cell(rec) == "no kernel"
+
+
+def test_paretoq_plot_puts_our_runs_beside_the_papers_numbers(tmp_path):
+    from omegaconf import OmegaConf
+
+    from harness.plots import paretoq_points, plot_paretoq
+    from harness.report import CLAIMS_DIR
+
+    claims = OmegaConf.to_container(OmegaConf.load(CLAIMS_DIR / "paretoq.yaml"))
+    assert claims["wikitext2_ppl"]["1.58"] == 20.0 and claims["model"] == "MobileLLM-125M"
+    records = [_record("fp", "rtn", "w16a16kv16", 21.6)]
+    assert not plot_paretoq(records, claims, tmp_path / "p.png")  # no ParetoQ run: no plot
+    for key, bits, ppl, bpw in (("q2", "w2a16kv16", 60.0, 2.03), ("q1", "w1a16kv16", 900.0, 1.03)):
+        rec = _record(key, "paretoq", bits, ppl)
+        rec["metrics"]["bits_per_weight"] = bpw
+        records.append(rec)
+    assert [bits for bits, _, _ in paretoq_points(records, "m")] == ["w1a16kv16", "w2a16kv16", "w16a16kv16"]
+    assert plot_paretoq([{**r, "model": "smollm2-135m"} for r in records], claims, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
