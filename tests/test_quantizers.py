@@ -99,3 +99,13 @@ def test_full_range_symmetric_grid_is_gptqs_minmax_grid_with_zero_at_the_middle(
     assert absmax_codes.unique().numel() == 15  # the absmax grid never uses -8
     with pytest.raises(ValueError, match="sym_grid must be one of absmax, full_range"):
         scale_zero(x, 4, sym=True, sym_grid="midrise")
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(), clip=st.sampled_from([1.0, 0.9]), seed=st.integers(0, 99))
+def test_fast_per_token_path_equals_the_reference_formula(bits, sym, clip, seed):
+    """The activation quantizer's fewer-pass path gives exactly what scale_zero + fake_quantize give."""
+    x = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(seed)) * 3
+    x[0, 0] = 0  # an all-zero token
+    reference = fake_quantize(x, *scale_zero(x, bits, sym, clip), bits, sym)
+    assert torch.equal(fake_quantize_dynamic(x, bits, sym, clip_ratio=clip), reference)

@@ -38,8 +38,16 @@ def scale_zero(
     x: torch.Tensor, bits: int, sym: bool, clip_ratio: float | torch.Tensor = 1.0, sym_grid: str = "absmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for a reduction over the last dim (keepdim). Zero is 0 for symmetric grids."""
-    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
-    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
+    return _scale_zero_of_range(
+        x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True), bits, sym, clip_ratio, sym_grid
+    )
+
+
+def _scale_zero_of_range(
+    lowest: torch.Tensor, highest: torch.Tensor, bits: int, sym: bool, clip_ratio, sym_grid: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    xmin = lowest.clamp(max=0) * clip_ratio
+    xmax = highest.clamp(min=0) * clip_ratio
     if sym:
         if sym_grid not in SYM_GRIDS:
             raise ValueError(f"sym_grid must be one of {', '.join(SYM_GRIDS)}, got {sym_grid!r}")
@@ -83,12 +91,24 @@ def fake_quantize_dynamic(
     dtype = x.dtype
     xf = x.float()
     if group_size is None or group_size >= x.shape[-1]:
-        scale, zero = scale_zero(xf, bits, sym, clip_ratio)
-        return fake_quantize(xf, scale, zero, bits, sym).to(dtype)
+        return _fake_quantize_rows(xf, bits, sym, clip_ratio).to(dtype)
     grouped, cols = _pad_to_groups(xf, group_size)
     scale, zero = scale_zero(grouped, bits, sym, clip_ratio)
     out = fake_quantize(grouped, scale, zero, bits, sym).reshape(*x.shape[:-1], -1)[..., :cols]
     return out.to(dtype)
+
+
+def _fake_quantize_rows(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float) -> torch.Tensor:
+    """`fake_quantize(x, *scale_zero(x, bits, sym, clip_ratio), bits, sym)` — the same operations on the same
+    values, so the same result — in fewer passes over x: one min/max reduction, then one division into a fresh
+    tensor rounded, clamped and rescaled in place (the activation quantizer runs at every linear's input)."""
+    lowest, highest = torch.aminmax(x, dim=-1, keepdim=True)
+    scale, zero = _scale_zero_of_range(lowest, highest, bits, sym, clip_ratio, "absmax")
+    lo, hi = code_range(bits, sym)
+    out = torch.div(x, scale).round_()
+    if sym:
+        return out.clamp_(lo, hi).mul_(scale)
+    return out.add_(zero).clamp_(lo, hi).sub_(zero).mul_(scale)
 
 
 @dataclass(frozen=True)
