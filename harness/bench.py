@@ -225,6 +225,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--windows", type=int, default=4, help="eval: WikiText-2 windows timed per repetition")
+    parser.add_argument("--eager", action="store_true", help="forward: act/KV quantizers without torch.compile")
     parser.add_argument("--ppl-windows", type=int, default=0, help="quantize: PPL on the first windows afterwards")
     parser.add_argument(
         "overrides", nargs="*", help="quantize: config overrides as a run takes them (calib.nsamples=128 ...)"
@@ -277,12 +278,16 @@ def main(argv: list[str]) -> int:
         tok_s = result["tokens"] / statistics.median(result["eval"])
         print(f"median ratio: {result['ratio_median']:.3f}x the bare forward; evaluator {tok_s:.0f} tokens/s")
         return 0
+    from methods.core.quantizers import compile_quantizers
+
+    compile_quantizers(not args.eager)  # as evaluation runs them (eval.compile_quantizers)
     overrides = ["method.weights=rtn"] if args.method == "quarot" else []
     result = forward_overhead(args.model, args.method, args.bits, args.seqlen, args.reps, overrides)
 
     print(f"forward of {args.model}, 1 x {args.seqlen} tokens, fp32, {result['threads']} threads, {args.reps} reps")
     print("| model | min s | median s | max s |\n|---|---:|---:|---:|")
     print(row("FP", result["fp"]))
-    print(row(f"{args.method} {args.bits} (fake-quant)", result["quant"]))
+    quantizers = "eager" if args.eager else "compiled"
+    print(row(f"{args.method} {args.bits} (fake-quant, {quantizers} act/KV quantizers)", result["quant"]))
     print(f"median ratio: {result['ratio_median']:.2f}x FP")
     return 0

@@ -31,6 +31,7 @@ from methods import METHODS
 from methods.act import ACT_QUANTIZERS
 from methods.base import QuantContext, Request
 from methods.core.arch import ARCHS
+from methods.core.quantizers import compile_quantizers
 from methods.kv import KV_QUANTIZERS
 
 log = logging.getLogger("quantbench")
@@ -102,6 +103,7 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         data_dir=cfg.data_dir,
         latency=latency,
         deploy=deploy,
+        compile_quantizers=bool(cfg.eval.get("compile_quantizers", False)),
     )
 
 
@@ -195,6 +197,7 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
         _latency(spec, model, tracker)
 
     model.to(models.torch_dtype(spec.ppl.dtype))
+    compile_quantizers(spec.compile_quantizers)
     token_ids = data.ppl_token_ids(spec.ppl.dataset, tokenizer, spec.data_dir)
     with PeakRSS() as rss_eval:
         result = perplexity(model, token_ids, spec.ppl.seqlen, spec.ppl.batch_size, spec.ppl.max_windows)

@@ -124,6 +124,7 @@ class RunSpec:
     data_dir: str | None = field(default=None, compare=False)
     latency: LatencySpec = field(default_factory=LatencySpec, compare=False)
     deploy: DeploySpec = field(default_factory=DeploySpec, compare=False)
+    compile_quantizers: bool = field(default=False, compare=False)  # bit-identical; speed only
 
     def _legacy_plugins(self) -> dict[str, Any] | None:
         """The plug-ins as pre-plug-in method parameters, or None if they cannot be written that way."""

@@ -109,3 +109,27 @@ def test_fast_per_token_path_equals_the_reference_formula(bits, sym, clip, seed)
     x[0, 0] = 0  # an all-zero token
     reference = fake_quantize(x, *scale_zero(x, bits, sym, clip), bits, sym)
     assert torch.equal(fake_quantize_dynamic(x, bits, sym, clip_ratio=clip), reference)
+
+
+def test_compiled_act_and_kv_quantizers_are_bit_identical_to_eager(tiny):
+    """torch.compile'd per-token quantizer (evaluation's default) = eager, on tensors and through a W4A4KV4 model."""
+    from methods.core.quantizers import compile_quantizers
+    from tests.compose import quantize
+
+    x = torch.randn(1, 37, 96, generator=torch.Generator().manual_seed(0)) * 4
+    eager = [fake_quantize_dynamic(x, 4, True, 0.9), fake_quantize_dynamic(x, 4, False, 0.95)]
+    model, _ = tiny
+    from methods import METHODS
+
+    quantize(model, "rtn", METHODS["rtn"].make_config("rtn", {}), "w4a4kv4")
+    ids = torch.arange(60).reshape(1, 60) % 250
+    with torch.no_grad():
+        eager_logits = model(ids).logits
+    try:
+        compile_quantizers(True)
+        assert torch.equal(fake_quantize_dynamic(x, 4, True, 0.9), eager[0])
+        assert torch.equal(fake_quantize_dynamic(x, 4, False, 0.95), eager[1])
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, eager_logits)
+    finally:
+        compile_quantizers(False)

@@ -79,6 +79,19 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return dequantize_codes(quantize_codes(x, scale, zero, bits, sym), scale, zero)
 
 
+_COMPILED_ROWS: dict[str, object] = {"enabled": False, "fn": None}
+
+
+def compile_quantizers(enabled: bool = True) -> None:
+    """Run the per-token activation/KV fake quantizer through `torch.compile`: one fused pass instead of five
+    over the activations (on this CPU ~4x faster at 2048 x 1536). Inductor keeps the true division and the
+    round-half-to-even of the eager code, so values are identical (tests compare bit for bit); the harness turns
+    it on for evaluation (`eval.compile_quantizers`), training and tests run eager."""
+    _COMPILED_ROWS["enabled"] = enabled
+    if enabled and _COMPILED_ROWS["fn"] is None:
+        _COMPILED_ROWS["fn"] = torch.compile(_fake_quantize_rows)
+
+
 def fake_quantize_dynamic(
     x: torch.Tensor, bits: int, sym: bool, clip_ratio: float = 1.0, group_size: int | None = None
 ) -> torch.Tensor:
@@ -91,7 +104,8 @@ def fake_quantize_dynamic(
     dtype = x.dtype
     xf = x.float()
     if group_size is None or group_size >= x.shape[-1]:
-        return _fake_quantize_rows(xf, bits, sym, clip_ratio).to(dtype)
+        rows = _COMPILED_ROWS["fn"] if _COMPILED_ROWS["enabled"] and not xf.requires_grad else _fake_quantize_rows
+        return rows(xf, bits, sym, clip_ratio).to(dtype)
     grouped, cols = _pad_to_groups(xf, group_size)
     scale, zero = scale_zero(grouped, bits, sym, clip_ratio)
     out = fake_quantize(grouped, scale, zero, bits, sym).reshape(*x.shape[:-1], -1)[..., :cols]
