@@ -4,7 +4,8 @@ For every linear shape of the chosen models (SmolLM2-135M and Llama-2-7B by defa
 and prefill (2048 tokens): min / median / max over repetitions after a warm-up, in one process, with the
 speedup = dense median / format median; "16-bit" is bf16 on CPU and fp16 on CUDA. CPU: a warmed-up
 `perf_counter` timer; W8A8 and W4A4 run on `torch._int_mm` (int8 × int8 -> int32; CPUs have no int4 GEMM,
-so W4A4 moves int4 values in int8 lanes), weight-only formats dequantize then matmul in bf16. CUDA
+so W4A4 moves int4 values in int8 lanes), weight-only formats dequantize then matmul in bf16 (the reference
+path), and `w4g128-int4pack` / `w8-int8pack` run PyTorch's packed CPU kernels (deployed mode's path). CUDA
 (`--device cuda`): the Triton kernels, timed with `triton.testing.do_bench`.
 """
 
@@ -155,11 +156,29 @@ def pack_on(fmt: KernelFormat, weight: torch.Tensor, device: str) -> PackedLinea
     return packed
 
 
+def _cpu_packed(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """PyTorch's packed CPU kernels (deployed mode's weight-only path, `kernels.cpu_packed`), bf16 activations:
+    int4 g128 asymmetric and int8 per-channel symmetric, on RTN-quantized copies of the weight."""
+    from kernels.cpu_packed import Int4CPUWeight, Int8CPUWeight
+    from methods.core.quantizers import WeightQuantizer
+
+    x16 = x.to(torch.bfloat16)
+    calls = {}
+    int4 = Int4CPUWeight.from_quantized(WeightQuantizer(4, 128).quantize(weight))
+    if int4 is not None:
+        calls["w4g128-int4pack"] = lambda: int4.matmul(x16)
+    int8 = Int8CPUWeight.from_quantized(WeightQuantizer(8, None, sym=True).quantize(weight))
+    calls["w8-int8pack"] = lambda: int8.matmul(x16)
+    return calls
+
+
 def _formats(x: torch.Tensor, weight: torch.Tensor, device: str) -> dict[str, Callable[[], object]]:
     w16, x16 = weight.to(dense_dtype(device)), x.to(dense_dtype(device))
     fmts: dict[str, Callable[[], object]] = {"fp32": lambda: x @ weight.T, "16-bit": lambda: x16 @ w16.T}
     for fmt in BENCH_FORMATS:
         fmts[fmt.name] = kernel_call(fmt, x, pack_on(fmt, weight, device), device)
+    if device == "cpu":
+        fmts.update(_cpu_packed(x, weight))
     return fmts
 
 
