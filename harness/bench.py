@@ -111,6 +111,32 @@ def bench_quantize(model_name: str, method: str, bits: str, overrides: list[str]
     return result
 
 
+def bench_deploy(model_name: str, method: str, bits: str, overrides: list[str], windows: int, reps: int):
+    """Deployed mode outside a run (no whole-split PPL): quantize as a run does, then
+    `harness.evaluate.deploy.evaluate_deployed` — the PPL check on the first `windows` windows and batch-1
+    generation against the bf16 model. Returns (metrics, tags)."""
+    import dataclasses
+
+    from harness import data
+    from harness.evaluate.deploy import evaluate_deployed
+    from harness.runner import apply, build_plugins
+
+    run = _compose_run(model_name, method, bits, overrides)
+    model, tokenizer = models.load(run.model)
+    entry = METHODS[method]
+    act, kv = build_plugins(run)
+    config = entry.make_config(f"method {method!r}", run.method_params)
+
+    def calibration():
+        return data.calibration_windows(run.calib, tokenizer, run.seed, run.data_dir)
+
+    apply(model, entry, config, run.bits, QuantContext(run.seed, calibration, act=act, kv=kv))
+    token_ids = data.ppl_token_ids(run.ppl.dataset, tokenizer, run.data_dir)
+    sixteen_bit, _ = models.load(run.model)
+    settings = dataclasses.replace(run.deploy, windows=windows, reps=reps)
+    return evaluate_deployed(model, sixteen_bit, token_ids, run.ppl.seqlen, settings)
+
+
 def eval_overhead(model_name: str, windows: int, seqlen: int, reps: int) -> dict:
     """The perplexity evaluator (harness/evaluate/perplexity.py) against the bare forward pass (`model(ids)`,
     logits returned, nothing else) over the same WikiText-2 windows, alternated `reps` times after a warm-up."""
@@ -215,7 +241,7 @@ def _bench_runs(tracking_uri: str, experiment: str, reps: int, device: str) -> i
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness bench")
-    parser.add_argument("what", choices=["forward", "eval", "quantize", "load", "kernels", "runs"])
+    parser.add_argument("what", choices=["forward", "eval", "quantize", "deploy", "load", "kernels", "runs"])
     parser.add_argument("--models", default="smollm2-135m,llama-2-7b", help="kernels: comma list of shape sets")
     parser.add_argument("--tokens", default="1,2048", help="kernels: comma list of token counts")
     parser.add_argument("--device", default="cpu", help="kernels: cpu, or cuda for the Triton kernels")
@@ -264,6 +290,32 @@ def main(argv: list[str]) -> int:
                 f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}"
                 for name, value in result.items()
             )
+        )
+        return 0
+    if args.what == "deploy":
+        windows = args.ppl_windows or 2
+        metrics, tags = bench_deploy(args.model, args.method, args.bits, args.overrides, windows, args.reps)
+        print(
+            f"deployed {args.model} {args.method} {args.bits} {' '.join(args.overrides)}: "
+            f"kernels {tags['deploy.kernels']}"
+        )
+        print(f"linears on a kernel: {metrics['deploy.linears_on_kernel']:.0f}/{metrics['deploy.linears_total']:.0f}")
+        print(
+            f"PPL, first {windows} windows: fake-quant fp32 {metrics['deploy.fake_fp32_ppl']:.4f}, fake-quant bf16 "
+            f"{metrics['deploy.fake_bf16_ppl']:.4f}, deployed {metrics['deploy.ppl']:.4f} "
+            f"({100 * metrics['deploy.ppl_rel_diff']:.4f}% off)"
+        )
+        if "deploy.error" in tags:
+            print("error: deployed PPL differs from the fake-quant PPL by more than the tolerance", file=sys.stderr)
+            return 1
+        print("| model | prefill tok/s | decode tok/s |\n|---|---:|---:|")
+        for name in ("bf16", "deploy"):
+            label = "16-bit (bf16)" if name == "bf16" else f"{args.method} {args.bits} deployed"
+            prefill, decode = metrics[f"deploy.{name}.prefill_tok_s"], metrics[f"deploy.{name}.decode_tok_s"]
+            print(f"| {label} | {prefill:.1f} | {decode:.1f} |")
+        print(
+            f"speedup vs bf16 (median of {args.reps}): prefill {metrics['deploy.prefill.speedup']:.2f}x, "
+            f"decode {metrics['deploy.decode.speedup']:.2f}x"
         )
         return 0
     if args.what == "eval":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -291,47 +290,28 @@ def _latency(spec: RunSpec, model, tracker: Tracker) -> None:
 
 
 def _deploy(spec: RunSpec, model, token_ids, tracker: Tracker) -> None:
-    """Deployed mode: packed kernels, the perplexity check (a mismatch fails the run), generation speed."""
+    """Deployed mode: packed kernels, the perplexity check (a mismatch fails the run, its numbers logged first),
+    generation speed against the bf16 model."""
     from harness.evaluate import deploy
 
-    settings = spec.deploy
-    window_ppl = perplexity(model, token_ids, spec.ppl.seqlen, 1, settings.windows).ppl
-    reference = deploy.bf16_copy(model)
-    reference_ppl = perplexity(reference, token_ids, spec.ppl.seqlen, 1, settings.windows).ppl
-    del reference
-    summary = deploy.deploy(model)
-    deployed_ppl = perplexity(model, token_ids, spec.ppl.seqlen, 1, settings.windows).ppl
-    metrics = {
-        "deploy.windows": float(settings.windows),
-        "deploy.fake_fp32_ppl": window_ppl,
-        "deploy.fake_bf16_ppl": reference_ppl,
-        "deploy.ppl": deployed_ppl,
-        "deploy.linears_on_kernel": float(summary.linears_on_kernel),
-        "deploy.linears_total": float(summary.linears_total),
-    }
-    tags = {"deploy.kernels": json.dumps(summary.on_kernel), "deploy.fallback": json.dumps(summary.fallback)}
-    tracker.set_tags(tags)
-    tracker.log_metrics(metrics)
-    metrics["deploy.ppl_rel_diff"] = deploy.check_perplexity(deployed_ppl, reference_ppl, settings.tolerance)
     sixteen_bit, _ = models.load(spec.model)
-    prompt = token_ids.reshape(-1)[: settings.prompt_tokens].reshape(1, -1)
-    speed = deploy.generation_speed(
-        model, sixteen_bit.to(deploy.DEPLOY_DTYPE), prompt, settings.new_tokens, settings.reps
-    )
-    tracker.log_metrics({"deploy.ppl_rel_diff": metrics["deploy.ppl_rel_diff"], **speed})
+    metrics, tags = deploy.evaluate_deployed(model, sixteen_bit, token_ids, spec.ppl.seqlen, spec.deploy)
+    tracker.log_metrics(metrics)
+    tracker.set_tags(tags)
+    deploy.check_perplexity(metrics["deploy.ppl"], metrics["deploy.fake_bf16_ppl"], spec.deploy.tolerance)
     log.info(
         "%s: deployed (%d/%d linears on kernels %s): PPL %.4f vs fake-quant bf16 %.4f; decode %.1f tok/s "
         "(%.2fx bf16), prefill %.1f tok/s (%.2fx)",
         run_name(spec),
-        summary.linears_on_kernel,
-        summary.linears_total,
+        metrics["deploy.linears_on_kernel"],
+        metrics["deploy.linears_total"],
         tags["deploy.kernels"],
-        deployed_ppl,
-        reference_ppl,
-        speed["deploy.deploy.decode_tok_s"],
-        speed["deploy.decode.speedup"],
-        speed["deploy.deploy.prefill_tok_s"],
-        speed["deploy.prefill.speedup"],
+        metrics["deploy.ppl"],
+        metrics["deploy.fake_bf16_ppl"],
+        metrics["deploy.deploy.decode_tok_s"],
+        metrics["deploy.decode.speedup"],
+        metrics["deploy.deploy.prefill_tok_s"],
+        metrics["deploy.prefill.speedup"],
     )
 
 

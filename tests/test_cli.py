@@ -216,3 +216,17 @@ def test_a_training_method_logs_its_loss_curve_and_cost(tmp_path, data_dir):
     assert [m.step for m in history] == [0, 1, 2]
     other = _cli([*args, "train.seqlen=32", "method.loop.steps=3"], tmp_path, data_dir)
     assert "summary: 1 finished" in other.stdout  # another training spec is another run key
+
+
+def test_deployed_mode_checks_and_times_the_packed_model(tmp_path, data_dir):
+    """eval=deploy: the run records the deployed PPL beside the fake-quant PPL in bf16 (within 0.1%), the kernel
+    coverage and batch-1 generation speed; the leaderboard's speedup column shows the end-to-end figure."""
+    args = ["sweep", "model=tiny-llama", "budget=smoke", "bits=w4g32a16kv16", "eval=deploy", "eval.deploy.reps=1"]
+    assert _cli(args, tmp_path, data_dir).returncode == 0
+    (run,) = _runs(tmp_path)
+    metrics = run.data.metrics
+    assert metrics["deploy.linears_on_kernel"] == metrics["deploy.linears_total"] == 14
+    assert abs(metrics["deploy.ppl"] - metrics["deploy.fake_bf16_ppl"]) <= 0.001 * metrics["deploy.fake_bf16_ppl"]
+    assert metrics["deploy.deploy.decode_tok_s"] > 0 and metrics["deploy.bf16.decode_tok_s"] > 0
+    assert _cli(["report", "--out", str(tmp_path / "reports")], tmp_path, data_dir).returncode == 0
+    assert "e2e |" in (tmp_path / "reports" / "leaderboard.md").read_text()

@@ -159,3 +159,36 @@ def check_perplexity(deployed_ppl: float, fake_ppl: float, tolerance: float) -> 
 def bf16_copy(model: nn.Module) -> nn.Module:
     """The fake-quant model in bf16 (the deployed model's reference), leaving `model` as it is."""
     return copy.deepcopy(model).to(DEPLOY_DTYPE)
+
+
+def evaluate_deployed(
+    model: nn.Module, sixteen_bit: nn.Module, token_ids: torch.Tensor, seqlen: int, settings
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The whole deployed-mode evaluation of a fake-quant `model` (deployed in place): the fp32 and bf16
+    fake-quant PPL of the first `settings.windows` windows, deployment, the deployed PPL and its check (raises
+    DeploymentMismatch beyond `settings.tolerance`), then batch-1 generation speed against `sixteen_bit`."""
+    import json
+
+    from harness.evaluate.perplexity import perplexity
+
+    fake_fp32 = perplexity(model, token_ids, seqlen, 1, settings.windows, progress=False).ppl
+    reference = bf16_copy(model)
+    fake_bf16 = perplexity(reference, token_ids, seqlen, 1, settings.windows, progress=False).ppl
+    del reference
+    summary = deploy(model)
+    deployed = perplexity(model, token_ids, seqlen, 1, settings.windows, progress=False).ppl
+    metrics = {
+        "deploy.windows": float(settings.windows),
+        "deploy.fake_fp32_ppl": fake_fp32,
+        "deploy.fake_bf16_ppl": fake_bf16,
+        "deploy.ppl": deployed,
+        "deploy.linears_on_kernel": float(summary.linears_on_kernel),
+        "deploy.linears_total": float(summary.linears_total),
+    }
+    tags = {"deploy.kernels": json.dumps(summary.on_kernel), "deploy.fallback": json.dumps(summary.fallback)}
+    metrics["deploy.ppl_rel_diff"] = abs(deployed - fake_bf16) / fake_bf16
+    if metrics["deploy.ppl_rel_diff"] > settings.tolerance:
+        return metrics, {**tags, "deploy.error": "mismatch"}
+    prompt = token_ids.reshape(-1)[: settings.prompt_tokens].reshape(1, -1)
+    metrics.update(generation_speed(model, sixteen_bit.to(DEPLOY_DTYPE), prompt, settings.new_tokens, settings.reps))
+    return metrics, tags
