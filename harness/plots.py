@@ -74,6 +74,10 @@ def plot_paretoq(records: list[dict], claims: dict, path: Path) -> bool:
     if not any(bits != "w16a16kv16" for bits, _, _ in ours):
         return False
     paper = sorted((float(bits), float(ppl)) for bits, ppl in claims["wikitext2_ppl"].items())
+    paper_fp = [ppl for bits, ppl in paper if bits >= 16]
+    paper = [(bits, ppl) for bits, ppl in paper if bits < 16]
+    ours_fp = [ppl for bits, _, ppl in ours if bits == "w16a16kv16"]
+    ours = [row for row in ours if row[0] != "w16a16kv16"]
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot(
         [b for b, _ in paper],
@@ -89,6 +93,9 @@ def plot_paretoq(records: list[dict], claims: dict, path: Path) -> bool:
         color="tab:blue",
         label="ours: SmolLM2-135M, budget qat-cpu (131k training tokens at <= 2 bit)",
     )
+    for fp, colour, who in ((paper_fp, "tab:gray", "paper"), (ours_fp, "tab:blue", "ours")):
+        if fp:
+            ax.axhline(fp[0], color=colour, linestyle=":", linewidth=1, label=f"{who}: 16-bit ({fp[0]:.1f})")
     for bits, bpw, ppl in ours:
         ax.annotate(bits.split("a")[0], (bpw, ppl), fontsize=8, xytext=(4, 4), textcoords="offset points")
     for bits, ppl in paper:
@@ -98,8 +105,8 @@ def plot_paretoq(records: list[dict], claims: dict, path: Path) -> bool:
     ax.set_ylabel("WikiText-2 perplexity (log)")
     ax.set_title(f"{claims['paper']}: PPL vs bits, whole WikiText-2 test split")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return True
