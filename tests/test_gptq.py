@@ -107,3 +107,12 @@ def test_gptq_options_run_on_a_model_and_change_its_weights(tiny, overrides):
         assert totals["gptq_objective"] < totals["rtn_objective"]
         results.append(model.model.layers[1].self_attn.o_proj.weight.detach().clone())
     assert not torch.equal(*results)
+
+
+def test_inverse_hessian_cholesky_equals_the_cholesky_inverse_route():
+    from methods.core.gptq import _inverse_hessian_cholesky
+
+    _, h = _problem()
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    torch.testing.assert_close(_inverse_hessian_cholesky(h, 0.01), expected, rtol=1e-9, atol=1e-12)

@@ -58,11 +58,15 @@ class GPTQSettings:
 
 
 def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU. The inverse goes through a triangular solve, L⁻¹ from
+    H + λI = LLᵀ, then (H + λI)⁻¹ = L⁻ᵀL⁻¹: the same matrix `torch.cholesky_inverse` gives, but that routine takes
+    6.4 s in float32 at n = 1536 on this CPU (0.33 s in float64; the triangular solve 0.06 s)."""
     h = hessian.clone()
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h += damp * torch.mean(torch.diag(h)) * eye
     chol = torch.linalg.cholesky(h)
-    inverse = torch.cholesky_inverse(chol)
-    return torch.linalg.cholesky(inverse, upper=True)
+    chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return torch.linalg.cholesky(chol_inv.T @ chol_inv, upper=True)
 
 
 @torch.no_grad()
