@@ -133,3 +133,18 @@ def test_compiled_act_and_kv_quantizers_are_bit_identical_to_eager(tiny):
             assert torch.equal(model(ids).logits, eager_logits)
     finally:
         compile_quantizers(False)
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
+    from methods.core import quantizers
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(quantizers._COMPILED_ROWS, "fn", broken)
+    monkeypatch.setitem(quantizers._COMPILED_ROWS, "enabled", True)
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="running eager"):
+        out = fake_quantize_dynamic(x, 4, True)
+    assert torch.equal(out, fake_quantize(x, *scale_zero(x, 4, True), 4, True))
+    assert quantizers._COMPILED_ROWS["enabled"] is False

@@ -18,6 +18,7 @@ An all-zero group gets scale 1 (every code maps back to 0).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,18 @@ def compile_quantizers(enabled: bool = True) -> None:
         _COMPILED_ROWS["fn"] = torch.compile(_fake_quantize_rows)
 
 
+def _rows_compiled_or_eager(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float) -> torch.Tensor:
+    """The compiled quantizer; if compiling fails (no C++ compiler on the machine...), say so once and go on
+    eager — the values are the same either way."""
+    try:
+        return _COMPILED_ROWS["fn"](x, bits, sym, clip_ratio)
+    except Exception as error:  # torch.compile raises backend-specific errors
+        message = f"torch.compile of the act/KV quantizer failed ({type(error).__name__}); running eager"
+        warnings.warn(message, stacklevel=2)
+        _COMPILED_ROWS["enabled"] = False
+        return _fake_quantize_rows(x, bits, sym, clip_ratio)
+
+
 def fake_quantize_dynamic(
     x: torch.Tensor, bits: int, sym: bool, clip_ratio: float = 1.0, group_size: int | None = None
 ) -> torch.Tensor:
@@ -104,7 +117,7 @@ def fake_quantize_dynamic(
     dtype = x.dtype
     xf = x.float()
     if group_size is None or group_size >= x.shape[-1]:
-        rows = _COMPILED_ROWS["fn"] if _COMPILED_ROWS["enabled"] and not xf.requires_grad else _fake_quantize_rows
+        rows = _rows_compiled_or_eager if _COMPILED_ROWS["enabled"] and not xf.requires_grad else _fake_quantize_rows
         return rows(xf, bits, sym, clip_ratio).to(dtype)
     grouped, cols = _pad_to_groups(xf, group_size)
     scale, zero = scale_zero(grouped, bits, sym, clip_ratio)
