@@ -102,8 +102,21 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         data_dir=cfg.data_dir,
         latency=latency,
         deploy=deploy,
-        compile_quantizers=bool(cfg.eval.get("compile_quantizers", False)),
+        compile_quantizers=_compile_quantizers(cfg.eval.get("compile_quantizers", "auto"), ppl.max_windows),
     )
+
+
+COMPILE_MIN_WINDOWS = 16
+
+
+def _compile_quantizers(setting, max_windows: int | None) -> bool:
+    """`eval.compile_quantizers`: true, false, or auto = compile when the evaluation is long enough to pay back
+    compiling (~5-10 s per process and quantizer variant): the whole split or at least 16 windows."""
+    if setting == "auto":
+        return max_windows is None or max_windows >= COMPILE_MIN_WINDOWS
+    if isinstance(setting, bool):
+        return setting
+    raise SpecError(f"eval.compile_quantizers must be true, false or auto, got {setting!r}")
 
 
 def build_plugins(spec: RunSpec) -> tuple:

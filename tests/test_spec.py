@@ -46,3 +46,16 @@ def test_run_key_tracks_what_changes_numbers():
     assert _spec().run_key != _spec(method_params={"w_sym": True}).run_key
     assert _spec().run_key != _spec(seed=1).run_key
     assert _spec().run_key != _spec(ppl=PerplexitySpec(max_windows=2)).run_key
+
+
+def test_quantizers_compile_only_where_the_evaluation_pays_it_back():
+    import pytest
+
+    from harness.runner import _compile_quantizers
+    from harness.spec import SpecError
+
+    assert _compile_quantizers("auto", None) and _compile_quantizers("auto", 16)
+    assert not _compile_quantizers("auto", 2)
+    assert _compile_quantizers(True, 2) and not _compile_quantizers(False, None)
+    with pytest.raises(SpecError, match="true, false or auto"):
+        _compile_quantizers("sometimes", None)
