@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import int_matmul
+from kernels.reference import int_matmul, quantize_per_token_sym
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 DEPLOY_DTYPE = torch.bfloat16
@@ -134,12 +134,8 @@ class IntGemmCPUWeight:
         return cls(lanes, qweight.scales[:, 0].float(), zero, act_bits, act_clip, cols, rows)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        flat = _flat(x, self.in_features).float()
-        qmax = 2 ** (self.act_bits - 1) - 1
-        scale = self.act_clip * flat.abs().amax(dim=-1, keepdim=True) / qmax
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        codes = torch.clamp(torch.round(flat / scale), -qmax - 1, qmax).to(torch.int8)
-        out = int_matmul(codes, scale.squeeze(-1), self.lanes, self.scales, self.zero_offsets)
+        codes, scale = quantize_per_token_sym(_flat(x, self.in_features).float(), self.act_bits, self.act_clip)
+        out = int_matmul(codes, scale, self.lanes, self.scales, self.zero_offsets)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def nbytes(self) -> int:

@@ -36,10 +36,10 @@ def dequant_matmul(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
     return x @ dequantize(packed, x.dtype).T
 
 
-def quantize_per_token_sym(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token codes in int8 lanes and fp32 scales (the ActQuantizer grid, clip 1)."""
+def quantize_per_token_sym(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token codes in int8 lanes and fp32 scales (the ActQuantizer grid, clip `clip_ratio`)."""
     qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=-1, keepdim=True).float() / qmax
+    scale = clip_ratio * x.abs().amax(dim=-1, keepdim=True).float() / qmax
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     codes = torch.clamp(torch.round(x.float() / scale), -qmax - 1, qmax).to(torch.int8)
     return codes, scale.squeeze(-1)

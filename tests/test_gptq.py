@@ -116,3 +116,17 @@ def test_inverse_hessian_cholesky_equals_the_cholesky_inverse_route():
     damped = h + 0.01 * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     torch.testing.assert_close(_inverse_hessian_cholesky(h, 0.01), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"solve_dtype": "float16"}, "solve_dtype must be one of float32, float64"), ({"sink_weight": 0.0}, "> 0")],
+)
+def test_bad_gptq_settings_fail_with_a_message_naming_the_valid_values(tiny, overrides, message):
+    from methods.core.gptq import GPTQSettings, quantize_model_gptq
+
+    model, _ = tiny
+    with pytest.raises(ValueError, match=message):
+        quantize_model_gptq(
+            model, [torch.zeros(1, 8, dtype=torch.long)], WeightQuantizer(4, 16), GPTQSettings(**overrides)
+        )
