@@ -3,6 +3,7 @@
 python -m harness run    [key=value ...]     one configuration (run --help: the keys and examples)
 python -m harness sweep  [key=value ...]     comma lists expand to the cross product (Hydra multirun)
 python -m harness report [--check]           MLflow runs -> reports/runs.jsonl, leaderboard.md, pareto.png
+python -m harness sync   [--tracking-uri U]  upload runs spooled while the tracking store was unreachable
 python -m harness ui                         MLflow UI on 127.0.0.1 against the configured store
 python -m harness list                       models, methods, act/kv plug-ins, budgets, bit grammar
 python -m harness bench  forward|load|kernels|runs   timings (bench --help)
@@ -17,7 +18,7 @@ import sys
 
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 
-COMMANDS = ("run", "sweep", "report", "ui", "list", "bench")
+COMMANDS = ("run", "sweep", "report", "sync", "ui", "list", "bench")
 
 
 def _tracking_uri(value: str | None) -> str:
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         from harness import bench
 
         return bench.main(rest)
+    if command == "sync":
+        return _sync(rest)
     if command == "ui":
         parser = argparse.ArgumentParser(prog="python -m harness ui")
         parser.add_argument("--tracking-uri", default=None)
@@ -68,6 +71,28 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     return _list()
+
+
+def _sync(argv: list[str]) -> int:
+    from harness import spool
+    from harness.tracking import StoreUnreachable, Tracker
+
+    parser = argparse.ArgumentParser(prog="python -m harness sync")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    args = parser.parse_args(argv)
+    uri = _tracking_uri(args.tracking_uri)
+    try:
+        tracker = Tracker(uri, args.experiment)
+    except StoreUnreachable as err:
+        print(f"error: {err}; the spooled runs stay in {spool.spool_dir()}", file=sys.stderr)
+        return 2
+    uploaded = spool.sync(tracker)
+    for line in uploaded:
+        print(f"uploaded {line}")
+    others = len(spool.pending())
+    print(f"{len(uploaded)} spooled run(s) uploaded to {uri}" + (f"; {others} for other stores left" if others else ""))
+    return 0
 
 
 def _list() -> int:

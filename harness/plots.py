@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.report import _frame, _section_order, _whole_split
+from methods.core.atomic import atomic_write
 
 
 def plot_pareto(records: list[dict], path: Path) -> None:
@@ -45,9 +46,7 @@ def plot_pareto(records: list[dict], path: Path) -> None:
         fig.tight_layout(rect=(0, legend_in / (5 * rows_n + legend_in), 1, 1))
     else:
         fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    _save(fig, path)
 
 
 def paretoq_points(records: list[dict], model: str = "smollm2-135m") -> list[tuple[str, float, float]]:
@@ -107,6 +106,15 @@ def plot_paretoq(records: list[dict], claims: dict, path: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    _save(fig, path)
     return True
+
+
+def _save(fig, path: Path) -> None:
+    """PNG written atomically (a full disk leaves the previous plot), then the figure closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None}))
+    finally:
+        plt.close(fig)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from methods.core.atomic import atomic_write
+
 PROTOCOL_PARAMS = {
     "ppl_dataset": "eval.ppl.dataset",
     "ppl_seqlen": "eval.ppl.seqlen",
@@ -54,7 +56,7 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
                 "model": tags.get("model"),
                 "method": tags.get("method"),
                 "bits": tags.get("bits"),
-                "status": run.info.status,
+                "status": "DIVERGED" if tags.get("outcome") == "DIVERGED" else run.info.status,
                 "error": tags.get("error", ""),
                 "start_time": run.info.start_time,
                 "end_time": run.info.end_time,
@@ -72,21 +74,23 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
     return select_latest(records)
 
 
+RESULT_STATUSES = ("FINISHED", "DIVERGED")  # a run that completed; DIVERGED = its model produced nan/inf
+
+
 def select_latest(records: list[dict]) -> list[dict]:
-    """One record per run key: the latest FINISHED, else the latest finished attempt (runs still RUNNING
-    are in progress, not results, and are left out)."""
+    """One record per run key: the latest result (FINISHED or DIVERGED), else the latest ended attempt (runs
+    still RUNNING are in progress, not results, and are left out)."""
     best: dict[str, dict] = {}
     records = [r for r in records if r["status"] != "RUNNING"]
-    for rec in sorted(records, key=lambda r: (r["status"] == "FINISHED", r["start_time"] or 0)):
+    for rec in sorted(records, key=lambda r: (r["status"] in RESULT_STATUSES, r["start_time"] or 0)):
         best[rec["run_key"]] = rec
     return sorted(best.values(), key=lambda r: (r["model"] or "", r["bits"] or "", r["method"] or "", r["run_key"]))
 
 
 def write_records(records: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for rec in records:
-            handle.write(json.dumps(rec, sort_keys=True) + "\n")
+    """All records or none: a failed write (disk full) leaves the previous file."""
+    text = "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in records)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_records(path: Path) -> list[dict]:

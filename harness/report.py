@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from harness.records import export_records, merge_records, read_records, write_records
 from harness.spec import BitSpec
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from methods.core.atomic import atomic_write
 
 CLAIMS_DIR = Path(__file__).resolve().parent.parent / "conf" / "claims"
 
@@ -330,7 +331,8 @@ def main(argv: list[str]) -> int:
     kept = read_records(out / "runs.jsonl") if (out / "runs.jsonl").exists() else []
     records = merge_records(kept, fresh)
     write_records(records, out / "runs.jsonl")
-    (out / "leaderboard.md").write_text(render_leaderboard(records), encoding="utf-8")
+    board = render_leaderboard(records)
+    atomic_write(out / "leaderboard.md", lambda tmp: tmp.write_text(board, encoding="utf-8"))
     plot_pareto(records, out / "pareto.png")
     claims = OmegaConf.to_container(OmegaConf.load(CLAIMS_DIR / "paretoq.yaml"))
     if plot_paretoq(records, claims, out / "paretoq.png"):

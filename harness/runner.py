@@ -25,7 +25,7 @@ from harness.spec import (
     TrainSpec,
     ZeroShotSpec,
 )
-from harness.tracking import Tracker, flatten, provenance_tags
+from harness.tracking import KeyClaimed, Tracker, flatten, provenance_tags
 from methods import METHODS
 from methods.act import ACT_QUANTIZERS
 from methods.base import QuantContext, Request
@@ -40,7 +40,7 @@ RESERVED_METHOD_KEYS = ("name",)
 @dataclass(frozen=True)
 class Outcome:
     run_name: str
-    status: str  # finished | done-before | unsupported | failed
+    status: str  # finished | diverged | done-before | claimed | unsupported | failed
     detail: str = ""
 
 
@@ -77,6 +77,13 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         limit=zs_cfg.get("limit"),
         batch_size=int(zs_cfg.get("batch_size", 8)),
     )
+    if zeroshot.tasks:
+        from harness.evaluate.zeroshot import TaskUnavailable, check_tasks
+
+        try:
+            check_tasks(list(zeroshot.tasks), cfg.data_dir)
+        except TaskUnavailable as err:
+            raise SpecError(str(err)) from err
     train = None
     if METHODS[method].trains:
         train = TrainSpec(**OmegaConf.to_container(cfg.train, resolve=True))
@@ -94,7 +101,7 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         calib=calib,
         ppl=ppl,
         zeroshot=zeroshot,
-        seed=int(cfg.seed),
+        seed=_integer("seed", cfg.seed),
         budget=str(cfg.budget.name),
         act=plugins["act"],
         kv=plugins["kv"],
@@ -107,6 +114,12 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
 
 
 COMPILE_MIN_WINDOWS = 16
+
+
+def _integer(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        raise SpecError(f"{key} must be an integer, got {value!r} (e.g. {key}=0; a sweep: {key}=0,1,2)")
+    return int(value)
 
 
 def _compile_quantizers(setting, max_windows: int | None) -> bool:
@@ -168,15 +181,19 @@ def execute(spec: RunSpec, cfg: DictConfig, tracker: Tracker, force: bool = Fals
         **provenance_tags(spec.model.device),
     }
     try:
-        with tracker.run(spec.run_key, name, params, tags, OmegaConf.to_yaml(cfg, resolve=True)):
-            _quantize_and_evaluate(spec, tracker)
+        with tracker.run(spec.run_key, name, params, tags, OmegaConf.to_yaml(cfg, resolve=True), redo_finished=force):
+            diverged = _quantize_and_evaluate(spec, tracker)
+    except KeyClaimed as err:  # another worker runs (or just finished) this key
+        return Outcome(name, "claimed", str(err))
     except Exception as err:  # logged FAILED by the tracker; the sweep goes on
         log.exception("run %s failed", name)
         return Outcome(name, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
-    return Outcome(name, "finished")
+    return Outcome(name, "diverged", diverged) if diverged else Outcome(name, "finished")
 
 
-def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
+def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
+    """Quantize, evaluate, log. Returns None, or where the model diverged (the run then ends FINISHED with the
+    tag outcome=DIVERGED: a result, not a failure to retry)."""
     torch.manual_seed(spec.seed)
     start = time.perf_counter()
     model, tokenizer = models.load(spec.model)
@@ -213,6 +230,8 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
     token_ids = data.ppl_token_ids(spec.ppl.dataset, tokenizer, spec.data_dir)
     with PeakRSS() as rss_eval:
         result = perplexity(model, token_ids, spec.ppl.seqlen, spec.ppl.batch_size, spec.ppl.max_windows)
+    if result.diverged:
+        return _diverged(spec, model, token_ids, result, tracker)
     tracker.log_metrics(
         {
             f"{spec.ppl.dataset}_ppl": result.ppl,
@@ -237,6 +256,19 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> None:
         _zeroshot(spec, model, tokenizer, tracker)
     if spec.deploy.enabled:
         _deploy(spec, model, token_ids, tracker)
+    return None
+
+
+def _diverged(spec: RunSpec, model, token_ids, result, tracker: Tracker) -> str:
+    """Record a collapsed model: no perplexity metric, the outcome and where the first nan/inf appeared."""
+    from harness.evaluate.divergence import divergence_message
+
+    first = result.nonfinite_window * spec.ppl.seqlen
+    message = divergence_message(model, token_ids[:, first : first + spec.ppl.seqlen], result.nonfinite_window)
+    tracker.set_tags({"outcome": "DIVERGED", "error": message})
+    tracker.log_metrics({"ppl_seconds": result.seconds, "diverged_window": float(result.nonfinite_window)})
+    log.warning("%s: DIVERGED: %s", run_name(spec), message)
+    return message
 
 
 def make_context(spec: RunSpec, tokenizer, drawn: list[int] | None = None, log_step=None) -> QuantContext:

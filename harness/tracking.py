@@ -2,23 +2,67 @@
 
 Params hold the flattened resolved config, tags hold provenance (git commit, package versions, host,
 device, run key), metrics hold every number, and the resolved config YAML is an artifact. A run that
-raises ends FAILED with the error in the `error` tag. A run left RUNNING by a killed sweep is marked
-KILLED when the same key starts again, so the record shows it and the report never double-counts.
+raises ends FAILED with the error in the `error` tag.
+
+Claims: a run *is* the claim on its key. It is created with its key, host, pid and a heartbeat (renewed every
+30 s by a daemon thread); a worker that then sees an earlier live RUNNING run of the same key deletes its own
+and stands aside (`KeyClaimed`), so two workers never run one key at once. A RUNNING run whose worker is
+dead — its pid gone on this host, or its heartbeat older than `QUANTBENCH_CLAIM_TIMEOUT` seconds (300) from
+another host — is marked KILLED when the key starts again, so the record shows it and nothing double-counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import platform
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from harness import spool
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "quantbench"
+HEARTBEAT_SECONDS = 30.0
+log = logging.getLogger("quantbench")
+
+
+class KeyClaimed(RuntimeError):
+    """Another live worker is running this run key."""
+
+
+def claim_timeout() -> float:
+    return float(os.environ.get("QUANTBENCH_CLAIM_TIMEOUT", 300))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def holder_alive(run) -> bool:
+    """Whether the worker of a RUNNING run is still at work (runs without claim tags predate claims: dead)."""
+    tags = run.data.tags
+    beat = tags.get("claim.heartbeat")
+    if beat is None:
+        return False
+    if tags.get("claim.host") == socket.gethostname() and tags.get("claim.pid", "").isdigit():
+        return _pid_alive(int(tags["claim.pid"]))
+    return time.time() - float(beat) < claim_timeout()
+
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -62,14 +106,68 @@ def provenance_tags(device: str) -> dict[str, str]:
     return tags
 
 
+class StoreUnreachable(RuntimeError):
+    """The tracking store cannot be reached; the message names the URI and the fix."""
+
+
+UNREACHABLE_MARKERS = ("Max retries exceeded", "Connection refused", "unable to open database", "Name or service")
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) says the store is down, as opposed to a mistake in what was logged."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in (
+            "ConnectionError",
+            "OperationalError",
+            "Timeout",
+        ):
+            return True
+        if any(marker in str(seen) for marker in UNREACHABLE_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def check_reachable(tracking_uri: str) -> None:
+    """Fail fast with one line: an HTTP server that does not answer within 5 s, or a SQLite file in a missing
+    directory (MLflow itself would retry for minutes, or create the file somewhere unexpected)."""
+    fix = "start it, or point MLFLOW_TRACKING_URI (or tracking_uri=) at a reachable store"
+    if tracking_uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(tracking_uri.rstrip("/") + "/health", timeout=5)
+        except requests.RequestException as err:
+            raise StoreUnreachable(f"tracking store {tracking_uri} unreachable ({type(err).__name__}); {fix}") from err
+    elif tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri[len("sqlite:///") :]).parent
+        if not folder.is_dir():
+            raise StoreUnreachable(f"tracking store {tracking_uri}: directory {folder} does not exist; {fix}")
+
+
+def _batches(items: list, size: int = 100) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 class Tracker:
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment: str = DEFAULT_EXPERIMENT):
         import mlflow
 
+        check_reachable(tracking_uri)
         self.mlflow = mlflow
+        self.tracking_uri, self.experiment = tracking_uri, experiment
         mlflow.set_tracking_uri(tracking_uri)
-        self.experiment_id = mlflow.set_experiment(experiment).experiment_id
-        self.client = mlflow.MlflowClient()
+        try:
+            self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        except Exception as err:
+            if is_unreachable(err):
+                first_line = str(err).splitlines()[0]
+                raise StoreUnreachable(f"tracking store {tracking_uri} unreachable: {first_line}") from err
+            raise
+        self.client = mlflow.MlflowClient(tracking_uri)
+        self._pending: dict | None = None  # the active run's record, kept to spool it if the store goes down
 
     def runs_with_key(self, run_key: str, status: str | None = None):
         query = f"tags.run_key = '{run_key}'"
@@ -81,37 +179,117 @@ class Tracker:
         runs = self.runs_with_key(run_key, "FINISHED")
         return runs[0].info.run_id if runs else None
 
-    def _kill_stale(self, run_key: str) -> None:
+    def _claim(self, run_key: str, mine, redo_finished: bool) -> None:
+        """Raise KeyClaimed if an earlier live run holds the key (or, unless `redo_finished`, it finished
+        meanwhile); mark runs of dead workers KILLED."""
+        order = (mine.info.start_time, mine.info.run_id)
+        for run in self.runs_with_key(run_key):
+            if run.info.run_id == mine.info.run_id:
+                continue
+            if (run.info.status == "FINISHED" and not redo_finished) or (
+                run.info.status == "RUNNING" and holder_alive(run) and (run.info.start_time, run.info.run_id) < order
+            ):
+                holder = f"{run.data.tags.get('claim.host', '?')} pid {run.data.tags.get('claim.pid', '?')}"
+                raise KeyClaimed(f"run key {run_key} is {run.info.status.lower()} in run {run.info.run_id} ({holder})")
         for run in self.runs_with_key(run_key, "RUNNING"):
-            self.client.set_tag(run.info.run_id, "error", "interrupted (sweep killed); superseded by a re-run")
-            self.client.set_terminated(run.info.run_id, "KILLED")
+            if run.info.run_id != mine.info.run_id and not holder_alive(run):
+                self.client.set_tag(run.info.run_id, "error", "interrupted (its worker died); superseded by a re-run")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
+    def _heartbeat(self, run_id: str, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(Exception):  # a busy store misses one beat, not the run
+                self.client.set_tag(run_id, "claim.heartbeat", f"{time.time():.0f}")
 
     @contextlib.contextmanager
     def run(
-        self, run_key: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], config_yaml: str
-    ) -> Iterator[Any]:
-        """Yield an active MLflow run; end FINISHED, or FAILED with the error tag if the body raises."""
-        self._kill_stale(run_key)
-        active = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)
+        self,
+        run_key: str,
+        run_name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        config_yaml: str,
+        redo_finished: bool = False,
+    ) -> Iterator[str]:
+        """Claim the key and yield the run id; end FINISHED, or FAILED with the error tag if the body raises.
+        Raises KeyClaimed (leaving no run behind) when another live worker holds the key. If the store becomes
+        unreachable mid-run, the run goes on and its record is spooled locally (`python -m harness sync`)."""
+        claim = {"run_key": run_key, "claim.host": socket.gethostname(), "claim.pid": str(os.getpid())}
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={**claim, "claim.heartbeat": f"{time.time():.0f}"}
+        )
+        run_id = run.info.run_id
         try:
-            self.mlflow.set_tags({"run_key": run_key, **tags})
-            self.mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
-            self.mlflow.log_text(config_yaml, "config.yaml")
-            yield active
-        except BaseException as err:
-            message = f"{type(err).__name__}: {err}".splitlines()[0][:4000]
-            self.mlflow.set_tag("error", message)
-            self.mlflow.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            self._claim(run_key, run, redo_finished)
+        except KeyClaimed:
+            self.client.set_terminated(run_id, "KILLED")
+            self.client.delete_run(run_id)
             raise
-        else:
-            self.mlflow.end_run("FINISHED")
+        params = {k: ("null" if v is None else str(v)) for k, v in params.items()}
+        self._pending = spool.new_record(self, run_id, run_key, run_name, {**claim, **tags}, params, config_yaml)
+        stop = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(run_id, stop), daemon=True).start()
+        status = "FINISHED"
+        try:
+            self._send(self._log_params, run_id, params)
+            self.set_tags(tags)
+            self._send(self.client.log_text, run_id, config_yaml, "config.yaml")
+            yield run_id
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            self.set_tags({"error": f"{type(err).__name__}: {err}".splitlines()[0][:4000]})
+            raise
+        finally:
+            stop.set()
+            self._pending["status"] = status
+            self._send(self.client.set_terminated, run_id, status)
+            pending, self._pending = self._pending, None
+            if pending["offline"]:
+                path = spool.write(pending)
+                print(
+                    f"[quantbench] tracking store {self.tracking_uri} unreachable: {run_name} ({status}) spooled to "
+                    f"{path}; `python -m harness sync` uploads it",
+                    flush=True,
+                )
+
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        for batch in _batches([Param(k, v) for k, v in params.items()]):
+            self.client.log_batch(run_id, params=batch)
+
+    def _send(self, call, *args) -> None:
+        """One call to the store; once the store is unreachable, later calls only update the pending record."""
+        if self._pending is not None and self._pending["offline"]:
+            return
+        try:
+            call(*args)
+        except Exception as err:
+            if self._pending is None or not is_unreachable(err):
+                raise
+            self._pending["offline"] = True
+            log.warning("tracking store %s unreachable (%s); spooling this run", self.tracking_uri, type(err).__name__)
+
+    def _log(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if self._pending is not None:
+            self._pending["metrics"].extend([k, float(v), step] for k, v in metrics.items())
+        for batch in _batches(items, 1000):
+            self._send(self.client.log_batch, self._pending["run_id"], batch)
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        self._log(metrics, 0)
 
     def log_step_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """Per-step series (training loss, learning rate): MLflow plots them as curves."""
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self._log(metrics, step)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.mlflow.set_tags(dict(tags))
+        from mlflow.entities import RunTag
+
+        self._pending["tags"].update({k: str(v) for k, v in tags.items()})
+        for batch in _batches([RunTag(k, str(v)) for k, v in tags.items()]):
+            self._send(self.client.log_batch, self._pending["run_id"], (), (), batch)

@@ -47,12 +47,33 @@ def _runs(tmp_path):
         (["act=nosuch", "bits=w4a4kv4"], "unknown act 'nosuch'; valid: rtn"),
         (["kv.clip=0.9"], "Could not override 'kv.clip'"),
         (["method.damp=abc", "method=gptq"], "Value 'abc' of type 'str' could not be converted to Float"),
+        (["seed=abc"], "seed must be an integer, got 'abc' (e.g. seed=0; a sweep: seed=0,1,2)"),
+        (["seed=1.5"], "seed must be an integer, got 1.5"),
     ],
 )
 def test_bad_input_fails_before_anything_runs(overrides, expected):
     with pytest.raises(SpecError) as err:
         cli_sweep.plan(["model=tiny-llama", *overrides])
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unknown_zero_shot_task_fails_at_planning(data_dir):
+    with pytest.raises(SpecError) as err:
+        cli_sweep.plan(
+            ["model=tiny-llama", "eval=fast", "eval.zeroshot.tasks=[piqa,nosuchtask]", f"data_dir={data_dir}"]
+        )
+    assert str(err.value).startswith("unknown zero-shot task 'nosuchtask': the data mirror has piqa, hellaswag")
+
+
+def test_every_malformed_combination_of_a_large_sweep_is_listed_at_once():
+    bits = "bits=w4a16kv16,w3a16kv16,w0a4kv4,w2a16kv16,w4g128a16kv16"
+    with pytest.raises(SpecError) as err:
+        cli_sweep.plan(["model=tiny-llama", bits, "seed=0,1,2,abc", "method=rtn,gptq,quarot,signround,paretoq"])
+    lines = str(err.value).splitlines()
+    assert lines[0] == "40 of 100 combinations are malformed (nothing was run):"
+    bits_line, seed_line = sorted(lines[1:])
+    assert bits_line.startswith("  bits 'w0a4kv4': weight bits 0 not allowed") and "and 19 more]" in bits_line
+    assert seed_line.startswith("  seed must be an integer, got 'abc'") and "and 19 more]" in seed_line
 
 
 def test_a_composition_the_method_refuses_is_listed_with_the_fix():

@@ -3,7 +3,8 @@
 The test split's rows are joined with "\\n\\n" and tokenized once; the token stream is cut into
 non-overlapping windows of `seqlen` (the tail shorter than `seqlen` is dropped); each window is scored
 independently (no BOS added, no context carried over) and PPL = exp(mean NLL over all predicted tokens,
-i.e. seqlen − 1 per window). `max_windows` takes the first windows only (a budget cut, logged).
+i.e. seqlen − 1 per window). `max_windows` takes the first windows only (a budget cut, logged). A window whose loss is
+nan/inf stops the evaluation (`nonfinite_window`): the model diverged, and no later window changes that.
 
 The loss is taken from the final hidden states `chunk` positions at a time (lm_head + cross-entropy per chunk),
 so no [seqlen × vocabulary] logits tensor is ever built whole — 2 GB per window for Gemma 3's 262k vocabulary.
@@ -32,6 +33,11 @@ class PerplexityResult:
     tokens_total: int  # tokens in the split
     seqlen: int
     seconds: float
+    nonfinite_window: int | None = None  # the window whose loss was nan/inf: evaluation stopped there
+
+    @property
+    def diverged(self) -> bool:
+        return self.nonfinite_window is not None
 
     @property
     def tokens_per_second(self) -> float:
@@ -55,26 +61,32 @@ def perplexity(
         raise ValueError(f"text has {token_ids.shape[1]} tokens, fewer than one window of {seqlen}")
     windows = token_ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)
     device = next(model.parameters()).device
-    nll_sum, count = 0.0, 0
+    nll_sum, count, nonfinite_window = 0.0, 0, None
     start = time.perf_counter()
     bar = tqdm(total=n_windows, desc=f"perplexity (seqlen {seqlen})", unit="win", disable=not progress)
     for first in range(0, n_windows, batch_size):
         batch = windows[first : first + batch_size].to(device)
         targets = batch[:, 1:]
-        nll_sum += float(_summed_nll(model, batch, targets, chunk))
+        window_nll = float(_summed_nll(model, batch, targets, chunk))
+        nll_sum += window_nll
         count += targets.numel()
         bar.update(batch.shape[0])
+        if not math.isfinite(window_nll):  # a collapsed model: the remaining windows cannot make it finite
+            nonfinite_window = first
+            n_windows = first + batch.shape[0]
+            break
     bar.close()
     seconds = time.perf_counter() - start
     mean_nll = nll_sum / count
     return PerplexityResult(
-        ppl=math.exp(mean_nll),
+        ppl=math.exp(mean_nll) if math.isfinite(mean_nll) else float("nan"),
         nll=mean_nll,
         windows=n_windows,
         tokens_scored=count,
         tokens_total=int(token_ids.shape[1]),
         seqlen=seqlen,
         seconds=seconds,
+        nonfinite_window=nonfinite_window,
     )
 
 

@@ -118,6 +118,25 @@ def mirror_config(task: str, mirror: Path) -> dict[str, Any]:
     return cfg
 
 
+def check_tasks(tasks: list[str], data_dir: str | None) -> None:
+    """Refuse unknown or unavailable task names at planning time (before any model loads): with a mirror, the
+    mirrored task files; without one, lm-eval's task index."""
+    mirror = mirror_dir(data_dir)
+    for task in tasks:
+        if mirror is None:
+            if task not in task_manager().task_index:
+                raise TaskUnavailable(f"unknown lm-eval task {task!r}; `lm-eval ls tasks` lists the registered ones")
+            continue
+        if task not in MIRRORED:
+            raise TaskUnavailable(
+                f"unknown zero-shot task {task!r}: the data mirror has {', '.join(MIRRORED)} "
+                f"(unset {DATA_ENV} to use any lm-eval task from the hub)"
+            )
+        path = mirror / "tasks" / task / f"{MIRRORED[task]}.jsonl"
+        if not path.exists():
+            raise TaskUnavailable(f"{path} missing: fix the mirror ({DATA_ENV}) or unset it to use the hub")
+
+
 def task_specs(tasks: list[str], data_dir: str | None) -> list[str | dict[str, Any]]:
     mirror = mirror_dir(data_dir)
     if mirror is None:

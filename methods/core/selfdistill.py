@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from methods.core.atomic import atomic_write
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,8 @@ def cached_generations(
     if path.exists():
         return json.loads(path.read_text())["sequences"], True
     sequences = generate(model, tokenizer, prompts, settings, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"settings": asdict(settings), "seed": seed, "sequences": sequences}))
-    os.replace(tmp, path)
+    blob = json.dumps({"settings": asdict(settings), "seed": seed, "sequences": sequences})
+    atomic_write(path, lambda tmp: tmp.write_text(blob))
     return sequences, False
 
 

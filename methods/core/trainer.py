@@ -15,7 +15,6 @@ alone — what makes resuming exact without saving a data loader.
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from methods.core.atomic import atomic_write
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, OptimizerFactory] = {
@@ -153,10 +154,7 @@ def batch_at(windows: torch.Tensor, micro_index: int, batch_size: int, seed: int
 
 
 def _save_atomic(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # a kill mid-write leaves the previous checkpoint
 
 
 def train(
