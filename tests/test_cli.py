@@ -222,6 +222,29 @@ def test_parallel_sweep_with_the_joblib_launcher(tmp_path, data_dir):
     assert "summary: 0 finished, 3 done-before" in second.stdout and len(_runs(tmp_path)) == 3
 
 
+@pytest.mark.slow  # submitit's local executor polls its jobs: about a minute of waiting on tiny runs
+def test_sweep_with_the_submitit_launcher(tmp_path, data_dir):
+    """SLURM's launcher (submitit) with its local executor: the same jobs, each in a submitit subprocess."""
+    args = ["sweep", "model=tiny-llama", "budget=smoke", "eval.ppl.seqlen=256", "bits=w16a16kv16,w4a16kv16"]
+    result = _cli([*args, "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}/multirun"], tmp_path, data_dir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
+    assert "summary: 2 finished, 0 done-before, 0 unsupported, 0 failed, 0 missing" in result.stdout
+    assert sorted(r.info.status for r in _runs(tmp_path)) == ["FINISHED"] * 2
+
+
+def test_the_slurm_launcher_preset_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(cli_sweep.CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
+
+
 def test_a_training_method_logs_its_loss_curve_and_cost(tmp_path, data_dir):
     """ParetoQ on tiny-llama through the CLI: training windows from the calibration corpus, the loss per step as
     an MLflow series, the training tokens and seconds as run metrics; the train spec is part of the run key."""
