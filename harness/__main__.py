@@ -4,6 +4,7 @@ python -m harness run    [key=value ...]     one configuration (run --help: the 
 python -m harness sweep  [key=value ...]     comma lists expand to the cross product (Hydra multirun)
 python -m harness report [--check]           MLflow runs -> reports/runs.jsonl, leaderboard.md, pareto.png
 python -m harness sync   [--tracking-uri U]  upload runs spooled while the tracking store was unreachable
+python -m harness contamination             13-gram overlap of each calibration corpus with the test split
 python -m harness ui                         MLflow UI on 127.0.0.1 against the configured store
 python -m harness list                       models, methods, act/kv plug-ins, budgets, bit grammar
 python -m harness bench  forward|load|kernels|runs   timings (bench --help)
@@ -18,7 +19,7 @@ import sys
 
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 
-COMMANDS = ("run", "sweep", "report", "sync", "ui", "list", "bench")
+COMMANDS = ("run", "sweep", "report", "sync", "contamination", "ui", "list", "bench")
 
 
 def _tracking_uri(value: str | None) -> str:
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench.main(rest)
     if command == "sync":
         return _sync(rest)
+    if command == "contamination":
+        return _contamination(rest)
     if command == "ui":
         parser = argparse.ArgumentParser(prog="python -m harness ui")
         parser.add_argument("--tracking-uri", default=None)
@@ -92,6 +95,25 @@ def _sync(argv: list[str]) -> int:
         print(f"uploaded {line}")
     others = len(spool.pending())
     print(f"{len(uploaded)} spooled run(s) uploaded to {uri}" + (f"; {others} for other stores left" if others else ""))
+    return 0
+
+
+def _contamination(argv: list[str]) -> int:
+    from harness import contamination, data
+
+    parser = argparse.ArgumentParser(prog="python -m harness contamination")
+    parser.add_argument("--data-dir", default=None, help="data mirror (default: QUANTBENCH_DATA)")
+    args = parser.parse_args(argv)
+    data.absolute_mirror_env()
+    print(f"| corpus | test-split {contamination.NGRAM}-grams | shared | share |")
+    print("|---|---:|---:|---:|")
+    for corpus in data.CALIB_DATASETS:
+        try:
+            found = contamination.corpus_overlap(corpus, "wikitext2", args.data_dir)
+        except Exception as err:  # a corpus this machine cannot read (hub only, not mirrored)
+            print(f"| {corpus} | – | – | unavailable: {str(err).splitlines()[0][:100]} |")
+            continue
+        print(f"| {corpus} | {found.eval_ngrams:,} | {found.shared:,} | {100 * found.fraction:.3f}% |")
     return 0
 
 

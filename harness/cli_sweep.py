@@ -19,8 +19,8 @@ from hydra.errors import HydraException
 
 import harness.configs  # noqa: F401  (registers the structured configs)
 from harness import spool
-from harness.runner import check_supported, run_name, spec_from_config
-from harness.spec import RunSpec, SpecError
+from harness.runner import check_supported, spec_from_config
+from harness.spec import RunSpec, SpecError, run_name
 from harness.tracking import StoreUnreachable, Tracker, is_unreachable
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

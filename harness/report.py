@@ -187,8 +187,25 @@ def _section_header(group: pd.DataFrame) -> list[str]:
             f"- Zero-shot: lm-eval, 0-shot, {scope}; accuracy in % ± stderr ({metrics}). `hellaswag_mirror` is "
             "HellaSwag from the offline mirror (no ctx_a/ctx_b: close to, not equal to, lm-eval's hellaswag)"
         )
+    lines += _contamination_lines(group)
     lines += [f"- Latest run: {date}", ""]
     return lines
+
+
+def _contamination_lines(group: pd.DataFrame) -> list[str]:
+    """The contamination guard's figures (harness.contamination) for the runs of a section that logged them."""
+    parts = []
+    for role, label in (("calib", "calibration"), ("train", "training")):
+        values = [m[f"contamination.{role}_13gram"] for m in group.metrics if f"contamination.{role}_13gram" in m]
+        if values:
+            flag = " — above the 1% warning level" if max(values) > 0.01 else ""
+            parts.append(f"{label} text at most {100 * max(values):.3f}% ({len(values)} runs){flag}")
+    if not parts:
+        return []
+    return [
+        "- Contamination guard: share of the test split's distinct 13-grams (lowercased words) found in the "
+        "corpus a run read: " + "; ".join(parts)
+    ]
 
 
 def zeroshot_tasks(group: pd.DataFrame) -> list[str]:

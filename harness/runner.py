@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness import data, models
+from harness.evaluate import steps
 from harness.evaluate.memory import PeakRSS, memory_report
 from harness.evaluate.perplexity import perplexity
 from harness.spec import (
@@ -24,6 +25,8 @@ from harness.spec import (
     SpecError,
     TrainSpec,
     ZeroShotSpec,
+    method_label,
+    run_name,
 )
 from harness.tracking import KeyClaimed, Tracker, flatten, provenance_tags
 from methods import METHODS
@@ -148,16 +151,6 @@ def check_supported(spec: RunSpec) -> None:
     METHODS[spec.method].supports(Request(spec.bits, ARCHS[models.family(spec.model)], act, kv))
 
 
-def method_label(spec: RunSpec) -> str:
-    """`gptq`, or `gptq + kv=kvquant` when a non-default plug-in is in use."""
-    used = [(g, p.name) for g, p, b in (("act", spec.act, spec.bits.a), ("kv", spec.kv, spec.bits.kv)) if b < 16]
-    return " + ".join([spec.method] + [f"{group}={name}" for group, name in used if name != "rtn"])
-
-
-def run_name(spec: RunSpec) -> str:
-    return f"{spec.model.id or spec.model.name}/{method_label(spec)}/{spec.bits}"
-
-
 def execute(spec: RunSpec, cfg: DictConfig, tracker: Tracker, force: bool = False) -> Outcome:
     """Run one spec unless its key already finished; failures end FAILED in MLflow and are returned."""
     name = run_name(spec)
@@ -218,12 +211,13 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
     )
     if summary.notes:
         tracker.set_tags({f"note.{k}": v for k, v in summary.notes.items()})
+    steps.contamination(spec, bool(drawn), tracker)
 
     report = memory_report(model, kv_bytes_per_token=kv.bytes_per_token(model) if kv else None)
     tracker.log_metrics(report.metrics())
     tracker.set_tags({"sixteen_bit_layers": report.sixteen_bit_layers})
     if spec.latency.enabled:
-        _latency(spec, model, tracker)
+        steps.latency(spec, model, tracker)
 
     model.to(models.torch_dtype(spec.ppl.dtype))
     compile_quantizers(spec.compile_quantizers)
@@ -231,7 +225,7 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
     with PeakRSS() as rss_eval:
         result = perplexity(model, token_ids, spec.ppl.seqlen, spec.ppl.batch_size, spec.ppl.max_windows)
     if result.diverged:
-        return _diverged(spec, model, token_ids, result, tracker)
+        return steps.diverged(spec, model, token_ids, result, tracker)
     tracker.log_metrics(
         {
             f"{spec.ppl.dataset}_ppl": result.ppl,
@@ -253,22 +247,10 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
         result.seconds,
     )
     if spec.zeroshot.tasks:
-        _zeroshot(spec, model, tokenizer, tracker)
+        steps.zeroshot(spec, model, tokenizer, tracker)
     if spec.deploy.enabled:
-        _deploy(spec, model, token_ids, tracker)
+        steps.deploy(spec, model, token_ids, tracker)
     return None
-
-
-def _diverged(spec: RunSpec, model, token_ids, result, tracker: Tracker) -> str:
-    """Record a collapsed model: no perplexity metric, the outcome and where the first nan/inf appeared."""
-    from harness.evaluate.divergence import divergence_message
-
-    first = result.nonfinite_window * spec.ppl.seqlen
-    message = divergence_message(model, token_ids[:, first : first + spec.ppl.seqlen], result.nonfinite_window)
-    tracker.set_tags({"outcome": "DIVERGED", "error": message})
-    tracker.log_metrics({"ppl_seconds": result.seconds, "diverged_window": float(result.nonfinite_window)})
-    log.warning("%s: DIVERGED: %s", run_name(spec), message)
-    return message
 
 
 def make_context(spec: RunSpec, tokenizer, drawn: list[int] | None = None, log_step=None) -> QuantContext:
@@ -309,71 +291,3 @@ def apply(model, entry, config, bits: BitSpec, ctx: QuantContext):
                 plugin.fit(model, ctx.calibration())
             plugin.attach(model)
     return summary
-
-
-def _latency(spec: RunSpec, model, tracker: Tracker) -> None:
-    from harness.evaluate import latency
-
-    fmt = latency.model_format(model, spec.bits.a)
-    if fmt is None:
-        return
-    if fmt == latency.NO_KERNEL:
-        tracker.set_tags({"latency.format": latency.NO_KERNEL})
-        log.info("%s: no kernel for this weight format; latency not measured", run_name(spec))
-        return
-    metrics, tags = latency.measure(latency.block_shapes(model), fmt, spec.latency)
-    tracker.log_metrics(metrics)
-    tracker.set_tags(tags)
-    log.info(
-        "%s: %s kernel vs %s dense: prefill %.2fx, decode %.2fx",
-        run_name(spec),
-        fmt.name,
-        tags["latency.dense_dtype"],
-        metrics.get("latency.prefill.speedup", float("nan")),
-        metrics.get("latency.decode.speedup", float("nan")),
-    )
-
-
-def _deploy(spec: RunSpec, model, token_ids, tracker: Tracker) -> None:
-    """Deployed mode: packed kernels, the perplexity check (a mismatch fails the run, its numbers logged first),
-    generation speed against the bf16 model."""
-    from harness.evaluate import deploy
-
-    sixteen_bit, _ = models.load(spec.model)
-    metrics, tags = deploy.evaluate_deployed(model, sixteen_bit, token_ids, spec.ppl.seqlen, spec.deploy)
-    tracker.log_metrics(metrics)
-    tracker.set_tags(tags)
-    deploy.check_perplexity(metrics["deploy.ppl"], metrics["deploy.fake_bf16_ppl"], spec.deploy.tolerance)
-    log.info(
-        "%s: deployed (%d/%d linears on kernels %s): PPL %.4f vs fake-quant bf16 %.4f; decode %.1f tok/s "
-        "(%.2fx bf16), prefill %.1f tok/s (%.2fx)",
-        run_name(spec),
-        metrics["deploy.linears_on_kernel"],
-        metrics["deploy.linears_total"],
-        tags["deploy.kernels"],
-        metrics["deploy.ppl"],
-        metrics["deploy.fake_bf16_ppl"],
-        metrics["deploy.deploy.decode_tok_s"],
-        metrics["deploy.decode.speedup"],
-        metrics["deploy.deploy.prefill_tok_s"],
-        metrics["deploy.prefill.speedup"],
-    )
-
-
-def _zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker) -> None:
-    from harness.evaluate.zeroshot import evaluate_zeroshot
-
-    scores = evaluate_zeroshot(
-        model, tokenizer, list(spec.zeroshot.tasks), spec.data_dir, spec.zeroshot.batch_size, spec.zeroshot.limit
-    )
-    metrics, tags = {}, {}
-    for score in scores:
-        for name, value in score.all_metrics.items():
-            metrics[f"zs.{score.task}.{name}"] = value
-        metrics[f"zs.{score.task}.seconds"] = score.seconds
-        tags[f"zs.{score.task}.config_hash"] = score.config_hash
-        tags[f"zs.{score.task}.metric"] = score.metric
-        log.info("%s: %s %s %.4f", run_name(spec), score.task, score.metric, score.value)
-    metrics["zs.avg"] = sum(s.value for s in scores) / len(scores)
-    tracker.log_metrics(metrics)
-    tracker.set_tags(tags)

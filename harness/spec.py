@@ -173,3 +173,13 @@ class RunSpec:
     def run_key(self) -> str:
         blob = json.dumps(self.key_fields(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def method_label(spec: RunSpec) -> str:
+    """`gptq`, or `gptq + kv=kvquant` when a non-default plug-in is in use."""
+    used = [(g, p.name) for g, p, b in (("act", spec.act, spec.bits.a), ("kv", spec.kv, spec.bits.kv)) if b < 16]
+    return " + ".join([spec.method] + [f"{group}={name}" for group, name in used if name != "rtn"])
+
+
+def run_name(spec: RunSpec) -> str:
+    return f"{spec.model.id or spec.model.name}/{method_label(spec)}/{spec.bits}"

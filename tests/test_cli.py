@@ -274,3 +274,42 @@ def test_deployed_mode_checks_and_times_the_packed_model(tmp_path, data_dir):
     assert metrics["deploy.deploy.decode_tok_s"] > 0 and metrics["deploy.bf16.decode_tok_s"] > 0
     assert _cli(["report", "--out", str(tmp_path / "reports")], tmp_path, data_dir).returncode == 0
     assert "e2e |" in (tmp_path / "reports" / "leaderboard.md").read_text()
+
+
+@pytest.mark.slow  # starts an MLflow tracking server (~10 s) and two joblib workers
+def test_parallel_workers_log_to_a_tracking_server(tmp_path, data_dir):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "the MLflow server did not start"
+                time.sleep(0.5)
+        args = ["sweep", "model=tiny-llama", "budget=smoke", "eval.ppl.seqlen=256", "bits=w16a16kv16,w4a16kv16,w4a4kv4"]
+        args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"tracking_uri={uri}"]
+        first = _cli(args, tmp_path, data_dir)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        assert "summary: 3 finished, 0 done-before" in first.stdout
+        second = _cli(args, tmp_path, data_dir)
+        assert "summary: 0 finished, 3 done-before" in second.stdout
+        reports = tmp_path / "reports"
+        assert _cli(["report", "--tracking-uri", uri, "--out", str(reports)], tmp_path, data_dir).returncode == 0
+        assert len((reports / "runs.jsonl").read_text().splitlines()) == 3
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,109 @@
+"""A run's evaluation steps beyond perplexity, each logging what it measured to the tracker: the record of a
+diverged model, the contamination guard, kernel latency, deployed mode, zero-shot tasks."""
+
+from __future__ import annotations
+
+import logging
+
+from harness import models
+from harness.spec import RunSpec, run_name
+from harness.tracking import Tracker
+
+log = logging.getLogger("quantbench")
+
+
+def diverged(spec: RunSpec, model, token_ids, result, tracker: Tracker) -> str:
+    """Record a collapsed model: no perplexity metric, the outcome and where the first nan/inf appeared."""
+    from harness.evaluate.divergence import divergence_message
+
+    first = result.nonfinite_window * spec.ppl.seqlen
+    message = divergence_message(model, token_ids[:, first : first + spec.ppl.seqlen], result.nonfinite_window)
+    tracker.set_tags({"outcome": "DIVERGED", "error": message})
+    tracker.log_metrics({"ppl_seconds": result.seconds, "diverged_window": float(result.nonfinite_window)})
+    log.warning("%s: DIVERGED: %s", run_name(spec), message)
+    return message
+
+
+def contamination(spec: RunSpec, read_calibration: bool, tracker: Tracker) -> None:
+    """13-gram overlap of the corpora the method read with the evaluation split (harness.contamination)."""
+    from harness.contamination import run_metrics
+
+    sources = {"calib": spec.calib.dataset} if read_calibration else {}
+    if spec.train is not None:
+        sources["train"] = spec.train.dataset
+    if not sources:
+        return
+    metrics, warnings = run_metrics(sources, spec.ppl.dataset, spec.data_dir)
+    tracker.log_metrics(metrics)
+    if warnings:
+        tracker.set_tags(warnings)
+        for message in warnings.values():
+            log.warning("%s: contamination: %s", run_name(spec), message)
+
+
+def latency(spec: RunSpec, model, tracker: Tracker) -> None:
+    from harness.evaluate import latency
+
+    fmt = latency.model_format(model, spec.bits.a)
+    if fmt is None:
+        return
+    if fmt == latency.NO_KERNEL:
+        tracker.set_tags({"latency.format": latency.NO_KERNEL})
+        log.info("%s: no kernel for this weight format; latency not measured", run_name(spec))
+        return
+    metrics, tags = latency.measure(latency.block_shapes(model), fmt, spec.latency)
+    tracker.log_metrics(metrics)
+    tracker.set_tags(tags)
+    log.info(
+        "%s: %s kernel vs %s dense: prefill %.2fx, decode %.2fx",
+        run_name(spec),
+        fmt.name,
+        tags["latency.dense_dtype"],
+        metrics.get("latency.prefill.speedup", float("nan")),
+        metrics.get("latency.decode.speedup", float("nan")),
+    )
+
+
+def deploy(spec: RunSpec, model, token_ids, tracker: Tracker) -> None:
+    """Deployed mode: packed kernels, the perplexity check (a mismatch fails the run, its numbers logged first),
+    generation speed against the bf16 model."""
+    from harness.evaluate import deploy
+
+    sixteen_bit, _ = models.load(spec.model)
+    metrics, tags = deploy.evaluate_deployed(model, sixteen_bit, token_ids, spec.ppl.seqlen, spec.deploy)
+    tracker.log_metrics(metrics)
+    tracker.set_tags(tags)
+    deploy.check_perplexity(metrics["deploy.ppl"], metrics["deploy.fake_bf16_ppl"], spec.deploy.tolerance)
+    log.info(
+        "%s: deployed (%d/%d linears on kernels %s): PPL %.4f vs fake-quant bf16 %.4f; decode %.1f tok/s "
+        "(%.2fx bf16), prefill %.1f tok/s (%.2fx)",
+        run_name(spec),
+        metrics["deploy.linears_on_kernel"],
+        metrics["deploy.linears_total"],
+        tags["deploy.kernels"],
+        metrics["deploy.ppl"],
+        metrics["deploy.fake_bf16_ppl"],
+        metrics["deploy.deploy.decode_tok_s"],
+        metrics["deploy.decode.speedup"],
+        metrics["deploy.deploy.prefill_tok_s"],
+        metrics["deploy.prefill.speedup"],
+    )
+
+
+def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker) -> None:
+    from harness.evaluate.zeroshot import evaluate_zeroshot
+
+    scores = evaluate_zeroshot(
+        model, tokenizer, list(spec.zeroshot.tasks), spec.data_dir, spec.zeroshot.batch_size, spec.zeroshot.limit
+    )
+    metrics, tags = {}, {}
+    for score in scores:
+        for name, value in score.all_metrics.items():
+            metrics[f"zs.{score.task}.{name}"] = value
+        metrics[f"zs.{score.task}.seconds"] = score.seconds
+        tags[f"zs.{score.task}.config_hash"] = score.config_hash
+        tags[f"zs.{score.task}.metric"] = score.metric
+        log.info("%s: %s %s %.4f", run_name(spec), score.task, score.metric, score.value)
+    metrics["zs.avg"] = sum(s.value for s in scores) / len(scores)
+    tracker.log_metrics(metrics)
+    tracker.set_tags(tags)
