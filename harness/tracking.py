@@ -215,6 +215,7 @@ class Tracker:
         Raises KeyClaimed (leaving no run behind) when another live worker holds the key. If the store becomes
         unreachable mid-run, the run goes on and its record is spooled locally (`python -m harness sync`)."""
         claim = {"run_key": run_key, "claim.host": socket.gethostname(), "claim.pid": str(os.getpid())}
+        started = time.perf_counter()
         run = self.client.create_run(
             self.experiment_id, run_name=run_name, tags={**claim, "claim.heartbeat": f"{time.time():.0f}"}
         )
@@ -227,6 +228,7 @@ class Tracker:
             raise
         params = {k: ("null" if v is None else str(v)) for k, v in params.items()}
         self._pending = spool.new_record(self, run_id, run_key, run_name, {**claim, **tags}, params, config_yaml)
+        self._pending["store_seconds"] = time.perf_counter() - started  # creating and claiming the run
         stop = threading.Event()
         threading.Thread(target=self._heartbeat, args=(run_id, stop), daemon=True).start()
         status = "FINISHED"
@@ -241,6 +243,8 @@ class Tracker:
             raise
         finally:
             stop.set()
+            # the run's cost in store calls (all but this metric and the end): the sweep's per-run overhead
+            self._log({"tracking_seconds": self._pending["store_seconds"]}, 0)
             self._pending["status"] = status
             self._send(self.client.set_terminated, run_id, status)
             pending, self._pending = self._pending, None
@@ -262,6 +266,7 @@ class Tracker:
         """One call to the store; once the store is unreachable, later calls only update the pending record."""
         if self._pending is not None and self._pending["offline"]:
             return
+        started = time.perf_counter()
         try:
             call(*args)
         except Exception as err:
@@ -269,6 +274,9 @@ class Tracker:
                 raise
             self._pending["offline"] = True
             log.warning("tracking store %s unreachable (%s); spooling this run", self.tracking_uri, type(err).__name__)
+        finally:
+            if self._pending is not None:
+                self._pending["store_seconds"] += time.perf_counter() - started
 
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
