@@ -51,7 +51,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def check_model_spec(spec: ModelSpec) -> None:
     if spec.name not in MODELS:
         raise SpecError(f"unknown model {spec.name!r}; valid: {', '.join(MODELS)} (model=hf model.id=<hub id or path>)")
-    if spec.name == "hf" and not spec.id:
+    if spec.name == "hf" and spec.id in (None, "", "???"):
         raise SpecError("model=hf needs model.id=<hub id or local path>, e.g. model.id=meta-llama/Llama-2-7b-hf")
     torch_dtype(spec.dtype)
 
@@ -65,7 +65,14 @@ def family(spec: ModelSpec) -> str:
 
     from methods.core.arch import arch_for_model_type
 
-    config = AutoConfig.from_pretrained(spec.id, trust_remote_code=spec.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(spec.id, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as err:  # a wrong id, no hub access, a path without config.json
+        reason = str(err).splitlines()[0][:200]
+        raise SpecError(
+            f"cannot read the config of model.id={spec.id}: {reason} (a hub id needs hub access; a local "
+            "path needs its config.json)"
+        ) from err
     return arch_for_model_type(config.model_type).family
 
 

@@ -73,6 +73,8 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
     data.check_calib_spec(calib)
     ppl_cfg = OmegaConf.to_container(cfg.eval.ppl, resolve=True)
     ppl = PerplexitySpec(max_windows=cfg.budget.ppl_max_windows, **ppl_cfg)
+    if ppl.dataset not in data.PPL_DATASETS:
+        raise SpecError(f"unknown perplexity dataset {ppl.dataset!r}; valid: {', '.join(data.PPL_DATASETS)}")
     models.torch_dtype(ppl.dtype)
     zs_cfg = OmegaConf.to_container(cfg.eval.zeroshot, resolve=True) if "zeroshot" in cfg.eval else {}
     zeroshot = ZeroShotSpec(

@@ -49,6 +49,8 @@ def _runs(tmp_path):
         (["method.damp=abc", "method=gptq"], "Value 'abc' of type 'str' could not be converted to Float"),
         (["seed=abc"], "seed must be an integer, got 'abc' (e.g. seed=0; a sweep: seed=0,1,2)"),
         (["seed=1.5"], "seed must be an integer, got 1.5"),
+        (["eval.ppl.dataset=ptb"], "unknown perplexity dataset 'ptb'; valid: wikitext2"),
+        (["model=hf"], "model=hf needs model.id=<hub id or local path>"),
     ],
 )
 def test_bad_input_fails_before_anything_runs(overrides, expected):
