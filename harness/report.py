@@ -45,8 +45,6 @@ def _fmt(value, digits: int = 2) -> str:
 
 def method_label(method: str, params: dict[str, str]) -> str:
     """The method name plus every parameter that differs from its registered default (e.g. quarot weights=rtn)."""
-    import dataclasses
-
     from methods import METHODS
     from methods.core.params import key_neutral
 
@@ -56,13 +54,24 @@ def method_label(method: str, params: dict[str, str]) -> str:
     # A record that logged its parameters but lacks a later-added one ran with its legacy value (methods.core.params).
     if params:
         params = {**{k: "null" if v is None else str(v) for k, v in key_neutral(entry.config_cls).items()}, **params}
-    changed = []
-    for f in dataclasses.fields(entry.config_cls):
-        if f.name in params:
-            default = "null" if f.default is None else str(f.default)
-            if params[f.name] != default:
-                changed.append(f"{f.name}={params[f.name]}")
+    changed = [
+        f"{name}={params[name]}"
+        for name, default in _flat_defaults(entry.config_cls())
+        if name in params and params[name] != ("null" if default is None else str(default))
+    ]
     return f"{method} ({', '.join(changed)})" if changed else method
+
+
+def _flat_defaults(config, prefix: str = ""):
+    """(dotted name, default) of every leaf of a config dataclass, as the flattened run params name them."""
+    import dataclasses
+
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from _flat_defaults(value, f"{prefix}{field.name}.")
+        else:
+            yield f"{prefix}{field.name}", value
 
 
 def row_label(rec: dict) -> str:

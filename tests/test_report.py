@@ -165,3 +165,9 @@ def test_paretoq_plot_puts_our_runs_beside_the_papers_numbers(tmp_path):
     assert [bits for bits, _, _ in paretoq_points(records, "m")] == ["w1a16kv16", "w2a16kv16", "w16a16kv16"]
     assert plot_paretoq([{**r, "model": "smollm2-135m"} for r in records], claims, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_a_nested_parameter_that_differs_from_its_default_labels_the_row():
+    params = {"loop.steps": "0", "loop.lr": "8e-06", "generation.max_new_tokens": "256", "kd_loss": "cakld"}
+    assert method_label("bitdistiller", params) == "bitdistiller (loop.steps=0)"
+    assert method_label("bitdistiller", {**params, "loop.steps": "null"}) == "bitdistiller"
