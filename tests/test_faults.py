@@ -172,7 +172,7 @@ def test_a_live_worker_keeps_its_key_and_a_dead_one_loses_it(tmp_path, monkeypat
     from harness.tracking import KeyClaimed
 
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
-    here, now = socket.gethostname(), f"{time.time():.0f}"
+    here, now = socket.gethostname(), str(int(time.time()))  # whole seconds, never ahead of the clock
     live = _running(tracker, "k1", **{"claim.host": here, "claim.pid": str(os.getpid()), "claim.heartbeat": now})
     with pytest.raises(KeyClaimed, match=f"run key k1 is running in run {live}"):
         _claim_once(tracker, "k1")
