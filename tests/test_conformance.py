@@ -34,6 +34,7 @@ from methods.core.arch import decoder_linears
 from methods.core.attention import attention_states
 from methods.core.formats import check_format
 from methods.core.qlinear import QLinear
+from methods.kv import KV_QUANTIZERS
 
 FAMILIES = ("tiny-llama", "tiny-gemma3")
 # Each method runs the first of these it supports: weights, activations and KV cache all quantized where it can
@@ -43,8 +44,8 @@ PROBE_BITS = ("w16a16kv16", "w8a8kv8", "w4g32a16kv16", "w3a4kv4", "w2g64a16kv4",
 CASES = [(method, model) for method in METHODS for model in FAMILIES]
 
 
-def _spec(method: str, model: str, bits: str):
-    overrides = [f"method={method}", f"model={model}", f"bits={bits}", "budget=smoke", "calib.seqlen=64"]
+def _spec(method: str, model: str, bits: str, extra: tuple[str, ...] = ()):
+    overrides = [f"method={method}", f"model={model}", f"bits={bits}", "budget=smoke", "calib.seqlen=64", *extra]
     overrides += ["train.windows=4", "train.seqlen=32"] if METHODS[method].trains else []  # + smoke cuts
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return spec_from_config(compose("config", overrides=overrides))
@@ -195,3 +196,24 @@ def test_same_seed_same_logits(method, model, quantized, data_dir, tmp_path):
     again, _, _ = _quantize(spec, data_dir, tmp_path)
     with torch.no_grad():
         assert torch.equal(again(_ids()).logits, logits)
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+@pytest.mark.parametrize("plugin", list(KV_QUANTIZERS))
+def test_every_kv_plugin_composes_with_a_weight_method(plugin, model, data_dir, tmp_path):
+    """Each KV plug-in under a weight method, as a run composes it: attached at its key placement on every
+    block, finite logits that differ from the weight-only model's, and its own bytes per token, below 16-bit."""
+    spec = _spec("rtn", model, "w4g16a16kv4", (f"kv={plugin}",))
+    check_supported(spec)
+    qmodel, _, kv = _quantize(spec, data_dir, tmp_path)
+    assert type(kv) is type(KV_QUANTIZERS[plugin].build(KV_QUANTIZERS[plugin].config_cls(), 4))
+    states = attention_states(qmodel)
+    assert all(s.key_quant is not None and s.keys_pre_rope == kv.keys_pre_rope for s in states)
+    with torch.no_grad():
+        logits = qmodel(_ids()).logits
+        for s in states:
+            s.set_kv(None, None, False)
+        weight_only = qmodel(_ids()).logits
+    assert torch.isfinite(logits).all() and not torch.equal(logits, weight_only)
+    report = memory_report(qmodel, kv.bytes_per_token(qmodel))
+    assert 0 < report.kv_bytes_per_token < memory_report(qmodel).kv_bytes_per_token

@@ -38,6 +38,9 @@ class ArchAdapter:
     mlp_norm: str  # the norm whose output the MLP reads
     output_norms: tuple[str, ...]  # norms applied to sublayer outputs before the residual add (Gemma 3)
     pre_rope_key: str  # the attention submodule whose output is the last key value before RoPE
+    pre_rope_key_heads_first: (
+        bool  # its output is [batch, heads, tokens, head_dim] (else [batch, tokens, heads·head_dim])
+    )
     residual_rotation_exact: bool  # can an orthogonal R1 be fused with the function unchanged?
 
     # --- where things are ------------------------------------------------------------------------------
@@ -143,6 +146,7 @@ LLAMA = ArchAdapter(
     mlp_norm="post_attention_layernorm",
     output_norms=(),
     pre_rope_key="k_proj",
+    pre_rope_key_heads_first=False,
     residual_rotation_exact=True,
 )
 GEMMA3 = ArchAdapter(
@@ -151,6 +155,7 @@ GEMMA3 = ArchAdapter(
     mlp_norm="pre_feedforward_layernorm",
     output_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     pre_rope_key="k_norm",
+    pre_rope_key_heads_first=True,
     residual_rotation_exact=False,
 )
 ARCHS = {adapter.family: adapter for adapter in (LLAMA, GEMMA3)}

@@ -4,7 +4,8 @@ Each decoder block's attention module gets one `AttentionState`: an optional tra
 and keys after RoPE (QuaRot's online Hadamard R3; orthogonal, so q·kᵀ is unchanged), an optional key
 quantizer placed after RoPE (on what the cache stores; QuaRot §4) or before it (KVQuant §3.2: on the last
 key value before RoPE — k_proj's output for Llama, k_norm's output for Gemma 3, per the arch adapter), and an
-optional value quantizer. Quantizers see tensors whose last dim is head_dim.
+optional value quantizer. Quantizers see tensors whose last dim is head_dim: pre-RoPE keys as [batch, tokens,
+kv_heads, head_dim], post-RoPE keys and values as attention gets them, [batch, kv_heads, tokens, head_dim].
 
 Post-RoPE work happens in `quantbench_sdpa`, registered with transformers' attention-function registry: it
 applies the state and calls the stock SDPA attention. The quantized tensors are what attention reads, which
@@ -36,6 +37,7 @@ class AttentionState:
     key_quant: Transform | None = None  # keys, at `keys_pre_rope` placement
     value_quant: Transform | None = None
     keys_pre_rope: bool = False
+    first_position: int = 0  # the current forward's first token position (cached decoding: > 0)
 
     def set_kv(self, key_quant: Transform | None, value_quant: Transform | None, keys_pre_rope: bool) -> None:
         self.key_quant, self.value_quant, self.keys_pre_rope = key_quant, value_quant, keys_pre_rope
@@ -58,16 +60,32 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
 class _PreRopeKeyHook:
-    """Forward hook on the adapter's pre-RoPE key module: applies the state's key quantizer per head."""
+    """Forward hook on the adapter's pre-RoPE key module: applies the state's key quantizer to its output seen as
+    [batch, tokens, kv_heads, head_dim] (k_proj's [batch, tokens, channels] or k_norm's [batch, heads, tokens,
+    head_dim], per the adapter), so a quantizer sees the same layout on every architecture."""
 
-    def __init__(self, state: AttentionState, head_dim: int):
-        self.state, self.head_dim = state, head_dim
+    def __init__(self, state: AttentionState, head_dim: int, heads_first: bool):
+        self.state, self.head_dim, self.heads_first = state, head_dim, heads_first
 
     def __call__(self, module, inputs, output):
         if self.state.key_quant is None or not self.state.keys_pre_rope:
             return output
+        if self.heads_first:
+            return self.state.key_quant(output.transpose(1, 2)).transpose(1, 2)
         shape = output.shape
         return self.state.key_quant(output.reshape(*shape[:-1], -1, self.head_dim)).reshape(shape)
+
+
+class _FirstPositionHook:
+    """Forward pre-hook on the attention module: remembers the first position of the tokens it is handed
+    (`position_ids`), so pre-RoPE quantizers know whether a forward starts a sequence."""
+
+    def __init__(self, state: AttentionState):
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        position = kwargs.get("position_ids")
+        self.state.first_position = int(position.min()) if position is not None and position.numel() else 0
 
 
 def attention_states(model: nn.Module) -> list[AttentionState]:
@@ -82,7 +100,10 @@ def attention_states(model: nn.Module) -> list[AttentionState]:
         if state is None:
             state = AttentionState()
             setattr(attn, STATE_ATTRIBUTE, state)
-            arch.pre_rope_key_module(layer).register_forward_hook(_PreRopeKeyHook(state, head_dim))
+            arch.pre_rope_key_module(layer).register_forward_hook(
+                _PreRopeKeyHook(state, head_dim, arch.pre_rope_key_heads_first)
+            )
+            attn.register_forward_pre_hook(_FirstPositionHook(state), with_kwargs=True)
         states.append(state)
     _use_quantbench_attention(model)
     return states

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from methods.base import PluginEntry
-from methods.kv import rtn
+from methods.kv import kvquant, rtn
 
 KV_QUANTIZERS: dict[str, PluginEntry] = {
     "rtn": PluginEntry(rtn.RTNKVConfig, build=rtn.build),
+    "kvquant": PluginEntry(kvquant.KVQuantConfig, build=kvquant.build),
 }
