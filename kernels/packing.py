@@ -203,3 +203,31 @@ class PackedBinaryLinear:
 
     def nbytes(self) -> int:
         return self.words.numel() * 4 + self.scales.numel() * 2
+
+
+@dataclass
+class PackedBCQLinear:
+    """Block clustered weights (LO-BCQ): 4-bit entry indices, a codebook selector per block (log2 N_c bits),
+    one E4M3 byte per block array, an fp32 scale per row and the int8-stored codebooks [N_c, 16]."""
+
+    index_words: torch.Tensor  # int32 [out, in / 8]
+    selector_words: torch.Tensor | None  # int32 [out, n_words] of selector_bits codes; None when N_c = 1
+    array_scales: torch.Tensor  # uint8 [out, in / L_A] (E4M3 bit patterns)
+    row_scales: torch.Tensor  # fp32 [out]
+    codebooks: torch.Tensor  # int8 [N_c, 16]
+
+    @classmethod
+    def pack(cls, indices, selectors, selector_bits, array_scales, row_scales, codebooks) -> PackedBCQLinear:
+        selector_words = pack_int(selectors, selector_bits) if selector_bits else None
+        scale_bytes = array_scales.to(torch.float8_e4m3fn).view(torch.uint8)
+        return cls(pack_int(indices, 4), selector_words, scale_bytes, row_scales.float(), codebooks.to(torch.int8))
+
+    def nbytes(self) -> int:
+        selectors = 0 if self.selector_words is None else self.selector_words.numel() * 4
+        return (
+            self.index_words.numel() * 4
+            + selectors
+            + self.array_scales.numel()
+            + self.row_scales.numel() * 4
+            + self.codebooks.numel()
+        )

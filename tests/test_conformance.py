@@ -29,6 +29,7 @@ from harness.evaluate import latency
 from harness.evaluate.memory import memory_report
 from harness.runner import PLUGINS, apply, check_supported, make_context, spec_from_config
 from methods import METHODS
+from methods.act import ACT_QUANTIZERS
 from methods.base import UnsupportedBits
 from methods.core.arch import decoder_linears
 from methods.core.attention import attention_states
@@ -217,3 +218,21 @@ def test_every_kv_plugin_composes_with_a_weight_method(plugin, model, data_dir, 
     assert torch.isfinite(logits).all() and not torch.equal(logits, weight_only)
     report = memory_report(qmodel, kv.bytes_per_token(qmodel))
     assert 0 < report.kv_bytes_per_token < memory_report(qmodel).kv_bytes_per_token
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+@pytest.mark.parametrize("plugin", list(ACT_QUANTIZERS))
+def test_every_act_plugin_composes_with_a_weight_method(plugin, model, data_dir, tmp_path):
+    """Each activation plug-in under a weight method it does not belong to: fitted if it needs data, then
+    attached to every decoder linear, with finite logits that differ from the weight-only model's."""
+    spec = _spec("rtn", model, "w4g16a4kv16", (f"act={plugin}",))
+    check_supported(spec)
+    qmodel, _, _ = _quantize(spec, data_dir, tmp_path)
+    linears = [m for _, _, _, m in decoder_linears(qmodel)]
+    assert all(isinstance(m, QLinear) and m.act_quant is not None for m in linears)
+    with torch.no_grad():
+        logits = qmodel(_ids()).logits
+        for m in linears:
+            m.act_quant = None
+        weight_only = qmodel(_ids()).logits
+    assert torch.isfinite(logits).all() and not torch.equal(logits, weight_only)

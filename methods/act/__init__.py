@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from methods.act import rtn
+from methods.act import bcq, rtn
 from methods.base import PluginEntry
 
 ACT_QUANTIZERS: dict[str, PluginEntry] = {
     "rtn": PluginEntry(rtn.RTNActConfig, build=rtn.build),
+    "bcq": PluginEntry(bcq.BCQActConfig, build=bcq.build),
 }

@@ -16,6 +16,9 @@ Implementations:
 * `TernaryWeight` — {−1, 0, +1} × per-(row, group) fp16 scale (ParetoQ 1.58 bit). Storage: 5 trits per byte
   (the packed layout: 1.6 bits per weight, the densest byte-aligned one) + scales.
 * `BinaryWeight` — sign × per-(row, group) fp16 scale (ParetoQ 1 bit). Storage: 1 bit per weight + scales.
+* `BCQWeight` — block clustered (LO-BCQ): a 4-bit index per weight into the codebook its block of L_b selects,
+  × an E4M3 scale per block array × an fp32 scale per row. Storage: indices, selectors (log2 N_c bits per
+  block, packed in 32-bit words), array-scale bytes, row scales and the int8-stored codebooks.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import torch
 
 from kernels.bench import KernelFormat
 from kernels.packing import (
+    PackedBCQLinear,
     PackedBinaryLinear,
     PackedLinear,
     PackedLUTLinear,
     PackedTernaryLinear,
+    codes_per_word,
     packed_nbytes,
 )
 
@@ -233,8 +238,54 @@ class BinaryWeight:
         return None
 
 
+@dataclass
+class BCQWeight:
+    """LO-BCQ weights (methods/core/bcq.py): `indices` uint8 [out, padded in] (< 16; `in` zero-padded to whole
+    block arrays), `selectors` uint8 [out, padded in / block_len], `array_scales` (E4M3 values) [out, padded
+    in / array_len], `row_scales` fp32 [out], `codebooks` [N_c, 16] integer entries."""
+
+    indices: torch.Tensor
+    selectors: torch.Tensor
+    array_scales: torch.Tensor
+    row_scales: torch.Tensor
+    codebooks: torch.Tensor
+    block_len: int
+    array_len: int
+    in_features: int
+    format_name: ClassVar[str] = "bcq"
+
+    @property
+    def selector_bits(self) -> int:
+        """Stored selector width: the narrowest packable width (2, 3, 4, 8) holding log2 N_c bits; 0 for N_c = 1."""
+        needed = (self.codebooks.shape[0] - 1).bit_length()
+        return 0 if needed == 0 else next(w for w in (2, 3, 4, 8) if w >= needed)
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.indices.shape
+        sel = self.selectors.long().repeat_interleave(self.block_len, dim=1)
+        values = self.codebooks.float()[sel, self.indices.long()].reshape(rows, -1, self.array_len)
+        scale = self.array_scales.float().unsqueeze(-1) * self.row_scales.float()[:, None, None]
+        return (values * scale).reshape(rows, cols)[:, : self.in_features]
+
+    def storage_bits(self) -> int:
+        rows, cols = self.indices.shape
+        index_bits = rows * -(-cols // 8) * 32
+        width = self.selector_bits
+        selector_bits = rows * -(-self.selectors.shape[1] // codes_per_word(width)) * 32 if width else 0
+        return index_bits + selector_bits + self.array_scales.numel() * 8 + rows * 32 + self.codebooks.numel() * 8
+
+    def pack(self) -> PackedBCQLinear:
+        return PackedBCQLinear.pack(
+            self.indices, self.selectors, self.selector_bits, self.array_scales, self.row_scales, self.codebooks
+        )
+
+    def kernel_format(self, a_bits: int) -> KernelFormat | None:
+        return None  # no BCQ GEMM kernel here: the latency column shows "no kernel"
+
+
 FORMATS: dict[str, type] = {
-    cls.format_name: cls for cls in (QuantizedWeight, LUTWeight, SignedLUTWeight, TernaryWeight, BinaryWeight)
+    cls.format_name: cls
+    for cls in (QuantizedWeight, LUTWeight, SignedLUTWeight, TernaryWeight, BinaryWeight, BCQWeight)
 }
 
 
