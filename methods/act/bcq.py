@@ -42,11 +42,16 @@ class _SharedInputEncoder:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         seen, version, out = self.last
-        if seen is x and version == x._version:
+        if seen is x and version == _version(x):
             return out
         out = bcq.fake_quantize(x, self.codebooks, self.layout)
-        self.last = (x, x._version, out)
+        self.last = (x, _version(x), out)
         return out
+
+
+def _version(x: torch.Tensor) -> int:
+    """In-place modification counter; inference tensors keep none (and are not modified between siblings)."""
+    return -1 if x.is_inference() else x._version
 
 
 @dataclass
