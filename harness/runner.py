@@ -285,11 +285,13 @@ def make_context(spec: RunSpec, tokenizer, drawn: list[int] | None = None, log_s
 
 def apply(model, entry, config, bits: BitSpec, ctx: QuantContext):
     """The weight method, then the act/KV plug-ins it was handed (fitted on calibration data if they need it,
-    then attached — idempotent, so a method may have attached them itself). Returns the method's summary."""
+    then attached — idempotent, so a method may have attached them itself). Returns the method's summary, with
+    the plug-ins' own measurements (`metrics()`, when they have one) added."""
     summary = entry.quantize(model, config, bits, ctx)
     for plugin in (ctx.act, ctx.kv):
         if plugin is not None:
             if plugin.needs_calibration:
                 plugin.fit(model, ctx.calibration())
             plugin.attach(model)
+            summary.metrics.update(plugin.metrics() if hasattr(plugin, "metrics") else {})
     return summary

@@ -147,6 +147,9 @@ def test_fit_records_true_bytes_below_sixteen_bit_and_smaller_with_fewer_bits():
         measured[bits] = quantizer.bytes_per_token(model)
     fp16 = model.config.num_hidden_layers * 2 * 2 * 16 * 2  # layers · (K, V) · kv_heads · head_dim · 2 bytes
     assert measured[2] < measured[4] < fp16
+    metrics = quantizer.metrics()  # 1% of keys beyond their calibrated per-channel thresholds; values: at
+    assert metrics["kvquant_outliers_keys"] == pytest.approx(0.01, abs=0.004)  # least each token's min and max
+    assert metrics["kvquant_outliers_values"] >= 2 / 32 and metrics["kvquant_fit_levels_seconds"] > 0
 
 
 def test_fisher_needs_gradients_through_the_model():

@@ -146,6 +146,7 @@ class KVQuantQuantizer:
     values: list[VectorCodec] = field(default_factory=list)
     bytes_measured: float | None = None
     fit_seconds: dict[str, float] = field(default_factory=dict)
+    outlier_fraction_measured: dict[str, float] = field(default_factory=dict)
 
     @property
     def keys_pre_rope(self) -> bool:
@@ -217,12 +218,23 @@ class KVQuantQuantizer:
         return codec
 
     def _measure_bytes(self, records) -> float:
-        """Stored bytes per token: each calibration window's keys and values encoded, summed over layers."""
-        total_bits = 0
+        """Stored bytes per token: each calibration window's keys and values encoded, summed over layers (also
+        the fraction of values kept as outliers)."""
+        total_bits, outliers, elements = 0, {"keys": 0, "values": 0}, 0
         for key, value, (k_rec, v_rec) in zip(self.keys, self.values, records, strict=True):
             for k, v in zip(k_rec.acts, v_rec.acts, strict=True):
-                total_bits += key.encode(k).storage_bits() + value.encode(v).storage_bits()
+                stored_k, stored_v = key.encode(k), value.encode(v)
+                total_bits += stored_k.storage_bits() + stored_v.storage_bits()
+                outliers["keys"] += stored_k.vals.numel()
+                outliers["values"] += stored_v.vals.numel()
+                elements += k.numel()
+        self.outlier_fraction_measured = {name: count / elements for name, count in outliers.items()}
         return total_bits / 8 / sum(k.shape[0] for k in records[0][0].acts)
+
+    def metrics(self) -> dict[str, float]:
+        """Calibration wall times and the outlier fractions measured on the calibration windows."""
+        measured = {f"kvquant_fit_{step}_seconds": seconds for step, seconds in self.fit_seconds.items()}
+        return measured | {f"kvquant_outliers_{name}": frac for name, frac in self.outlier_fraction_measured.items()}
 
     def attach(self, model: nn.Module) -> None:
         if not self.keys:
