@@ -96,7 +96,7 @@ def _breakpoints(codebooks: torch.Tensor):
     return mids, nearest, codebooks.gather(1, nearest.T).T.contiguous()  # values [intervals, N_c]
 
 
-def encode_blocks(blocks: torch.Tensor, codebooks: torch.Tensor, chunk: int = 1 << 15):
+def encode_blocks(blocks: torch.Tensor, codebooks: torch.Tensor, chunk: int = 1 << 17):
     """Min-MSE codebook per block and nearest entry per scalar. blocks [..., L_b]; codebooks [N_c, 16].
     Returns (selectors [...], indices [..., L_b], squared error per block [...])."""
     shape = blocks.shape
@@ -116,7 +116,7 @@ def encode_blocks(blocks: torch.Tensor, codebooks: torch.Tensor, chunk: int = 1 
     return selectors.reshape(shape[:-1]), indices.reshape(shape), errors.reshape(shape[:-1])
 
 
-def quantize_blocks(blocks: torch.Tensor, codebooks: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
+def quantize_blocks(blocks: torch.Tensor, codebooks: torch.Tensor, chunk: int = 1 << 17) -> torch.Tensor:
     """decode(encode(blocks)) without materialising indices (the online activation path)."""
     shape = blocks.shape
     flat = blocks.reshape(-1, shape[-1]).float()
