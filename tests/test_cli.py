@@ -37,14 +37,14 @@ def _runs(tmp_path):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["method=nope"], "unknown method 'nope'; valid: bitdistiller, gptq, paretoq, quarot, rtn"),
+        (["method=nope"], "unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, rtn"),
         (["model=gpt9"], "unknown model 'gpt9'; valid: gemma3-270m, hf, smollm2-135m, tiny-gemma3, tiny-llama"),
         (["bits=w2a4"], BITS_GRAMMAR),
         (["bits=w4a16kv16,w0a4kv4"], BITS_GRAMMAR),
         (["method.w_symm=true"], "Could not override 'method.w_symm'"),
         (["method=rtn", "+method.w_symm=true"], "has no parameter(s) w_symm"),
-        (["kv=nosuch"], "unknown kv 'nosuch'; valid: rtn"),
-        (["act=nosuch", "bits=w4a4kv4"], "unknown act 'nosuch'; valid: rtn"),
+        (["kv=nosuch"], "unknown kv 'nosuch'; valid: kvquant, rtn"),
+        (["act=nosuch", "bits=w4a4kv4"], "unknown act 'nosuch'; valid: bcq, rtn"),
         (["kv.clip=0.9"], "Could not override 'kv.clip'"),
         (["method.damp=abc", "method=gptq"], "Value 'abc' of type 'str' could not be converted to Float"),
         (["seed=abc"], "seed must be an integer, got 'abc' (e.g. seed=0; a sweep: seed=0,1,2)"),
@@ -171,7 +171,7 @@ def test_list_names_models_methods_and_grammar(capsys):
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "bitdistiller, gptq, paretoq, quarot, rtn, signround" in out
+    assert "bcq, bitdistiller, gptq, paretoq, quarot, rtn, signround" in out
     assert "smollm2-135m" in out and BITS_GRAMMAR in out
     assert main(["nope"]) == 2
     assert "valid: run, sweep, report" in capsys.readouterr().err
@@ -182,7 +182,7 @@ def test_bench_unknown_method_lists_valid(capsys):
 
     assert main(["bench", "forward", "--method", "nope"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: unknown method 'nope'; valid: bitdistiller, gptq, paretoq, quarot, rtn")
+    assert err.startswith("error: unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, rtn")
     assert "\n" not in err
 
 
