@@ -1,52 +1,150 @@
-"""`reports/pareto.png`: perplexity against bits per weight, one panel per model and evaluation protocol."""
+"""`reports/pareto.png` (PPL relative to FP against true bits, per model and kind of setting) and
+`reports/paretoq.png` (ParetoQ's size-vs-quality curve beside the paper's)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from harness.report import _frame, _section_order, _whole_split
+from harness.report import _frame, _whole_split
 from methods.core.atomic import atomic_write
+from methods.core.bits import BitSpec
+
+CEILING = 10.0  # PPL relative to FP above which a run counts as collapsed and is drawn on the ceiling
+PANELS = (
+    ("weights only (a16 kv16)", "bpw", "true bits per weight (quantized linears, incl. scales)"),
+    ("weights + activations and/or KV cache", "bpw", "true bits per weight (quantized linears, incl. scales)"),
+    ("KV cache only (16-bit weights)", "kv_bits", "true KV-cache bits per element (codes, scales, outliers)"),
+)
+
+
+def _panel_of(bits: str) -> int | None:
+    spec = BitSpec.parse(bits)
+    if spec.w < 16:
+        return 0 if spec.a >= 16 and spec.kv >= 16 else 1
+    return 2 if spec.kv < 16 else None
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (fewer bits and lower PPL), by increasing bits."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            if front and x == front[-1][0]:
+                front[-1] = (x, y)
+            else:
+                front.append((x, y))
+    return front
+
+
+def pareto_frame(records: list[dict]):
+    """Whole-split finished runs with their panel, PPL relative to the model's FP run and KV bits per element;
+    None when no model has an FP run on the whole split."""
+    frame = _frame(records)
+    frame = frame[(frame.status == "FINISHED") & frame.ppl.notna() & frame.bpw.notna()]
+    frame = frame.loc[frame.p_ppl_max_windows.map(_whole_split).astype(bool)].copy()
+    fp = (
+        frame[frame.bits == "w16a16kv16"].groupby(["model", "protocol"]).agg(fp_ppl=("ppl", "min"), fp_kv=("kv", "max"))
+    )
+    frame = frame.join(fp, on=["model", "protocol"], how="inner")
+    if frame.empty:
+        return None
+    frame["panel"] = frame.bits.map(_panel_of)
+    frame = frame[frame.panel.notna()].copy()
+    frame["rel"] = frame.ppl / frame.fp_ppl
+    frame["kv_bits"] = 16 * frame.kv / frame.fp_kv
+    return frame
 
 
 def plot_pareto(records: list[dict], path: Path) -> None:
+    """PPL relative to FP against true bits, whole test split only (budget subsets stay in the tables): one row
+    per model, panels for weight-only, weight+activation/KV and KV-only settings; one colour per method, a line
+    through its Pareto-optimal points (dominated runs hollow); runs above CEILING x FP drawn on the ceiling with
+    their PPL; the FP line at 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frame = _frame(records)
-    frame = frame[(frame.status == "FINISHED") & frame.ppl.notna() & frame.bpw.notna()]
-    groups = sorted(frame.groupby(["model", "protocol"]), key=_section_order) if len(frame) else []
-    # One colour per method label across all panels, one legend under them (labels can be long: they name
-    # every non-default parameter), panels two to a row.
-    methods = sorted(frame.method.unique()) if len(frame) else []
-    colours = {m: plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i) for i, m in enumerate(methods)}
-    cols = min(2, max(1, len(groups)))
-    rows_n = max(1, -(-len(groups) // cols))
-    legend_in = 0.25 * -(-len(methods) // 2) + 0.3 if methods else 0.0
-    fig, axes = plt.subplots(rows_n, cols, figsize=(7.5 * cols, 5 * rows_n + legend_in), squeeze=False)
-    for ax in axes.flat[len(groups) :]:
-        ax.set_visible(False)
-    for ax, ((model, _), group) in zip(axes.flat, groups, strict=False):
-        for method, rows in sorted(group.groupby("method")):
-            ax.scatter(rows.bpw, rows.ppl, label=method, color=colours[method])
-            for row in rows.itertuples():
-                ax.annotate(row.bits, (row.bpw, row.ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_yscale("log")
-        ax.set_xlabel("bits per weight (quantized linears, incl. scales/zeros)")
-        ax.set_ylabel("WikiText-2 perplexity (log)")
-        windows = group.p_ppl_max_windows.iloc[0]
-        split = "whole test split" if _whole_split(windows) else f"first {windows} windows"
-        zeroshot = group.p_zs_tasks.iloc[0] not in ("[]", None)
-        ax.set_title(f"{model} ({split}{', runs with zero-shot tasks' if zeroshot else ''})")
-        ax.grid(True, which="both", alpha=0.3)
-    if methods:
-        handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[m], label=m) for m in methods]
-        fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, frameon=False)
-        fig.tight_layout(rect=(0, legend_in / (5 * rows_n + legend_in), 1, 1))
-    else:
-        fig.tight_layout()
+    frame = pareto_frame(records)
+    if frame is None or frame.empty:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no whole-split runs with an FP reference yet", ha="center", va="center")
+        _save(fig, path)
+        return
+    models = sorted(frame.model.unique())
+    methods = sorted(frame.method.unique())
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colours = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    legend_rows = max(len(g.method.unique()) for _, g in frame.groupby(["model", "panel"]))
+    row_height = 4.2 + 0.2 * legend_rows
+    fig, axes = plt.subplots(len(models), 3, figsize=(19, row_height * len(models)), squeeze=False)
+    for row, model in enumerate(models):
+        for panel, (title, xcol, xlabel) in enumerate(PANELS):
+            ax = axes[row][panel]
+            group = frame[(frame.model == model) & (frame.panel == panel)]
+            if group.empty:
+                ax.set_visible(False)
+                continue
+            _draw_panel(ax, group, xcol, colours, annotate=panel == 1)
+            ax.set_title(
+                f"{model}: {title}\nFP PPL {group.fp_ppl.iloc[0]:.2f} (whole WikiText-2 test split)", fontsize=10
+            )
+            ax.set_xlabel(xlabel, fontsize=9)
+            ax.set_ylabel("PPL / FP PPL (log)", fontsize=9)
+    fig.tight_layout(h_pad=2.0)
     _save(fig, path)
+
+
+def _draw_panel(ax, group, xcol: str, colours, annotate: bool) -> None:
+    """One panel: each method's runs (its Pareto-optimal ones filled and joined), collapsed runs as triangles
+    on the ceiling with their PPL in the legend, bit settings named on the top axis — or, where settings share
+    an x (`annotate`: W4A8 and W4A4 have the same bits per weight), next to every point, with one front per
+    activation/KV setting."""
+    import textwrap
+
+    ax.axhline(1.0, color="black", linewidth=1, linestyle=":")
+    for method, rows in sorted(group.groupby("method")):
+        colour = colours[method]
+        shown = rows[rows.rel <= CEILING]
+        # settings that differ in what the x axis does not show (activation/KV bits) get fronts of their own
+        kind = shown.bits.map(lambda b: f"a{BitSpec.parse(b).a}kv{BitSpec.parse(b).kv}" if annotate else "all")
+        on_front: set = set()
+        for _, same in shown.groupby(kind):
+            front = pareto_front(list(zip(same[xcol], same.rel, strict=True)))
+            on_front |= set(front)
+            if len(front) > 1:
+                ax.plot(*zip(*front, strict=True), color=colour, linewidth=1.2)
+        for r in shown.itertuples():
+            x, best = getattr(r, xcol), (getattr(r, xcol), r.rel) in on_front
+            ax.scatter(x, r.rel, s=30, color=colour if best else "none", edgecolors=colour, zorder=3)
+            if annotate:
+                ax.annotate(_short_bits(r.bits), (x, r.rel), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        down = rows[rows.rel > CEILING].sort_values(xcol)
+        ax.scatter(down[xcol], [CEILING] * len(down), marker="^", s=45, color=colour, zorder=3)
+        label = method + ("".join(f"; {_short_bits(r.bits)} collapsed: PPL {r.ppl:,.0f}" for r in down.itertuples()))
+        ax.scatter([], [], color=colour, label=textwrap.fill(label, 80))
+    if not annotate:
+        settings = group.groupby("bits")[xcol].median().sort_values()
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(list(settings), [_short_bits(b) for b in settings.index], fontsize=7, rotation=45, ha="left")
+    ax.set_yscale("log")
+    ax.set_ylim(0.9, CEILING * 1.6)
+    ax.axhspan(CEILING, CEILING * 1.6, color="0.93", zorder=0)
+    ax.text(0.01, 0.985, f"collapsed: > {CEILING:g}x FP (PPL in the legend)", transform=ax.transAxes, fontsize=7,
+            va="top", color="0.35")  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, frameon=False, ncol=1)
+
+
+def _short_bits(bits: str) -> str:
+    """w4g128a16kv16 -> w4g128; w16a16kv3 -> kv3; w4a4kv4 stays."""
+    spec = BitSpec.parse(bits)
+    if spec.w >= 16:
+        return f"kv{spec.kv:g}"
+    if spec.a >= 16 and spec.kv >= 16:
+        return bits.split("a")[0]
+    return bits
 
 
 def paretoq_points(records: list[dict], model: str = "smollm2-135m") -> list[tuple[str, float, float]]:

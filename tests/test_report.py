@@ -171,3 +171,33 @@ def test_a_nested_parameter_that_differs_from_its_default_labels_the_row():
     params = {"loop.steps": "0", "loop.lr": "8e-06", "generation.max_new_tokens": "256", "kd_loss": "cakld"}
     assert method_label("bitdistiller", params) == "bitdistiller (loop.steps=0)"
     assert method_label("bitdistiller", {**params, "loop.steps": "null"}) == "bitdistiller"
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from harness.plots import pareto_front
+
+    points = [(4.1, 1.2), (3.1, 1.5), (2.2, 3.0), (3.2, 2.0), (4.2, 1.3), (2.2, 2.5)]
+    assert pareto_front(points) == [(2.2, 2.5), (3.1, 1.5), (4.1, 1.2)]
+
+
+def test_pareto_panels_relative_ppl_and_kv_bits(tmp_path):
+    """Whole-split runs only, each in its panel, PPL relative to the model's FP run, KV bits per element from
+    the bytes per token against FP's 16 bits; collapsed runs (> CEILING x FP) kept for the ceiling."""
+    from harness.plots import CEILING, pareto_frame, plot_pareto
+
+    records = [
+        _record("fp", "rtn", "w16a16kv16", 20.0),
+        _record("w4", "rtn", "w4g128a16kv16", 30.0),
+        _record("a4", "rtn", "w4a4kv4", 20.0 * CEILING * 3),
+        _record("kv3", "rtn", "w16a16kv3", 25.0),
+    ]
+    records[3]["metrics"]["kv_bytes_per_token"] = 250.0  # FP: 1000 bytes at 16 bits
+    subset = _record("sub", "rtn", "w4g128a16kv16", 31.0)
+    subset["protocol"] = {**PROTOCOL, "ppl_max_windows": "16"}
+    frame = pareto_frame([*records, subset]).set_index("bits")
+    assert "sub" not in set(frame.index) and len(frame) == 3  # FP itself is no setting
+    assert frame.loc["w4g128a16kv16", "panel"] == 0 and frame.loc["w4a4kv4", "panel"] == 1
+    assert frame.loc["w4g128a16kv16", "rel"] == 1.5 and frame.loc["w4a4kv4", "rel"] > CEILING
+    assert frame.loc["w16a16kv3", "panel"] == 2 and frame.loc["w16a16kv3", "kv_bits"] == 4.0
+    plot_pareto(records, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
