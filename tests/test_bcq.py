@@ -138,3 +138,17 @@ def test_act_plugin_under_bcq_takes_the_methods_codebooks(data_dir, tmp_path):
     )
     assert summary.metrics["bcq_mse_last"] <= summary.metrics["bcq_mse_first"]
     assert summary.metrics["bcq_effective_bits"] == 4.625
+
+
+def test_the_compiled_activation_encoder_gives_the_eager_values():
+    from methods.core.quantizers import compile_quantizers
+
+    layout = bcq.BCQLayout()
+    codebooks = bcq.integer_entries(bcq.initial_codebooks(_blocks(), 16), layout)
+    x = _weights(64, 192, seed=4) * 3
+    eager = bcq.fake_quantize(x, codebooks, layout)
+    try:
+        compile_quantizers(True)
+        assert torch.equal(bcq.fake_quantize(x, codebooks, layout), eager)
+    finally:
+        compile_quantizers(False)

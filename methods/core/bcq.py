@@ -23,11 +23,13 @@ range and refined by Lloyd-Max on that group (blocks with small values get fine 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from methods.core import quantizers
 from methods.core.arch import decoder_linears
 
 E4M3_MAX = 448.0
@@ -117,10 +119,14 @@ def encode_blocks(blocks: torch.Tensor, codebooks: torch.Tensor, chunk: int = 1 
 
 
 def quantize_blocks(blocks: torch.Tensor, codebooks: torch.Tensor, chunk: int = 1 << 17) -> torch.Tensor:
-    """decode(encode(blocks)) without materialising indices (the online activation path)."""
+    """decode(encode(blocks)) without materialising indices (the online activation path). Under the harness's
+    compiled-quantizer switch (`quantizers.compiling()`, on for evaluation) one fused pass per codebook keeps
+    the running best block — the same values (first least-error codebook wins in both), ~2.6x faster here."""
     shape = blocks.shape
     flat = blocks.reshape(-1, shape[-1]).float()
     mids, _, nearest_values = _breakpoints(codebooks.float())
+    if quantizers.compiling() and not flat.requires_grad:
+        return _compiled_best_blocks(flat, mids, nearest_values).reshape(shape)
     out = torch.empty_like(flat)
     for start in range(0, flat.shape[0], chunk):
         part = flat[start : start + chunk]
@@ -128,6 +134,39 @@ def quantize_blocks(blocks: torch.Tensor, codebooks: torch.Tensor, chunk: int = 
         best = ((part.unsqueeze(-1) - candidates) ** 2).sum(dim=1).argmin(dim=-1)
         out[start : start + chunk] = candidates.gather(-1, best[:, None, None].expand(-1, shape[-1], 1))[..., 0]
     return out.reshape(shape)
+
+
+def _best_blocks_by_codebook(flat: torch.Tensor, mids: torch.Tensor, nearest_values: torch.Tensor) -> torch.Tensor:
+    """Each block's decoded values under its least-error codebook, codebook by codebook (for torch.compile)."""
+    interval = torch.bucketize(flat, mids)
+    best_err, best_values = None, None
+    for c in range(nearest_values.shape[1]):
+        values = nearest_values[:, c][interval]
+        err = ((flat - values) ** 2).sum(dim=-1)
+        if best_err is None:
+            best_err, best_values = err, values
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_values = torch.where(better[:, None], values, best_values)
+    return best_values
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_best_blocks(flat, mids, nearest_values):
+    """The compiled encoder; eager on a machine where compiling fails (same values)."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_best_blocks_by_codebook, dynamic=True)
+    try:
+        return _COMPILED["fn"](flat, mids, nearest_values)
+    except Exception as error:  # torch.compile raises backend-specific errors
+        warnings.warn(
+            f"torch.compile of the LO-BCQ encoder failed ({type(error).__name__}); running eager", stacklevel=2
+        )
+        _COMPILED["fn"] = _best_blocks_by_codebook
+        return _best_blocks_by_codebook(flat, mids, nearest_values)
 
 
 def decode_blocks(selectors: torch.Tensor, indices: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:

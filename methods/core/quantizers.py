@@ -93,6 +93,12 @@ def compile_quantizers(enabled: bool = True) -> None:
         _COMPILED_ROWS["fn"] = torch.compile(_fake_quantize_rows)
 
 
+def compiling() -> bool:
+    """Whether evaluation asked for compiled quantizers (`compile_quantizers`); other online quantizers
+    (LO-BCQ's block encoder) follow the same switch."""
+    return bool(_COMPILED_ROWS["enabled"])
+
+
 def _rows_compiled_or_eager(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float) -> torch.Tensor:
     """The compiled quantizer; if compiling fails (no C++ compiler on the machine...), say so once and go on
     eager — the values are the same either way."""
