@@ -1,4 +1,5 @@
-"""nox sessions: tests (default pytest run), slow (real-model tests), lint, leaderboard (report --check)."""
+"""nox sessions: tests (default pytest run), slow (real-model tests), lint, leaderboard (report --check), ray (the
+Ray launcher, in an environment of its own)."""
 
 import os
 
@@ -25,6 +26,15 @@ def tests(session: nox.Session) -> None:
 def slow(session: nox.Session) -> None:
     _install(session)
     session.run("pytest", "-m", "slow", *session.posargs, env={"QUANTBENCH_DATA": DATA})
+
+
+@nox.session
+def ray(session: nox.Session) -> None:
+    """The Ray launcher's sweep test. hydra-ray-launcher pins cloudpickle<3 while the joblib launcher's joblib needs
+    >=3, so Ray gets this environment instead of an extra of the main one."""
+    _install(session)
+    session.install("hydra-ray-launcher==1.2.2", "ray[default]<3", "cloudpickle<3")
+    session.run("pytest", "-m", "slow", "-k", "ray_launcher", *session.posargs, env={"QUANTBENCH_DATA": DATA})
 
 
 @nox.session

@@ -235,6 +235,22 @@ def test_sweep_with_the_submitit_launcher(tmp_path, data_dir):
     assert sorted(r.info.status for r in _runs(tmp_path)) == ["FINISHED"] * 2
 
 
+@pytest.mark.slow  # a local Ray instance starts in ~5 s; the jobs then run as Ray tasks
+def test_sweep_with_the_ray_launcher(tmp_path, data_dir):
+    """Ray's launcher against a local Ray instance the sweep starts: the same jobs, each a Ray task, one store.
+    hydra-ray-launcher needs cloudpickle<3 (the joblib launcher's joblib needs >=3): run under `nox -s ray`."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the Ray launcher lives in its own env: nox -s ray")
+    args = ["sweep", "model=tiny-llama", "budget=smoke", "eval.ppl.seqlen=256", "bits=w16a16kv16,w4a16kv16"]
+    launcher = ["hydra/launcher=ray_cluster", "hydra.launcher.ray.init.num_cpus=2"]
+    result = _cli([*args, *launcher, f"hydra.sweep.dir={tmp_path}/multirun"], tmp_path, data_dir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Started a local Ray instance" in result.stdout + result.stderr
+    assert "summary: 2 finished, 0 done-before, 0 unsupported, 0 failed, 0 missing" in result.stdout
+    assert sorted(r.info.status for r in _runs(tmp_path)) == ["FINISHED"] * 2
+    again = _cli([*args, *launcher, f"hydra.sweep.dir={tmp_path}/multirun2"], tmp_path, data_dir)
+    assert "summary: 0 finished, 2 done-before" in again.stdout and len(_runs(tmp_path)) == 2
+
+
 def test_the_slurm_launcher_preset_composes():
     from hydra import compose, initialize_config_dir
 
