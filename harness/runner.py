@@ -213,6 +213,8 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
     )
     if summary.notes:
         tracker.set_tags({f"note.{k}": v for k, v in summary.notes.items()})
+    for name, text in summary.artifacts.items():
+        tracker.log_text(name, text)
     steps.contamination(spec, bool(drawn), tracker)
 
     report = memory_report(model, kv_bytes_per_token=kv.bytes_per_token(model) if kv else None)
@@ -286,7 +288,7 @@ def make_context(spec: RunSpec, tokenizer, drawn: list[int] | None = None, log_s
 def apply(model, entry, config, bits: BitSpec, ctx: QuantContext):
     """The weight method, then the act/KV plug-ins it was handed (fitted on calibration data if they need it,
     then attached — idempotent, so a method may have attached them itself). Returns the method's summary, with
-    the plug-ins' own measurements (`metrics()`, when they have one) added."""
+    the plug-ins' own measurements and artifacts (`metrics()`, `artifacts()`, when they have them) added."""
     summary = entry.quantize(model, config, bits, ctx)
     for plugin in (ctx.act, ctx.kv):
         if plugin is not None:
@@ -294,4 +296,5 @@ def apply(model, entry, config, bits: BitSpec, ctx: QuantContext):
                 plugin.fit(model, ctx.calibration())
             plugin.attach(model)
             summary.metrics.update(plugin.metrics() if hasattr(plugin, "metrics") else {})
+            summary.artifacts.update(plugin.artifacts() if hasattr(plugin, "artifacts") else {})
     return summary

@@ -73,8 +73,10 @@ def upload(path: Path, tracker) -> str:
         client.log_batch(run_id, params=params[start : start + 100], tags=tags[start : start + 100])
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
-    if "config.yaml" not in {a.path for a in client.list_artifacts(run_id)}:
-        client.log_text(run_id, record["config_yaml"], "config.yaml")
+    stored = {a.path for a in client.list_artifacts(run_id)}
+    for name, text in {"config.yaml": record["config_yaml"], **record.get("artifacts", {})}.items():
+        if name not in stored:
+            client.log_text(run_id, text, name)
     client.set_terminated(run_id, record["status"], end_time=record["end_time"])
     path.unlink()
     return f"{record['run_name']} ({record['status']}) -> run {run_id}"

@@ -295,6 +295,11 @@ class Tracker:
         """Per-step series (training loss, learning rate): MLflow plots them as curves."""
         self._log(metrics, step)
 
+    def log_text(self, name: str, text: str) -> None:
+        """A small text artifact of the run (a method's learned codebooks or tables); spooled like the rest."""
+        self._pending.setdefault("artifacts", {})[name] = text
+        self._send(self.client.log_text, self._pending["run_id"], text, name)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 

@@ -83,6 +83,7 @@ class QuantSummary:
 
     notes: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # file name -> text, logged with the run
 
 
 @dataclass(frozen=True)

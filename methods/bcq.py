@@ -17,9 +17,10 @@ INT4. KV stays 16-bit unless the bits say otherwise. Embeddings and lm_head stay
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -109,4 +110,5 @@ def quantize(model: nn.Module, cfg: BCQConfig, bits: BitSpec, ctx: QuantContext)
     if ctx.act is not None and hasattr(ctx.act, "use_codebooks"):
         ctx.act.use_codebooks(codebooks, layout)
     log.info("bcq: %d codebooks, MSE %s", layout.n_codebooks, {k: round(v, 4) for k, v in metrics.items()})
-    return QuantSummary(notes={"codebooks": str(codebooks.int().tolist())}, metrics=metrics)
+    artifact = {"layout": asdict(layout), "codebooks": codebooks.int().tolist(), "design": metrics}
+    return QuantSummary(metrics=metrics, artifacts={"bcq_codebooks.json": json.dumps(artifact, indent=1)})

@@ -138,6 +138,11 @@ def test_act_plugin_under_bcq_takes_the_methods_codebooks(data_dir, tmp_path):
     )
     assert summary.metrics["bcq_mse_last"] <= summary.metrics["bcq_mse_first"]
     assert summary.metrics["bcq_effective_bits"] == 4.625
+    import json
+
+    artifact = json.loads(summary.artifacts["bcq_codebooks.json"])  # logged with the run
+    assert torch.equal(torch.tensor(artifact["codebooks"], dtype=torch.float32), ctx.act.codebooks)
+    assert artifact["layout"]["n_codebooks"] == 16
 
 
 def test_the_compiled_activation_encoder_gives_the_eager_values():

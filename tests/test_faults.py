@@ -278,6 +278,32 @@ def test_a_run_that_finishes_while_the_store_is_down_is_spooled_then_synced(tmp_
     assert record["run_id"] == stranded.info.run_id
 
 
+def test_a_text_artifact_logged_while_the_store_is_down_is_uploaded_by_sync(tmp_path, monkeypatch):
+    """A method's artifact (e.g. LO-BCQ's codebooks) survives the store going down like the metrics do."""
+    from mlflow.exceptions import MlflowException
+
+    from harness import spool
+
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+
+    def refused(*_args, **_kwargs):
+        raise MlflowException("API request to http://127.0.0.1:5000 failed: Max retries exceeded (Connection refused)")
+
+    with tracker.run("k", "name", {}, {}, "config: {}\n") as run_id:
+        for call in ("log_text", "log_batch", "set_terminated"):
+            monkeypatch.setattr(tracker.client, call, refused)
+        tracker.log_text("codebooks.json", "[[-3, 1, 2]]")
+    monkeypatch.undo()
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    assert len(spool.pending(uri)) == 1
+    spool.sync(Tracker(uri))
+    client = Tracker(uri).client
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "codebooks.json"}
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_an_unreachable_store_at_start_is_one_line_naming_it(tmp_path, data_dir):
     import os
     import subprocess

@@ -150,6 +150,11 @@ def test_fit_records_true_bytes_below_sixteen_bit_and_smaller_with_fewer_bits():
     metrics = quantizer.metrics()  # 1% of keys beyond their calibrated per-channel thresholds; values: at
     assert metrics["kvquant_outliers_keys"] == pytest.approx(0.01, abs=0.004)  # least each token's min and max
     assert metrics["kvquant_outliers_values"] >= 2 / 32 and metrics["kvquant_fit_levels_seconds"] > 0
+    import json
+
+    saved = json.loads(quantizer.artifacts()["kvquant_quantizers.json"])  # logged with the run
+    assert len(saved["layers"]) == 2 and len(saved["layers"][0]["keys"]["levels"]) == 16
+    assert len(saved["layers"][0]["keys"]["lower"]) == 32 and "lower" not in saved["layers"][0]["values"]
 
 
 def test_fisher_needs_gradients_through_the_model():

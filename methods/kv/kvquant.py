@@ -32,6 +32,7 @@ is not idempotent for a non-uniform table; the perplexity protocol is a single f
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -235,6 +236,16 @@ class KVQuantQuantizer:
         """Calibration wall times and the outlier fractions measured on the calibration windows."""
         measured = {f"kvquant_fit_{step}_seconds": seconds for step, seconds in self.fit_seconds.items()}
         return measured | {f"kvquant_outliers_{name}": frac for name, frac in self.outlier_fraction_measured.items()}
+
+    def artifacts(self) -> dict[str, str]:
+        """The calibrated quantizers: per layer, the key bounds (per channel) and the K/V level tables."""
+
+        def table(codec: VectorCodec) -> dict:
+            bounds = {} if codec.lower is None else {"lower": codec.lower.tolist(), "upper": codec.upper.tolist()}
+            return {"levels": codec.table().tolist(), **bounds}
+
+        layers = [{"keys": table(k), "values": table(v)} for k, v in zip(self.keys, self.values, strict=True)]
+        return {"kvquant_quantizers.json": json.dumps({"bits": self.bits, "layers": layers})}
 
     def attach(self, model: nn.Module) -> None:
         if not self.keys:
