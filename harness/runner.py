@@ -115,10 +115,17 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         latency=latency,
         deploy=deploy,
         compile_quantizers=_compile_quantizers(cfg.eval.get("compile_quantizers", "auto"), ppl.max_windows),
+        fidelity=_boolean("eval.fidelity", cfg.eval.get("fidelity", True)),
     )
 
 
 COMPILE_MIN_WINDOWS = 16
+
+
+def _boolean(key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def _integer(key: str, value) -> int:
@@ -193,6 +200,8 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
     start = time.perf_counter()
     model, tokenizer = models.load(spec.model)
     tracker.log_metrics({"load_seconds": time.perf_counter() - start})
+    token_ids = data.ppl_token_ids(spec.ppl.dataset, tokenizer, spec.data_dir)
+    fidelity = steps.fidelity_observer(spec, model, token_ids)  # before quantizing: the FP model's reference
 
     entry = METHODS[spec.method]
     config = entry.make_config(spec.method, spec.method_params)
@@ -225,9 +234,10 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
 
     model.to(models.torch_dtype(spec.ppl.dtype))
     compile_quantizers(spec.compile_quantizers)
-    token_ids = data.ppl_token_ids(spec.ppl.dataset, tokenizer, spec.data_dir)
     with PeakRSS() as rss_eval:
-        result = perplexity(model, token_ids, spec.ppl.seqlen, spec.ppl.batch_size, spec.ppl.max_windows)
+        result = perplexity(
+            model, token_ids, spec.ppl.seqlen, spec.ppl.batch_size, spec.ppl.max_windows, on_chunk=fidelity
+        )
     if result.diverged:
         return steps.diverged(spec, model, token_ids, result, tracker)
     tracker.log_metrics(
@@ -240,6 +250,7 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
             "ppl_seconds": result.seconds,
             "ppl_tokens_per_second": result.tokens_per_second,
             "peak_rss_eval_mb": rss_eval.peak_mb,
+            **steps.fidelity_metrics(spec, fidelity),
         }
     )
     log.info(

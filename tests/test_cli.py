@@ -186,6 +186,21 @@ def test_bench_unknown_method_lists_valid(capsys):
     assert "\n" not in err
 
 
+def test_runs_report_kl_and_top1_against_the_fp_reference(tmp_path, data_dir):
+    """The first run builds the FP reference before quantizing (cached per model and protocol); every run logs
+    KL to FP and top-1 agreement from its perplexity pass; the FP run then agrees with it exactly."""
+    args = ["sweep", "model=tiny-llama", "budget=smoke", "bits=w2a16kv16,w16a16kv16", "eval.latency.enabled=false"]
+    result = _cli(args, tmp_path, data_dir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "building the FP reference" in result.stdout + result.stderr
+    (reference,) = (tmp_path / "cache" / "fp_reference").glob("tiny-llama-seed0-wikitext2-*.safetensors")
+    metrics = {r.data.tags["bits"]: r.data.metrics for r in _runs(tmp_path)}
+    assert metrics["w16a16kv16"]["kl_vs_fp"] == pytest.approx(0, abs=1e-4) and metrics["w16a16kv16"]["top1_vs_fp"] == 1
+    assert metrics["w2a16kv16"]["kl_vs_fp"] > 1e-5 and metrics["w2a16kv16"]["top1_vs_fp"] < 1
+    off = _cli([*args[:-1], "eval.fidelity=maybe"], tmp_path, data_dir)
+    assert off.returncode == 2 and "eval.fidelity must be true or false, got 'maybe'" in off.stderr
+
+
 def test_bench_runs_measures_latency_of_runs_logged_without_it(tmp_path, data_dir):
     args = ["sweep", "model=tiny-llama", "budget=smoke", "bits=w16a16kv16,w4a8kv8", "eval.latency.enabled=false"]
     assert _cli(args, tmp_path, data_dir).returncode == 0

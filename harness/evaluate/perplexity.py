@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,10 @@ def perplexity(
     max_windows: int | None = None,
     progress: bool = True,
     chunk: int = 512,
+    on_chunk: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> PerplexityResult:
+    """`on_chunk(first window, first position, logits [batch, positions, vocab])` sees every chunk of logits
+    the loss is taken from (the fidelity comparison rides on this pass; `harness/evaluate/fidelity.py`)."""
     n_windows = token_ids.shape[1] // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -67,7 +71,8 @@ def perplexity(
     for first in range(0, n_windows, batch_size):
         batch = windows[first : first + batch_size].to(device)
         targets = batch[:, 1:]
-        window_nll = float(_summed_nll(model, batch, targets, chunk))
+        observe = None if on_chunk is None else (lambda start, logits, first=first: on_chunk(first, start, logits))
+        window_nll = float(_summed_nll(model, batch, targets, chunk, observe))
         nll_sum += window_nll
         count += targets.numel()
         bar.update(batch.shape[0])
@@ -90,17 +95,21 @@ def perplexity(
     )
 
 
-def _summed_nll(model: nn.Module, batch: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def _summed_nll(model: nn.Module, batch: torch.Tensor, targets: torch.Tensor, chunk: int, observe=None) -> torch.Tensor:
     """Σ −log p(target) over the window's predicted positions, lm_head applied `chunk` positions at a time."""
     try:
         arch = arch_of(model)
     except (UnsupportedArchitecture, AttributeError):  # no adapter for the family (or no HF config at all)
         logits = model(batch, use_cache=False).logits[:, :-1, :].float()
+        if observe is not None:
+            observe(0, logits)
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
     hidden = arch.body(model)(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
     total = torch.zeros((), dtype=torch.float64, device=batch.device)
     for start in range(0, hidden.shape[1], chunk):
         logits = arch.logits(model, hidden[:, start : start + chunk]).float()
+        if observe is not None:
+            observe(start, logits)
         part = targets[:, start : start + chunk]
         # classes on the last, contiguous dim: PyTorch's CPU cross-entropy over a strided class dim (input
         # [batch, vocab, tokens]) loses ~4e-5 relative on a 49k vocabulary

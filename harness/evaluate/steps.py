@@ -1,5 +1,5 @@
 """A run's evaluation steps beyond perplexity, each logging what it measured to the tracker: the record of a
-diverged model, the contamination guard, kernel latency, deployed mode, zero-shot tasks."""
+diverged model, the contamination guard, kernel latency, deployed mode, zero-shot tasks, fidelity to FP."""
 
 from __future__ import annotations
 
@@ -107,3 +107,59 @@ def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker) -> None:
     metrics["zs.avg"] = sum(s.value for s in scores) / len(scores)
     tracker.log_metrics(metrics)
     tracker.set_tags(tags)
+
+
+def _is_fp_run(spec: RunSpec) -> bool:
+    return spec.method == "rtn" and spec.bits.w >= 16 and spec.bits.a >= 16 and spec.bits.kv >= 16
+
+
+def fidelity_observer(spec: RunSpec, model, token_ids):
+    """The perplexity pass's fidelity observer (harness/evaluate/fidelity.py), or None when `eval.fidelity` is off:
+    a comparer against the cached FP reference; for the FP run itself, a recorder that writes the reference;
+    otherwise the reference is built now, from the model as loaded (before any quantization), once per model
+    and protocol."""
+    import copy
+    import time
+
+    from harness.evaluate import fidelity
+    from harness.evaluate.perplexity import perplexity
+
+    if not spec.fidelity:
+        return None
+    windows = token_ids.shape[1] // spec.ppl.seqlen
+    windows = windows if spec.ppl.max_windows is None else min(windows, spec.ppl.max_windows)
+    label = spec.model.name if spec.model.id is None else f"{spec.model.name}-{spec.model.id}"
+    if spec.model.name.startswith("tiny"):
+        label += f"-seed{spec.model.seed}"
+    path = fidelity.reference_path(
+        models.cache_dir(), label, spec.ppl.dataset, spec.ppl.seqlen, windows, spec.ppl.dtype
+    )
+    reference = fidelity.Reference.load(path)
+    if reference is not None:
+        return fidelity.Comparer(reference)
+    recorder = fidelity.Recorder(windows, spec.ppl.seqlen - 1, path=path)
+    if _is_fp_run(spec):
+        return recorder
+    log.info(
+        "%s: building the FP reference for KL/top-1 (%d windows, once per model and protocol)", run_name(spec), windows
+    )
+    dtype = models.torch_dtype(spec.ppl.dtype)
+    fp_model = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+    start = time.perf_counter()
+    perplexity(fp_model, token_ids, spec.ppl.seqlen, spec.ppl.batch_size, spec.ppl.max_windows, on_chunk=recorder)
+    recorder.reference().save(path)
+    log.info("%s: FP reference written to %s (%.0f s)", run_name(spec), path, time.perf_counter() - start)
+    return fidelity.Comparer(recorder.reference())
+
+
+def fidelity_metrics(spec: RunSpec, observer) -> dict[str, float]:
+    """`kl_vs_fp` (mean nats per predicted token) and `top1_vs_fp` from the pass; the FP run saves the reference
+    it recorded (its own KL is 0 and agreement 1 by definition)."""
+    from harness.evaluate import fidelity
+
+    if observer is None:
+        return {}
+    if isinstance(observer, fidelity.Recorder):
+        observer.reference().save(observer.path)
+        return {"kl_vs_fp": 0.0, "top1_vs_fp": 1.0}
+    return observer.metrics()
