@@ -40,7 +40,8 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         raise SystemExit(f"error: no experiment {experiment!r} in {tracking_uri}; run a sweep first")
-    runs = mlflow.MlflowClient().search_runs([found.experiment_id], max_results=50000)
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([found.experiment_id], max_results=50000)
     records = []
     for run in runs:
         tags, params = run.data.tags, run.data.params
@@ -68,10 +69,22 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
                 "sixteen_bit_layers": tags.get("sixteen_bit_layers", ""),
                 **({"latency_format": tags["latency.format"]} if "latency.format" in tags else {}),
                 **{name: _plugin_params(params, name) for name in ("act", "kv") if f"{name}.name" in params},
-                "metrics": dict(sorted(run.data.metrics.items())),
+                "metrics": dict(sorted((k, v) for k, v in run.data.metrics.items() if k != WINDOW_NLL)),
+                **(
+                    {"window_nll": _series(client, run.info.run_id, WINDOW_NLL)}
+                    if WINDOW_NLL in run.data.metrics
+                    else {}
+                ),
             }
         )
     return select_latest(records)
+
+
+WINDOW_NLL = "ppl_window_nll"  # a per-window series: the record keeps it as a list (report's paired tests)
+
+
+def _series(client, run_id: str, name: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
 
 
 RESULT_STATUSES = ("FINISHED", "DIVERGED")  # a run that completed; DIVERGED = its model produced nan/inf

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from harness.records import export_records, merge_records, read_records, write_records
 from harness.spec import BitSpec
+from harness.stats import SIGNIFICANCE, mean_ci, paired_p_value
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 from methods.core.atomic import atomic_write
 
@@ -28,6 +29,7 @@ CLAIMS_DIR = Path(__file__).resolve().parent.parent / "conf" / "claims"
 # Calibration is a property of a row (what the method read), not of the evaluation: sections group runs by
 # the evaluation protocol only, and the `calib` column says what each method used.
 CALIB_PARAMS = ("calib_dataset", "calib_nsamples", "calib_seqlen", "budget")
+SECTION_FREE = (*CALIB_PARAMS, "seed")  # runs that differ only in these share a section (seeds: one cell, mean ± CI)
 TASK_ORDER = ("piqa", "hellaswag", "hellaswag_mirror", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
 FP_BITS = "w16a16kv16"
 
@@ -153,10 +155,11 @@ def _frame(records: list[dict]) -> pd.DataFrame:
                 "qsec": metrics.get("quantize_seconds"),
                 "tokens": metrics.get("ppl_tokens_total"),
                 "windows": metrics.get("ppl_windows"),
+                "window_nll": rec.get("window_nll"),
                 "metrics": metrics,
                 "end_time": rec["end_time"] or 0,
                 "protocol": json.dumps(
-                    {k: v for k, v in rec["protocol"].items() if k not in CALIB_PARAMS}, sort_keys=True
+                    {k: v for k, v in rec["protocol"].items() if k not in SECTION_FREE}, sort_keys=True
                 ),
                 **{f"p_{k}": v for k, v in rec["protocol"].items()},
             }
@@ -194,8 +197,10 @@ def _section_header(group: pd.DataFrame) -> list[str]:
         )
     datasets = ", ".join(f"`{d}`" for d in sorted(group.p_calib_dataset.dropna().unique()))
     budgets = ", ".join(f"`{b}`" for b in sorted(group.p_budget.dropna().unique()))
+    seeds = sorted(group.p_seed.dropna().unique(), key=lambda s: int(s) if str(s).lstrip("-").isdigit() else 0)
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
     lines.append(
-        f"- Calibration: column `calib` = windows × tokens the method read from {datasets}, seed {first.p_seed} "
+        f"- Calibration: column `calib` = windows × tokens the method read from {datasets}, {seed_text} "
         f"(– = the method reads no data); budget presets in this section: {budgets}"
     )
     lines.append(
@@ -262,12 +267,15 @@ def _zs_cell(metrics: dict, task: str, metric: str) -> str:
 
 def ppl_overview(group: pd.DataFrame) -> list[str]:
     """One protocol section at a glance: bit settings × methods, WikiText-2 PPL of FINISHED runs, the lowest
-    per setting in bold. A method with two runs at one setting (two calibration budgets) gets a column per budget."""
+    per setting in bold. A method with runs at two calibration budgets gets a column per budget; runs of one
+    method at several seeds are one cell, mean ± 95% CI; a cell marked ≈ is not significantly different from
+    the setting's best (paired t-test over the evaluation windows' NLL, p ≥ 0.05)."""
     done = group[(group.status == "FINISHED") & group.ppl.notna()].copy()
     if done.empty:
         return []
-    repeated = set(done[done.duplicated(["method", "bits"], keep=False)].method)
-    done["column"] = [f"{m} [{c}]" if m in repeated else m for m, c in zip(done.method, done.calib, strict=True)]
+    budgets = done.groupby(["method", "bits"]).calib.nunique()
+    two_budgets = set(budgets[budgets > 1].index.get_level_values(0))
+    done["column"] = [f"{m} [{c}]" if m in two_budgets else m for m, c in zip(done.method, done.calib, strict=True)]
     columns = sorted(done.column.unique())
     lines = [
         "### Perplexity at a glance",
@@ -275,13 +283,45 @@ def ppl_overview(group: pd.DataFrame) -> list[str]:
         "| bits | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
+    seeds_shown = ties_shown = False
     for bits in sorted(done.bits.unique(), key=_bits_order):
-        row = done[done.bits == bits].set_index("column").ppl
-        best = _fmt(row.min()) if len(row) > 1 else None  # ties at the shown precision are all bold
-        cells = [_fmt(row.get(column)) for column in columns]
-        cells = [f"**{text}**" if text == best else text for text in cells]
-        lines.append(f"| `{bits}` | " + " | ".join(cells) + " |")
-    return lines + [""]
+        cells = {column: _overview_cell(runs) for column, runs in done[done.bits == bits].groupby("column")}
+        best = min(cells, key=lambda column: cells[column][0]) if len(cells) > 1 else None
+        texts = []
+        for column in columns:
+            if column not in cells:
+                texts.append("–")
+                continue
+            mean, text, nll = cells[column]
+            seeds_shown |= "±" in text
+            if best is not None and _fmt(mean) == _fmt(cells[best][0]):
+                text = f"**{text}**"  # ties at the shown precision are all bold
+            elif best is not None and paired_p_value(nll, cells[best][2]) >= SIGNIFICANCE:
+                text, ties_shown = f"{text} ≈", True
+            texts.append(text)
+        lines.append(f"| `{bits}` | " + " | ".join(texts) + " |")
+    notes = []
+    if seeds_shown:
+        notes.append("± = 95% confidence interval of the mean over seeds (Student's t), number of seeds in brackets")
+    if ties_shown:
+        notes.append(
+            f"≈ = not significantly different from the row's best (paired t-test over windows, p ≥ {SIGNIFICANCE})"
+        )
+    return lines + [""] + ([f"*{'; '.join(notes)}.*", ""] if notes else [])
+
+
+def _overview_cell(runs: pd.DataFrame) -> tuple[float, str, list[float]]:
+    """(mean PPL, cell text, per-window NLL averaged over the runs' seeds — [] when not logged)."""
+    ppls = [float(p) for p in runs.ppl]
+    mean, half = mean_ci(ppls)
+    text = _fmt(mean) if len(ppls) == 1 else f"{_fmt(mean)} ± {_fmt(half)} ({len(ppls)})"
+    series = [s for s in runs.window_nll if isinstance(s, list) and s]
+    nll = (
+        [sum(values) / len(values) for values in zip(*series, strict=True)]
+        if series and len(series) == len(ppls) and len({len(s) for s in series}) == 1
+        else []
+    )
+    return mean, text, nll
 
 
 def render_leaderboard(records: list[dict]) -> str:
@@ -313,6 +353,7 @@ def render_leaderboard(records: list[dict]) -> str:
             table = group[group.bits == bits].copy()
             table["failed"] = table.status != "FINISHED"
             table = table.sort_values(["failed", "ppl", "method"], na_position="last")
+            seeded = table.groupby("method").p_seed.nunique().to_dict()
             lines += [
                 f"### `{bits}`",
                 "",
@@ -332,8 +373,9 @@ def render_leaderboard(records: list[dict]) -> str:
                     zs_cells += f" {'–' if avg is None else f'{100 * avg:.1f}'} |"
                 kl, top1 = row.metrics.get("kl_vs_fp"), row.metrics.get("top1_vs_fp")
                 fidelity = f" {'–' if kl is None else f'{kl:.4f}'} | {'–' if top1 is None else f'{100 * top1:.1f}%'} |"
+                label = f"{row.method} (seed {row.p_seed})" if seeded.get(row.method, 1) > 1 else row.method
                 lines.append(
-                    f"| {row.method} | {_fmt(row.bpw)} | {_fmt(row.packed_bpw)} | {_fmt(row.ppl)} | {delta} |{fidelity}"
+                    f"| {label} | {_fmt(row.bpw)} | {_fmt(row.packed_bpw)} | {_fmt(row.ppl)} | {delta} |{fidelity}"
                     f"{zs_cells} {_fmt(row.model_mb, 1)} | {_fmt(row.kv, 0)} | {row.calib} | {_fmt(row.qsec, 1)} | "
                     f"{row.speedup} | {status} |"
                 )

@@ -253,6 +253,7 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
             **steps.fidelity_metrics(spec, fidelity),
         }
     )
+    tracker.log_series("ppl_window_nll", result.window_nll)  # per window: paired tests between runs (report)
     log.info(
         "%s: %s PPL %.4f over %d windows (%.1f s)",
         run_name(spec),

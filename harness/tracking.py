@@ -291,6 +291,17 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         self._log(metrics, 0)
 
+    def log_series(self, name: str, values) -> None:
+        """One metric as a series (step = position), in batches: e.g. the per-window NLL of the PPL pass."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        if self._pending is not None:
+            self._pending["metrics"].extend([name, float(v), step] for step, v in enumerate(values))
+        items = [Metric(name, float(v), now, step) for step, v in enumerate(values)]
+        for batch in _batches(items, 1000):
+            self._send(self.client.log_batch, self._pending["run_id"], batch)
+
     def log_step_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """Per-step series (training loss, learning rate): MLflow plots them as curves."""
         self._log(metrics, step)

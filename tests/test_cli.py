@@ -197,6 +197,11 @@ def test_runs_report_kl_and_top1_against_the_fp_reference(tmp_path, data_dir):
     metrics = {r.data.tags["bits"]: r.data.metrics for r in _runs(tmp_path)}
     assert metrics["w16a16kv16"]["kl_vs_fp"] == pytest.approx(0, abs=1e-4) and metrics["w16a16kv16"]["top1_vs_fp"] == 1
     assert metrics["w2a16kv16"]["kl_vs_fp"] > 1e-5 and metrics["w2a16kv16"]["top1_vs_fp"] < 1
+    reports = tmp_path / "reports"  # the per-window NLL series reaches the records (the report's paired tests)
+    assert _cli(["report", "--out", str(reports)], tmp_path, data_dir).returncode == 0
+    records = [json.loads(line) for line in (reports / "runs.jsonl").read_text().splitlines()]
+    assert all(len(r["window_nll"]) == r["metrics"]["ppl_windows"] for r in records) and len(records) == 2
+    assert all("ppl_window_nll" not in r["metrics"] for r in records)
     off = _cli([*args[:-1], "eval.fidelity=maybe"], tmp_path, data_dir)
     assert off.returncode == 2 and "eval.fidelity must be true or false, got 'maybe'" in off.stderr
 

@@ -201,3 +201,28 @@ def test_pareto_panels_relative_ppl_and_kv_bits(tmp_path):
     assert frame.loc["w16a16kv3", "panel"] == 2 and frame.loc["w16a16kv3", "kv_bits"] == 4.0
     plot_pareto(records, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_seeds_are_one_cell_with_a_confidence_interval_and_ties_are_marked():
+    """Three seeds of one method: mean ± 95% CI (t with 2 df); a method not significantly different from the
+    best over paired windows is marked ≈, a clearly worse one is not."""
+    import random
+
+    rng = random.Random(0)
+    base = [3.0 + 0.2 * rng.random() for _ in range(40)]
+    records = [_record("fp", "rtn", "w16a16kv16", 20.0)]
+    for seed, ppl in enumerate((30.0, 32.0, 34.0)):
+        rec = _record(f"q{seed}", "quarot", "w4a4kv4", ppl, start=seed + 2)
+        rec["protocol"] = {**PROTOCOL, "seed": str(seed)}
+        rec["window_nll"] = [b + 0.01 * seed for b in base]
+        records.append(rec)
+    close = _record("g", "gptq", "w4a4kv4", 32.1, start=9)
+    close["window_nll"] = [b + 0.01 + rng.gauss(0, 0.05) for b in base]
+    worse = _record("r", "rtn", "w4a4kv4", 60.0, start=10)
+    worse["window_nll"] = [b + 0.5 + rng.gauss(0, 0.01) for b in base]
+    text = render_leaderboard(records + [close, worse])
+    row = next(line for line in text.splitlines() if line.startswith("| `w4a4kv4` |"))
+    assert "**32.00 ± 4.97 (3)**" in row  # mean 32, s = 2, t(0.975, 2) = 4.303: 4.303 * 2 / sqrt(3)
+    assert "32.10 ≈" in row and "60.00 |" in row and "60.00 ≈" not in row
+    assert "± = 95% confidence interval" in text and "≈ = not significantly different" in text
+    assert "| quarot (seed 1) |" in text  # the per-setting table keeps every seed's row

@@ -35,6 +35,7 @@ class PerplexityResult:
     seqlen: int
     seconds: float
     nonfinite_window: int | None = None  # the window whose loss was nan/inf: evaluation stopped there
+    window_nll: tuple[float, ...] = ()  # mean NLL per predicted token of each window (of each batch of windows)
 
     @property
     def diverged(self) -> bool:
@@ -65,7 +66,7 @@ def perplexity(
         raise ValueError(f"text has {token_ids.shape[1]} tokens, fewer than one window of {seqlen}")
     windows = token_ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)
     device = next(model.parameters()).device
-    nll_sum, count, nonfinite_window = 0.0, 0, None
+    nll_sum, count, nonfinite_window, per_window = 0.0, 0, None, []
     start = time.perf_counter()
     bar = tqdm(total=n_windows, desc=f"perplexity (seqlen {seqlen})", unit="win", disable=not progress)
     for first in range(0, n_windows, batch_size):
@@ -75,6 +76,7 @@ def perplexity(
         window_nll = float(_summed_nll(model, batch, targets, chunk, observe))
         nll_sum += window_nll
         count += targets.numel()
+        per_window.append(window_nll / targets.numel())
         bar.update(batch.shape[0])
         if not math.isfinite(window_nll):  # a collapsed model: the remaining windows cannot make it finite
             nonfinite_window = first
@@ -92,6 +94,7 @@ def perplexity(
         seqlen=seqlen,
         seconds=seconds,
         nonfinite_window=nonfinite_window,
+        window_nll=tuple(per_window),
     )
 
 

@@ -1,0 +1,33 @@
+"""Statistics for the leaderboard (issue 19 item 2): mean ± 95% confidence interval over seeds (Student's t), and a
+paired test between two runs over the same evaluation windows (per-window NLL differences, paired t-test) —
+scipy's implementations, wrapped so the report reads them in one place."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+SIGNIFICANCE = 0.05
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the `level` confidence interval of the mean), t distribution with n − 1 degrees of
+    freedom; the half-width is nan for a single value."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+
+
+def paired_p_value(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test on a − b (the same windows scored by two runs); nan when the
+    series do not pair (different lengths) or are identical."""
+    from scipy import stats
+
+    if len(a) != len(b) or len(a) < 2 or all(x == y for x, y in zip(a, b, strict=True)):
+        return math.nan
+    return float(stats.ttest_rel(a, b).pvalue)
