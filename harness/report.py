@@ -19,6 +19,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from harness.records import export_records, merge_records, read_records, write_records
+from harness.reproduction import load_claims, render_reproduction
 from harness.spec import BitSpec
 from harness.stats import SIGNIFICANCE, mean_ci, paired_p_value
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
@@ -402,19 +403,24 @@ def main(argv: list[str]) -> int:
                 f"error: {records_path} or {board_path} missing; run `python -m harness report` first", file=sys.stderr
             )
             return 2
-        expected = render_leaderboard(read_records(records_path))
-        actual = board_path.read_text(encoding="utf-8")
-        if expected != actual:
-            diff = difflib.unified_diff(
-                actual.splitlines(), expected.splitlines(), "committed", "rendered", lineterm=""
-            )
-            print("\n".join(list(diff)[:60]), file=sys.stderr)
-            print(
-                f"error: {board_path} does not match {records_path}; regenerate with `python -m harness report`",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"{board_path} matches {records_path} ({len(read_records(records_path))} runs)")
+        records = read_records(records_path)
+        for path, expected in (
+            (board_path, render_leaderboard(records)),
+            (out / "reproduction.md", render_reproduction(records, load_claims(CLAIMS_DIR))),
+        ):
+            actual = path.read_text(encoding="utf-8") if path.exists() else ""
+            if expected != actual:
+                diff = difflib.unified_diff(
+                    actual.splitlines(), expected.splitlines(), "committed", "rendered", lineterm=""
+                )
+                print("\n".join(list(diff)[:60]), file=sys.stderr)
+                print(
+                    f"error: {path} does not match {records_path} (and conf/claims); regenerate with "
+                    "`python -m harness report`",
+                    file=sys.stderr,
+                )
+                return 1
+        print(f"{board_path} and reproduction.md match {records_path} ({len(records)} runs)")
         return 0
     from harness.plots import plot_pareto, plot_paretoq
 
@@ -424,12 +430,15 @@ def main(argv: list[str]) -> int:
     write_records(records, out / "runs.jsonl")
     board = render_leaderboard(records)
     atomic_write(out / "leaderboard.md", lambda tmp: tmp.write_text(board, encoding="utf-8"))
+    reproduction = render_reproduction(records, load_claims(CLAIMS_DIR))
+    atomic_write(out / "reproduction.md", lambda tmp: tmp.write_text(reproduction, encoding="utf-8"))
     plot_pareto(records, out / "pareto.png")
     claims = OmegaConf.to_container(OmegaConf.load(CLAIMS_DIR / "paretoq.yaml"))
     if plot_paretoq(records, claims, out / "paretoq.png"):
         print(f"wrote {out / 'paretoq.png'}")
     print(
         f"wrote {out / 'runs.jsonl'} ({len(records)} runs: {len(fresh)} from {args.tracking_uri}, "
-        f"{len(records) - len(fresh)} kept from the file), {out / 'leaderboard.md'}, {out / 'pareto.png'}"
+        f"{len(records) - len(fresh)} kept from the file), {out / 'leaderboard.md'}, {out / 'reproduction.md'}, "
+        f"{out / 'pareto.png'}"
     )
     return 0

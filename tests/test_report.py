@@ -226,3 +226,50 @@ def test_seeds_are_one_cell_with_a_confidence_interval_and_ties_are_marked():
     assert "32.10 ≈" in row and "60.00 |" in row and "60.00 ≈" not in row
     assert "± = 95% confidence interval" in text and "≈ = not significantly different" in text
     assert "| quarot (seed 1) |" in text  # the per-setting table keeps every seed's row
+
+
+def test_claims_hold_fail_or_are_not_run_with_their_numbers():
+    from harness.reproduction import check_claim, render_reproduction
+
+    records = [_record("fp", "rtn", "w16a16kv16", 20.0)]
+    for key, method, bits, ppl in (
+        ("q", "quarot", "w4a4kv4", 40.0),
+        ("r", "rtn", "w4a4kv4", 9000.0),
+        ("g", "gptq", "w3g128a16kv16", 90.0),
+        ("r3", "rtn", "w3g128a16kv16", 80.0),
+    ):
+        records.append(_record(key, method, bits, ppl))
+    rescue = {
+        "text": "rescue",
+        "run": {"method": "quarot", "bits": "w4a4kv4"},
+        "below": {"method": "rtn", "bits": "w4a4kv4"},
+        "factor": 10,
+    }
+    assert check_claim(rescue, records, "m") == ("holds", "40.00 vs 9,000.00 (needs 10x lower)")
+    gptq = {
+        "text": "gptq < rtn",
+        "run": {"method": "gptq", "bits": "w3g128a16kv16"},
+        "below": {"method": "rtn", "bits": "w3g128a16kv16"},
+    }
+    assert check_claim(gptq, records, "m") == ("does not hold", "90.00 vs 80.00")
+    near = {"text": "near FP", "run": {"method": "quarot", "bits": "w4a4kv4"}, "within_fp": 0.1}
+    assert (
+        check_claim(near, records, "m")[0] == "does not hold"
+        and "+100.0%; limit +10%" in check_claim(near, records, "m")[1]
+    )
+    kv = {"text": "kv", "run": {"method": "rtn", "bits": "w16a16kv3", "kv": {"name": "kvquant"}}, "within_fp": 0.1}
+    assert check_claim(kv, records, "m") == ("not run", "no whole-split run of rtn `w16a16kv3` (kv=kvquant)")
+    text = render_reproduction(records, [{"paper": "P", "headline": {"model": "X"}, "claims": [rescue, gptq]}])
+    assert "| P | X, ?, not quoted; ? | rescue | holds — 40.00" in text
+
+
+def test_every_claims_file_names_a_paper_and_checkable_claims():
+    from harness.report import CLAIMS_DIR
+    from harness.reproduction import load_claims
+
+    claims = load_claims(CLAIMS_DIR)
+    assert {c["file"] for c in claims} >= {"gptq.yaml", "quarot.yaml", "kvquant.yaml", "bcq.yaml", "paretoq.yaml"}
+    for spec in claims:
+        assert spec["paper"] and spec["headline"]["source"] and spec["claims"], spec["file"]
+        for claim in spec["claims"]:
+            assert {"method", "bits"} <= set(claim["run"]) and (("below" in claim) != ("within_fp" in claim))
