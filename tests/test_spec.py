@@ -59,3 +59,32 @@ def test_quantizers_compile_only_where_the_evaluation_pays_it_back():
     assert _compile_quantizers(True, 2) and not _compile_quantizers(False, None)
     with pytest.raises(SpecError, match="true, false or auto"):
         _compile_quantizers("sometimes", None)
+
+
+@pytest.mark.parametrize(
+    ("preset", "method", "bits", "kv", "budget"),
+    [
+        ("quarot-llama2-7b", "quarot", "w4a4kv4", "rtn", "full"),
+        ("gptq-llama2-7b", "gptq", "w4g128a16kv16", "rtn", "full"),
+        ("kvquant-llama-7b", "rtn", "w16a16kv3", "kvquant", "fullppl"),
+    ],
+)
+def test_reproduce_presets_compose_the_papers_setting(preset, method, bits, kv, budget):
+    """`+reproduce=<paper>-<model>` (conf/reproduce/): the paper's method, bits, plug-ins and budget on a hub model id
+    we cannot fetch here (composition only)."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli_sweep import CONF_DIR
+    from harness.runner import spec_from_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+reproduce={preset}", "model.id=org/some-7b"])
+    spec = spec_from_config(cfg)
+    assert (spec.method, str(spec.bits), spec.kv.name, spec.budget) == (method, bits, kv, budget)
+    assert (spec.model.name, spec.model.id, spec.model.device, spec.ppl.dtype) == (
+        "hf",
+        "org/some-7b",
+        "cuda",
+        "float16",
+    )
+    assert spec.ppl.max_windows is None and spec.ppl.seqlen == 2048
