@@ -27,6 +27,7 @@ from harness.spec import (
     ZeroShotSpec,
     method_label,
     run_name,
+    ui_run_name,
 )
 from harness.tracking import KeyClaimed, Tracker, flatten, provenance_tags
 from methods import METHODS
@@ -160,6 +161,39 @@ def check_supported(spec: RunSpec) -> None:
     METHODS[spec.method].supports(Request(spec.bits, ARCHS[models.family(spec.model)], act, kv))
 
 
+def run_datasets(spec: RunSpec) -> list[tuple[str, str, str, str]]:
+    """(name, digest, source, context) of the data a run reads: the evaluation split, and the calibration or
+    training windows (digest: their spec and seed; source: the mirror, or the hub)."""
+    import hashlib
+
+    def digest(*parts) -> str:
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
+
+    source = spec.data_dir or "huggingface-hub"
+    windows = "whole" if spec.ppl.max_windows is None else f"first {spec.ppl.max_windows}"
+    data = [(f"{spec.ppl.dataset}-test ({windows} x {spec.ppl.seqlen})", digest(spec.ppl), source, "evaluation")]
+    calib = spec.calib
+    data.append(
+        (
+            f"{calib.dataset} ({calib.nsamples} x {calib.seqlen}, seed {spec.seed})",
+            digest(calib, spec.seed),
+            source,
+            "calibration",
+        )
+    )
+    if spec.train is not None:
+        train = spec.train
+        data.append(
+            (
+                f"{train.dataset} ({train.windows} x {train.seqlen}, seed {spec.seed})",
+                digest(train, spec.seed),
+                source,
+                "training",
+            )
+        )
+    return data
+
+
 def execute(spec: RunSpec, cfg: DictConfig, tracker: Tracker, force: bool = False) -> Outcome:
     """Run one spec unless its key already finished; failures end FAILED in MLflow and are returned."""
     name = run_name(spec)
@@ -183,7 +217,9 @@ def execute(spec: RunSpec, cfg: DictConfig, tracker: Tracker, force: bool = Fals
         **provenance_tags(spec.model.device),
     }
     try:
-        with tracker.run(spec.run_key, name, params, tags, OmegaConf.to_yaml(cfg, resolve=True), redo_finished=force):
+        yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        with tracker.run(spec.run_key, ui_run_name(spec), params, tags, yaml, redo_finished=force):
+            tracker.log_datasets(run_datasets(spec))
             diverged = _quantize_and_evaluate(spec, tracker)
     except KeyClaimed as err:  # another worker runs (or just finished) this key
         return Outcome(name, "claimed", str(err))

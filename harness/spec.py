@@ -184,3 +184,8 @@ def method_label(spec: RunSpec) -> str:
 
 def run_name(spec: RunSpec) -> str:
     return f"{spec.model.id or spec.model.name}/{method_label(spec)}/{spec.bits}"
+
+
+def ui_run_name(spec: RunSpec) -> str:
+    """The MLflow run name, short enough for the runs table: `method · bits` (model and protocol are tags)."""
+    return f"{method_label(spec)} · {spec.bits}"

@@ -64,6 +64,7 @@ def holder_alive(run) -> bool:
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -168,6 +169,25 @@ class Tracker:
             raise
         self.client = mlflow.MlflowClient(tracking_uri)
         self._pending: dict | None = None  # the active run's record, kept to spool it if the store goes down
+        self._set_experiment_kind()
+
+    def _set_experiment_kind(self) -> None:
+        """MLflow 3 opens an experiment without a kind on its GenAI traces page ("No data available"); ours is a
+        model-development experiment, so the UI opens on the runs table."""
+        experiment = self.client.get_experiment(self.experiment_id)
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+    def log_datasets(self, datasets: list[tuple[str, str, str, str]]) -> None:
+        """The run's data as MLflow dataset inputs (the runs table's Dataset column): (name, digest, source,
+        context) — context "evaluation", "calibration" or "training". Best effort: the record does not need them."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(Dataset(name, digest, "local", source), [InputTag("mlflow.data.context", context)])
+            for name, digest, source, context in datasets
+        ]
+        self._send(self.client.log_inputs, self._pending["run_id"], inputs)
 
     def runs_with_key(self, run_key: str, status: str | None = None):
         query = f"tags.run_key = '{run_key}'"

@@ -202,6 +202,14 @@ def test_runs_report_kl_and_top1_against_the_fp_reference(tmp_path, data_dir):
     metrics = {r.data.tags["bits"]: r.data.metrics for r in _runs(tmp_path)}
     assert metrics["w16a16kv16"]["kl_vs_fp"] == pytest.approx(0, abs=1e-4) and metrics["w16a16kv16"]["top1_vs_fp"] == 1
     assert metrics["w2a16kv16"]["kl_vs_fp"] > 1e-5 and metrics["w2a16kv16"]["top1_vs_fp"] < 1
+    runs = {r.data.tags["bits"]: r for r in _runs(tmp_path)}  # as a person meets it in the MLflow UI:
+    assert runs["w2a16kv16"].info.run_name == "rtn · w2a16kv16"  # short names, model and protocol as tags
+    contexts = {d.tags[0].value: d.dataset.name for d in runs["w2a16kv16"].inputs.dataset_inputs}
+    assert contexts["evaluation"].startswith("wikitext2-test") and contexts["calibration"].startswith("wikitext2-valid")
+    import mlflow
+
+    experiment = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("quantbench")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
     reports = tmp_path / "reports"  # the per-window NLL series reaches the records (the report's paired tests)
     assert _cli(["report", "--out", str(reports)], tmp_path, data_dir).returncode == 0
     records = [json.loads(line) for line in (reports / "runs.jsonl").read_text().splitlines()]

@@ -271,7 +271,7 @@ def test_a_run_that_finishes_while_the_store_is_down_is_spooled_then_synced(tmp_
     (stranded,) = Tracker(uri).runs_with_key(spec.run_key)
     assert stranded.info.status == "RUNNING" and "wikitext2_ppl" not in stranded.data.metrics
 
-    assert spool.sync(Tracker(uri)) == [f"tiny-llama/rtn/w4a16kv16 (FINISHED) -> run {stranded.info.run_id}"]
+    assert spool.sync(Tracker(uri)) == [f"rtn · w4a16kv16 (FINISHED) -> run {stranded.info.run_id}"]
     assert not spooled.exists() and spool.pending() == []
     (record,) = export_records(uri, "quantbench")  # the same run completed, not a second one
     assert record["status"] == "FINISHED" and record["metrics"]["wikitext2_ppl"] > 1
