@@ -16,6 +16,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--port", default="5000")
         args = parser.parse_args(rest)
         uri = _tracking_uri(args.tracking_uri)
-        print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}")
+        print(f"MLflow UI for {uri}: the runs table is http://127.0.0.1:{args.port}/{_runs_table(uri)}")
         return subprocess.call(
             [
                 sys.executable,
@@ -74,6 +75,20 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     return _list()
+
+
+def _runs_table(tracking_uri: str) -> str:
+    """The URL fragment of the quantbench experiment's runs table (MLflow 3 otherwise opens on its GenAI overview,
+    empty for our runs); the experiment page if the store has no quantbench experiment yet."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).exists():
+        return "#/experiments"  # no store yet (and asking would create one)
+    try:
+        import mlflow
+
+        found = mlflow.MlflowClient(tracking_uri).get_experiment_by_name(DEFAULT_EXPERIMENT)
+    except Exception:  # an unreachable store: the UI will say so itself
+        found = None
+    return f"#/experiments/{found.experiment_id}/runs" if found else "#/experiments"
 
 
 def _sync(argv: list[str]) -> int:
