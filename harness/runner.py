@@ -161,9 +161,10 @@ def check_supported(spec: RunSpec) -> None:
     METHODS[spec.method].supports(Request(spec.bits, ARCHS[models.family(spec.model)], act, kv))
 
 
-def run_datasets(spec: RunSpec) -> list[tuple[str, str, str, str]]:
-    """(name, digest, source, context) of the data a run reads: the evaluation split, and the calibration or
-    training windows (digest: their spec and seed; source: the mirror, or the hub)."""
+def run_datasets(spec: RunSpec, read_calibration: bool) -> list[tuple[str, str, str, str]]:
+    """(name, digest, source, context) of the data a run read: the evaluation split, the calibration windows when
+    the method or a plug-in read them, the training windows of a training method (digest: their spec and seed;
+    source: the mirror, or the hub)."""
     import hashlib
 
     def digest(*parts) -> str:
@@ -173,14 +174,9 @@ def run_datasets(spec: RunSpec) -> list[tuple[str, str, str, str]]:
     windows = "whole" if spec.ppl.max_windows is None else f"first {spec.ppl.max_windows}"
     data = [(f"{spec.ppl.dataset}-test ({windows} x {spec.ppl.seqlen})", digest(spec.ppl), source, "evaluation")]
     calib = spec.calib
-    data.append(
-        (
-            f"{calib.dataset} ({calib.nsamples} x {calib.seqlen}, seed {spec.seed})",
-            digest(calib, spec.seed),
-            source,
-            "calibration",
-        )
-    )
+    if read_calibration:
+        name = f"{calib.dataset} ({calib.nsamples} x {calib.seqlen}, seed {spec.seed})"
+        data.append((name, digest(calib, spec.seed), source, "calibration"))
     if spec.train is not None:
         train = spec.train
         data.append(
@@ -219,7 +215,6 @@ def execute(spec: RunSpec, cfg: DictConfig, tracker: Tracker, force: bool = Fals
     try:
         yaml = OmegaConf.to_yaml(cfg, resolve=True)
         with tracker.run(spec.run_key, ui_run_name(spec), params, tags, yaml, redo_finished=force):
-            tracker.log_datasets(run_datasets(spec))
             diverged = _quantize_and_evaluate(spec, tracker)
     except KeyClaimed as err:  # another worker runs (or just finished) this key
         return Outcome(name, "claimed", str(err))
@@ -261,6 +256,7 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
     for name, text in summary.artifacts.items():
         tracker.log_text(name, text)
     steps.contamination(spec, bool(drawn), tracker)
+    tracker.log_datasets(run_datasets(spec, read_calibration=bool(drawn)))
 
     report = memory_report(model, kv_bytes_per_token=kv.bytes_per_token(model) if kv else None)
     tracker.log_metrics(report.metrics())

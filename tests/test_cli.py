@@ -205,7 +205,7 @@ def test_runs_report_kl_and_top1_against_the_fp_reference(tmp_path, data_dir):
     runs = {r.data.tags["bits"]: r for r in _runs(tmp_path)}  # as a person meets it in the MLflow UI:
     assert runs["w2a16kv16"].info.run_name == "rtn · w2a16kv16"  # short names, model and protocol as tags
     contexts = {d.tags[0].value: d.dataset.name for d in runs["w2a16kv16"].inputs.dataset_inputs}
-    assert contexts["evaluation"].startswith("wikitext2-test") and contexts["calibration"].startswith("wikitext2-valid")
+    assert contexts["evaluation"].startswith("wikitext2-test") and "calibration" not in contexts  # RTN reads none
     import mlflow
 
     experiment = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("quantbench")

@@ -88,3 +88,24 @@ def test_reproduce_presets_compose_the_papers_setting(preset, method, bits, kv, 
         "float16",
     )
     assert spec.ppl.max_windows is None and spec.ppl.seqlen == 2048
+
+
+def test_dataset_inputs_name_what_the_run_read():
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli_sweep import CONF_DIR
+    from harness.runner import run_datasets, spec_from_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        gptq = spec_from_config(compose("config", overrides=["method=gptq", "bits=w4g128a16kv16", "budget=fullppl"]))
+        paretoq = spec_from_config(compose("config", overrides=["method=paretoq", "bits=w2a16kv16", "seed=3"]))
+    names = {context: name for name, _, _, context in run_datasets(gptq, read_calibration=True)}
+    assert names == {
+        "evaluation": "wikitext2-test (whole x 2048)",
+        "calibration": "wikitext2-valid (16 x 2048, seed 0)",
+    }
+    assert [c for *_, c in run_datasets(gptq, read_calibration=False)] == ["evaluation"]
+    training = {context: name for name, _, _, context in run_datasets(paretoq, read_calibration=False)}
+    assert training["training"].endswith("seed 3)")
+    digests = {d for _, d, _, _ in run_datasets(gptq, True)}
+    assert len(digests) == 2  # evaluation and calibration data are told apart
