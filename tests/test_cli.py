@@ -137,7 +137,7 @@ def test_sweep_failures_resume_and_report(tmp_path, data_dir):
     assert check.returncode == 1 and "does not match" in check.stderr
     (reports / "leaderboard.md").write_text(board)  # a claim's verdict edited by hand is caught the same way
     reproduction = (reports / "reproduction.md").read_text()
-    (reports / "reproduction.md").write_text(reproduction.replace("not run", "holds", 1))
+    (reports / "reproduction.md").write_text(reproduction + "| a verdict edited by hand | holds |\n")
     check = _cli(["report", "--check", "--out", str(reports)], tmp_path, data_dir)
     assert check.returncode == 1 and "reproduction.md does not match" in check.stderr
 
