@@ -171,3 +171,16 @@ def test_bad_settings_fail_with_the_fix():
         KVQuantConfig(datatype="nf")
     with pytest.raises(ValueError, match="kv2, kv3, kv4"):
         build(KVQuantConfig(), 5)
+
+
+def test_quantiles_of_any_size_equal_torch_quantile(monkeypatch):
+    """torch.quantile refuses inputs over 16M values (a 7B model's calibration keys): chunked rows and numpy's
+    quantile along the first dim give the same numbers."""
+    from methods.core import kvcache
+
+    x = _heavy_tailed(300, 40)
+    small = {dim: kvcache.quantiles(x, [0.005, 0.995], dim) for dim in (0, -1)}
+    monkeypatch.setattr(kvcache, "QUANTILE_MAX_ELEMENTS", 1000)
+    for dim in (0, -1):
+        assert torch.allclose(kvcache.quantiles(x, [0.005, 0.995], dim), small[dim], atol=1e-5)
+    assert small[-1].shape == (2, 300, 1) and small[0].shape == (2, 40)

@@ -62,6 +62,21 @@ def q_norm(levels: torch.Tensor, z: torch.Tensor) -> tuple[float, float]:
     return scale, float(z.mean() - rounded.mean() * scale)
 
 
+QUANTILE_MAX_ELEMENTS = 16_000_000  # torch.quantile refuses larger inputs
+
+
+def quantiles(x: torch.Tensor, probs: list[float], dim: int) -> torch.Tensor:
+    """torch.quantile (linear interpolation) of a 2-D x along `dim`, for any size: row chunks along the last dim,
+    numpy's identical quantile along the first (a 7B model's calibration keys are 134M values)."""
+    q = torch.tensor(probs, dtype=x.dtype, device=x.device)
+    if x.numel() <= QUANTILE_MAX_ELEMENTS:
+        return torch.quantile(x, q, dim=dim, keepdim=dim != 0)
+    if dim == 0:
+        return torch.from_numpy(np.quantile(x.cpu().numpy(), probs, axis=0)).to(x.dtype).to(x.device)
+    rows = max(1, QUANTILE_MAX_ELEMENTS // x.shape[-1])
+    return torch.cat([torch.quantile(part, q, dim=-1, keepdim=True) for part in x.split(rows)], dim=1)
+
+
 def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).float()
 
@@ -152,7 +167,7 @@ class VectorCodec:
             return center.expand_as(y), half.expand_as(y), mask, center, half
         if self.outlier_fraction > 0:
             top = 1 - self.outlier_fraction / 2
-            bounds = torch.quantile(y, torch.tensor([1 - top, top], dtype=y.dtype), dim=-1, keepdim=True)
+            bounds = quantiles(y, [1 - top, top], dim=-1)
             mask = (y <= bounds[0]) | (y >= bounds[1])
             trimmed = torch.where(mask, y.median(dim=-1, keepdim=True).values, y)
         else:

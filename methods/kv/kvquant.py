@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from methods.core.attention import AttentionState, attention_states
-from methods.core.kvcache import VectorCodec, fit_levels, q_norm, uniform_levels
+from methods.core.kvcache import VectorCodec, fit_levels, q_norm, quantiles, uniform_levels
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class KVQuantQuantizer:
         )
         if per_channel:
             f = cfg.outlier_fraction
-            bounds = torch.quantile(body, torch.tensor([f / 2, 1 - f / 2]), dim=0) if f > 0 else None
+            bounds = quantiles(body, [f / 2, 1 - f / 2], dim=0) if f > 0 else None
             codec.lower = bounds[0] if f > 0 else body.min(dim=0).values
             codec.upper = bounds[1] if f > 0 else body.max(dim=0).values
         if cfg.datatype == "int":
