@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from harness.labels import row_label
 from harness.records import export_records, merge_records, read_records, write_records
 from harness.reproduction import load_claims, render_reproduction
 from harness.spec import BitSpec
@@ -44,67 +45,6 @@ def _fmt(value, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "–"
     return f"{value:,.{digits}f}"
-
-
-def method_label(method: str, params: dict[str, str]) -> str:
-    """The method name plus every parameter that differs from its registered default (e.g. quarot weights=rtn)."""
-    from methods import METHODS
-    from methods.core.params import key_neutral
-
-    entry = METHODS.get(method)
-    if entry is None:
-        return method
-    # A record that logged its parameters but lacks a later-added one ran with its legacy value (methods.core.params).
-    if params:
-        params = {**{k: "null" if v is None else str(v) for k, v in key_neutral(entry.config_cls).items()}, **params}
-    changed = [
-        f"{name}={params[name]}"
-        for name, default in _flat_defaults(entry.config_cls())
-        if name in params and params[name] != ("null" if default is None else str(default))
-    ]
-    return f"{method} ({', '.join(changed)})" if changed else method
-
-
-def _flat_defaults(config, prefix: str = ""):
-    """(dotted name, default) of every leaf of a config dataclass, as the flattened run params name them."""
-    import dataclasses
-
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if dataclasses.is_dataclass(value):
-            yield from _flat_defaults(value, f"{prefix}{field.name}.")
-        else:
-            yield f"{prefix}{field.name}", value
-
-
-def row_label(rec: dict) -> str:
-    """The method label plus the act/KV plug-ins in use when they are not the default `rtn`
-    (e.g. `gptq + kv=kvquant`); records from before the plug-ins carry none."""
-    bits = BitSpec.parse(rec["bits"])
-    plugins = [
-        _plugin_label(group, rec[group])
-        for group, used in (("act", bits.quantizes_activations), ("kv", bits.quantizes_kv))
-        if used and rec.get(group, {}).get("name", "rtn") != "rtn"
-    ]
-    return " + ".join([method_label(rec["method"], rec["method_params"]), *plugins])
-
-
-def _plugin_label(group: str, logged: dict[str, str]) -> str:
-    """`kv=kvquant`, plus every plug-in parameter that differs from its registered default
-    (`kv=kvquant (datatype=int, sink_tokens=0)`)."""
-    from methods.act import ACT_QUANTIZERS
-    from methods.kv import KV_QUANTIZERS
-
-    name = logged["name"]
-    entry = {"act": ACT_QUANTIZERS, "kv": KV_QUANTIZERS}[group].get(name)
-    if entry is None:
-        return f"{group}={name}"
-    changed = [
-        f"{key}={logged[key]}"
-        for key, default in _flat_defaults(entry.config_cls())
-        if key in logged and logged[key] != ("null" if default is None else str(default))
-    ]
-    return f"{group}={name}" + (f" ({', '.join(changed)})" if changed else "")
 
 
 def _calib_cell(rec: dict) -> str:

@@ -1,7 +1,8 @@
 """Leaderboard rendering from run records: deterministic, grouped, Δ against FP, failures shown."""
 
+from harness.labels import method_label
 from harness.records import select_latest
-from harness.report import method_label, render_leaderboard
+from harness.report import render_leaderboard
 
 PROTOCOL = {
     "ppl_dataset": "wikitext2",

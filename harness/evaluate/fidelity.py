@@ -19,9 +19,9 @@ import torch
 TOP_K = 32
 
 
-def top_k_log_probs(logits: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_log_probs(log_probs: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids int32, log-probabilities fp16) of the k most probable tokens, sorted, per position."""
-    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    values, ids = log_probs.float().topk(k, dim=-1)
     return ids.to(torch.int32), values.to(torch.float16)
 
 
@@ -77,10 +77,11 @@ class Recorder:
         self.ids = torch.zeros(self.windows, self.positions, self.k, dtype=torch.int32)
         self.log_probs = torch.zeros(self.windows, self.positions, self.k, dtype=torch.float16)
 
-    def __call__(self, window: int, start: int, logits: torch.Tensor) -> None:
-        ids, log_probs = top_k_log_probs(logits, self.k)
-        self.ids[window : window + logits.shape[0], start : start + logits.shape[1]] = ids.cpu()
-        self.log_probs[window : window + logits.shape[0], start : start + logits.shape[1]] = log_probs.cpu()
+    def __call__(self, window: int, start: int, log_q: torch.Tensor) -> None:
+        """log_q: log-probabilities [batch, positions, vocab] (perplexity's on_chunk)."""
+        ids, log_probs = top_k_log_probs(log_q, self.k)
+        self.ids[window : window + log_q.shape[0], start : start + log_q.shape[1]] = ids.cpu()
+        self.log_probs[window : window + log_q.shape[0], start : start + log_q.shape[1]] = log_probs.cpu()
 
     def reference(self) -> Reference:
         return Reference(self.ids, self.log_probs)
@@ -95,11 +96,11 @@ class Comparer:
     agree: int = 0
     count: int = 0
 
-    def __call__(self, window: int, start: int, logits: torch.Tensor) -> None:
-        end = start + logits.shape[1]
-        ids = self.reference.ids[window : window + logits.shape[0], start:end].to(logits.device)
-        log_p = self.reference.log_probs[window : window + logits.shape[0], start:end].to(logits.device)
-        log_q = torch.log_softmax(logits.float(), dim=-1)
+    def __call__(self, window: int, start: int, log_q: torch.Tensor) -> None:
+        """log_q: the run's log-probabilities [batch, positions, vocab] (perplexity's on_chunk)."""
+        end = start + log_q.shape[1]
+        ids = self.reference.ids[window : window + log_q.shape[0], start:end].to(log_q.device)
+        log_p = self.reference.log_probs[window : window + log_q.shape[0], start:end].to(log_q.device)
         self.kl_sum += float(coarse_kl(log_q, ids, log_p).double().sum())
         self.agree += int((log_q.argmax(-1) == ids[..., 0].long()).sum())
         self.count += ids.shape[0] * ids.shape[1]

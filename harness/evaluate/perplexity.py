@@ -57,8 +57,9 @@ def perplexity(
     chunk: int = 512,
     on_chunk: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> PerplexityResult:
-    """`on_chunk(first window, first position, logits [batch, positions, vocab])` sees every chunk of logits
-    the loss is taken from (the fidelity comparison rides on this pass; `harness/evaluate/fidelity.py`)."""
+    """`on_chunk(first window, first position, log-probabilities [batch, positions, vocab])` sees every chunk the
+    loss is taken from (the fidelity comparison rides on this pass; `harness/evaluate/fidelity.py`); the loss is
+    then nll_loss of those log-probabilities — what cross_entropy computes, done once."""
     n_windows = token_ids.shape[1] // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -105,15 +106,19 @@ def _summed_nll(model: nn.Module, batch: torch.Tensor, targets: torch.Tensor, ch
     except (UnsupportedArchitecture, AttributeError):  # no adapter for the family (or no HF config at all)
         logits = model(batch, use_cache=False).logits[:, :-1, :].float()
         if observe is not None:
-            observe(0, logits)
+            observe(0, torch.log_softmax(logits, dim=-1))
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
     hidden = arch.body(model)(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
     total = torch.zeros((), dtype=torch.float64, device=batch.device)
     for start in range(0, hidden.shape[1], chunk):
         logits = arch.logits(model, hidden[:, start : start + chunk]).float()
-        if observe is not None:
-            observe(start, logits)
         part = targets[:, start : start + chunk]
+        if observe is not None:  # the observer reads the log-probabilities the loss is taken from: computed once
+            log_probs = torch.log_softmax(logits, dim=-1)
+            observe(start, log_probs)
+            flat = log_probs.reshape(-1, log_probs.shape[-1])
+            total += nn.functional.nll_loss(flat, part.reshape(-1), reduction="sum")
+            continue
         # classes on the last, contiguous dim: PyTorch's CPU cross-entropy over a strided class dim (input
         # [batch, vocab, tokens]) loses ~4e-5 relative on a 49k vocabulary
         total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), part.reshape(-1), reduction="sum")
