@@ -19,6 +19,9 @@ Implementations:
 * `BCQWeight` — block clustered (LO-BCQ): a 4-bit index per weight into the codebook its block of L_b selects,
   × an E4M3 scale per block array × an fp32 scale per row. Storage: indices, selectors (log2 N_c bits per
   block, packed in 32-bit words), array-scale bytes, row scales and the int8-stored codebooks.
+* `IncoherentWeight` — QuIP: b-bit codes of U·W·diag(d)·Vᵀ on one per-tensor grid without a zero level, with
+  the seeded random orthogonal U, V and the diagonal rescaling d undone at dequantization. Storage: codes +
+  one fp16 scale + fp16 d per input + the two transforms' seeds. No packed layout or kernel.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from kernels.packing import (
     codes_per_word,
     packed_nbytes,
 )
+from methods.core.orthogonal import StructuredOrthogonal
 
 SCALE_BITS = 16
 
@@ -283,9 +287,49 @@ class BCQWeight:
         return None  # no BCQ GEMM kernel here: the latency column shows "no kernel"
 
 
+@dataclass
+class IncoherentWeight:
+    """QuIP's stored weight (methods/core/incoherence.py): `codes` uint8 [out, in] < 2^bits on the grid
+    level(k) = scale · (2k / (2^bits − 1) − 1) — symmetric, no zero level — in the processed basis; the weight is
+    W = Uᵀ · level(codes) · V · diag(1 / col_scale)."""
+
+    codes: torch.Tensor
+    scale: float
+    bits: int
+    col_scale: torch.Tensor  # d [in], the diagonal rescaling (stored fp16)
+    u: StructuredOrthogonal  # acts on the output dim
+    v: StructuredOrthogonal  # acts on the input dim
+    format_name: ClassVar[str] = "incoherent"
+
+    def processed(self) -> torch.Tensor:
+        """The quantized matrix in the processed basis: level(codes)."""
+        maxq = 2**self.bits - 1
+        return self.scale * (self.codes.double() * (2.0 / maxq) - 1.0)
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.v.apply_transpose(self.processed())  # · V
+        w = self.u.apply_transpose(w.T).T  # Uᵀ ·
+        return (w / self.col_scale.double()[None, :]).float()
+
+    def storage_bits(self) -> int:
+        return (
+            self.codes.numel() * self.bits
+            + SCALE_BITS
+            + self.col_scale.numel() * SCALE_BITS
+            + self.u.storage_bits()
+            + self.v.storage_bits()
+        )
+
+    def pack(self) -> None:
+        return None
+
+    def kernel_format(self, a_bits: int) -> KernelFormat | None:
+        return None  # no kernel for the transforms + codes here: the latency column shows "no kernel"
+
+
 FORMATS: dict[str, type] = {
     cls.format_name: cls
-    for cls in (QuantizedWeight, LUTWeight, SignedLUTWeight, TernaryWeight, BinaryWeight, BCQWeight)
+    for cls in (QuantizedWeight, LUTWeight, SignedLUTWeight, TernaryWeight, BinaryWeight, BCQWeight, IncoherentWeight)
 }
 
 

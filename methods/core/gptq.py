@@ -78,9 +78,11 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     dtype: torch.dtype = torch.float64,
+    order: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize `weight` [out, in] to minimise ‖(W − Ŵ) X‖² given H = 2XXᵀ; returns codes and grids.
-    `dtype`: the precision of the solve."""
+    `dtype`: the precision of the solve. `order`: the column visiting order, overriding act-order's (QuIP's
+    LDLQ is this solver visiting the columns last to first; grids are then static, fitted before the solve)."""
     w = weight.detach().to(dtype).clone()
     rows, cols = w.shape
     h = hessian.to(dtype).clone()
@@ -92,13 +94,16 @@ def gptq_quantize(
     n_groups = -(-cols // group)
     scales = torch.zeros(rows, n_groups, dtype=dtype)
     zeros = torch.zeros(rows, n_groups, dtype=dtype)
-    static = act_order or quantizer.group_size is None
+    static = act_order or order is not None or quantizer.group_size is None
     if static:
         grouped, _ = _pad_to_groups(w, group)
         s, z = quantizer.group_params(grouped)
         scales, zeros = s.squeeze(-1), z.squeeze(-1)
 
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    if order is not None:
+        perm = order
+    else:
+        perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_cholesky(h, damp)
     codes = torch.zeros(rows, cols, dtype=dtype)
@@ -160,6 +165,35 @@ def sequential_groups(arch, names: list[str], true_sequential: bool) -> list[lis
     return groups
 
 
+def quantize_layerwise(model, windows: list[torch.Tensor], settings, solve, desc: str = "gptq") -> dict[str, float]:
+    """The sequential layer-wise loop GPTQ-family solvers share: block by block (later blocks see the outputs of
+    the quantized earlier ones), collect each linear's Hessian on its block inputs, then
+    `solve(block_index, name, weight, hessian) -> (quantized weight, {metric: value})`; metrics are summed.
+    `settings`: any object with `calib_batch_size`, `true_sequential` and `sink_weight` (GPTQSettings has them)."""
+    if settings.sink_weight <= 0:
+        raise ValueError(f"sink_weight must be > 0 (1 = the paper's objective), got {settings.sink_weight}")
+    arch = arch_of(model)
+    shared = shared_input_owner(arch)
+    totals: dict[str, float] = {}
+    for index, block, inputs in walk_blocks(model, windows, settings.calib_batch_size, desc=desc):
+        places = arch.block_linears(block)
+        for group in sequential_groups(arch, list(places), settings.true_sequential):
+            linears = {name: getattr(*places[name]) for name in group}
+            collector = HessianCollector(linears, shared, sink_weight=settings.sink_weight)
+            with torch.no_grad():
+                for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+                    block(hidden, **kwargs)
+            collector.remove()
+            for name in group:
+                parent, attr = places[name]
+                module = getattr(parent, attr)
+                qweight, metrics = solve(index, name, module.weight.data, collector.hessian(name))
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                set_quantized_weight(parent, attr, module, qweight)
+    return totals
+
+
 def quantize_model_gptq(
     model, windows: list[torch.Tensor], quantizer: WeightQuantizer, settings: GPTQSettings
 ) -> dict[str, float]:
@@ -173,28 +207,17 @@ def quantize_model_gptq(
     if settings.sink_weight <= 0:
         raise ValueError(f"gptq sink_weight must be > 0 (1 = the paper's objective), got {settings.sink_weight}")
     dtype = SOLVE_DTYPES[settings.solve_dtype]
-    arch = arch_of(model)
-    shared = shared_input_owner(arch)
+
+    def solve(index, name, weight, hessian):
+        qweight = gptq_quantize(
+            weight, hessian, quantizer, settings.damp, settings.block_size, settings.act_order, dtype
+        )
+        rtn = quantizer.quantize(weight).dequantize()
+        return qweight, {
+            "gptq_objective": reconstruction_error(weight, qweight.dequantize(), hessian),
+            "rtn_objective": reconstruction_error(weight, rtn, hessian),
+        }
+
     totals = {"gptq_objective": 0.0, "rtn_objective": 0.0}
-    for _, block, inputs in walk_blocks(model, windows, settings.calib_batch_size, desc="gptq"):
-        places = arch.block_linears(block)
-        for group in sequential_groups(arch, list(places), settings.true_sequential):
-            linears = {name: getattr(*places[name]) for name in group}
-            collector = HessianCollector(linears, shared, sink_weight=settings.sink_weight)
-            with torch.no_grad():
-                for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-                    block(hidden, **kwargs)
-            collector.remove()
-            for name in group:
-                parent, attr = places[name]
-                module = getattr(parent, attr)
-                hessian = collector.hessian(name)
-                weight = module.weight.data
-                qweight = gptq_quantize(
-                    weight, hessian, quantizer, settings.damp, settings.block_size, settings.act_order, dtype
-                )
-                totals["gptq_objective"] += reconstruction_error(weight, qweight.dequantize(), hessian)
-                rtn = quantizer.quantize(weight).dequantize()
-                totals["rtn_objective"] += reconstruction_error(weight, rtn, hessian)
-                set_quantized_weight(parent, attr, module, qweight)
+    totals.update(quantize_layerwise(model, windows, settings, solve))
     return totals
