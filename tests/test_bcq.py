@@ -157,3 +157,14 @@ def test_the_compiled_activation_encoder_gives_the_eager_values():
         assert torch.equal(bcq.fake_quantize(x, codebooks, layout), eager)
     finally:
         compile_quantizers(False)
+
+
+def test_sampled_blocks_are_those_of_normalising_everything():
+    """Normalising only the drawn rows gives the blocks a draw from the fully normalised input gives."""
+    layout = bcq.BCQLayout(block_len=8, array_len=64, n_codebooks=4)
+    x = torch.randn(300, 576, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 5, 300)[:, None]
+    everything = bcq.normalize(x, layout)[0].reshape(-1, 8)
+    expected = everything[torch.randperm(everything.shape[0], generator=torch.Generator().manual_seed(3))[:500]]
+    drawn = bcq.sample_blocks(x, layout, 500, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, expected)
+    assert torch.equal(bcq.sample_blocks(x[:2], layout, 10**6, torch.Generator()), everything[:144])
