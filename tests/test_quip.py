@@ -6,10 +6,13 @@ import math
 import pytest
 import torch
 
-from methods.core.formats import IncoherentWeight
+from methods.core import e8p
+from methods.core.formats import E8PWeight, IncoherentWeight
 from methods.core.gptq import gptq_quantize, reconstruction_error
 from methods.core.incoherence import (
     UnitGrid,
+    block_ldl,
+    block_ldlq,
     column_order,
     damped,
     greedy_passes,
@@ -17,7 +20,7 @@ from methods.core.incoherence import (
     quip_quantize,
     rescale_factors,
 )
-from methods.core.orthogonal import StructuredOrthogonal, split_factors
+from methods.core.orthogonal import RandomizedHadamard, StructuredOrthogonal, split_factors
 from methods.core.quantizers import WeightQuantizer
 
 
@@ -145,3 +148,86 @@ def test_quip_beats_rtn_and_gptq_at_two_bits_on_an_incoherent_unfriendly_layer()
     assert loss["quip"] < 0.5 * loss["gptq"] < 0.5 * loss["rtn"]
     assert loss["quip_rg"] < loss["quip"] and history[-1] < history[0]
     assert quip.codes.max() <= 3 and quip.dequantize().dtype == torch.float32
+
+
+def _in_e8(v: torch.Tensor) -> torch.Tensor:
+    """Rows of v in E8 = D8 ∪ (D8 + ½): all integers or all half-integers, with an even coordinate sum."""
+    integers = (v == v.round()).all(dim=1)
+    halves = ((v - 0.5) == (v - 0.5).round()).all(dim=1)
+    return (integers | halves) & (v.sum(dim=1).round() % 2 == 0)
+
+
+def test_e8p_has_65536_distinct_vectors_of_e8_plus_a_quarter():
+    book = e8p.codebook()
+    assert book.shape == (65536, 8) and torch.unique(book, dim=0).shape[0] == 65536
+    assert (_in_e8(book - 0.25) | _in_e8(book + 0.25)).all()
+    norms = e8p.abs_patterns().square().sum(dim=1)
+    assert int((norms <= 10).sum()) == 227 and int((norms == 12).sum()) == 29
+
+
+def test_e8p_fast_search_equals_brute_force():
+    x = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
+    fast, fast_idx = e8p.nearest(x, chunk=512)
+    brute, brute_idx = e8p.nearest_bruteforce(x)
+    assert torch.equal(fast, brute) and torch.equal(fast_idx, brute_idx)
+    assert torch.equal(e8p.decode(fast_idx), fast)
+
+
+def test_e8p_mse_on_gaussian_data_at_its_scale():
+    """The paper's figure: per-coordinate MSE ≈ 0.0912 on N(0, 1) at scale 1.03 (2-bit Lloyd-Max: 0.1175)."""
+    x = torch.randn(200_000, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    q, _ = e8p.nearest(x * e8p.OPT_SCALE)
+    assert abs(float((q / e8p.OPT_SCALE - x).square().mean()) - 0.0912) < 1e-3
+
+
+@pytest.mark.parametrize("n", [576, 1536, 192, 640])
+def test_randomized_hadamard_is_orthogonal_and_spreads_outliers(n):
+    u = RandomizedHadamard.random(n, seed=2)
+    dense = u.dense()
+    assert torch.allclose(dense @ dense.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    x = torch.zeros(1, n, dtype=torch.float64)
+    x[0, 3] = 1.0
+    assert torch.allclose(u.apply(x).abs(), torch.full((1, n), n**-0.5, dtype=torch.float64))  # exact Hadamard
+    assert torch.allclose(u.apply_transpose(u.apply(x)), x, atol=1e-12)
+
+
+def test_block_ldl_factors_the_hessian():
+    _, h = _layer(cols=32)
+    unit = block_ldl(h, 8)
+    blocks = unit.reshape(4, 8, 4, 8)
+    for k in range(4):
+        assert torch.allclose(blocks[k, :, k, :], torch.eye(8, dtype=torch.float64), atol=1e-12)
+        assert blocks[:k, :, k, :].abs().max() == 0 if k else True  # lower block triangular
+    d = torch.linalg.solve(unit, torch.linalg.solve(unit, h).T).T  # L⁻¹ H L⁻ᵀ is block diagonal
+    off = d.clone().reshape(4, 8, 4, 8)
+    for k in range(4):
+        off[k, :, k, :] = 0
+    assert off.abs().max() < 1e-8 * d.abs().max()
+
+
+def test_block_ldlq_with_scalar_blocks_is_ldlq():
+    w, h = _layer(rows=20, cols=24, seed=6)
+    target = ((w / (2.4 * w.square().mean().sqrt()) + 1) / 2 * 3).clamp(0, 3)
+    hd = damped(h, 0.01)
+
+    def scalar(x):
+        q = torch.floor(x + 0.5).clamp(0, 3)
+        return q, q[:, 0].long()
+
+    ours, _, _ = block_ldlq(target, hd, scalar, block=1)
+    assert torch.equal(ours, _reference_ldlq(target, hd, 2))
+
+
+def test_quip_sharp_rounds_better_than_nearest_and_the_format_undoes_the_transforms():
+    w, h = _layer(rows=32, cols=48, seed=7)
+    u, v = RandomizedHadamard.random(32, 1), RandomizedHadamard.random(48, 2)
+    wp, hp = process(w, damped(h, 0.01), u, v, torch.ones(48, dtype=torch.float64))
+    scale = float(wp.square().mean().sqrt()) / e8p.OPT_SCALE
+    hat, idx, history = block_ldlq(wp / scale, hp, e8p.nearest, 8, tune_passes=2)
+    nearest, _ = e8p.nearest((wp / scale).reshape(-1, 8))
+    delta = wp / scale - nearest.reshape(32, 48)
+    assert history[0] < 0.8 * float(torch.einsum("ij,jk,ik->", delta, hp, delta))
+    q = E8PWeight(idx.to(torch.int32), scale, u, v)
+    expected = u.dense().T @ (scale * hat) @ v.dense()
+    assert torch.allclose(q.dequantize().double(), expected, atol=1e-5)
+    assert q.storage_bits() == 32 * 48 * 2 + 16 + 2 * 64

@@ -22,6 +22,9 @@ Implementations:
 * `IncoherentWeight` — QuIP: b-bit codes of U·W·diag(d)·Vᵀ on one per-tensor grid without a zero level, with
   the seeded random orthogonal U, V and the diagonal rescaling d undone at dequantization. Storage: codes +
   one fp16 scale + fp16 d per input + the two transforms' seeds. No packed layout or kernel.
+* `E8PWeight` — QuIP#: a 16-bit E8P codebook index per 8 weights of U·W·Vᵀ (randomized Hadamards), one scale.
+  Storage: 2 bits per weight + one fp16 scale + the two transforms' seeds (+ fp16 d per input when rescaled).
+  CPU reference decode only; no packed layout or kernel.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from kernels.packing import (
     codes_per_word,
     packed_nbytes,
 )
-from methods.core.orthogonal import StructuredOrthogonal
+from methods.core import e8p
+from methods.core.orthogonal import RandomizedHadamard, StructuredOrthogonal
 
 SCALE_BITS = 16
 
@@ -327,10 +331,48 @@ class IncoherentWeight:
         return None  # no kernel for the transforms + codes here: the latency column shows "no kernel"
 
 
+@dataclass
+class E8PWeight:
+    """QuIP#'s stored weight: `indices` int32 [out, in / 8] into the E8P codebook (`methods.core.e8p`), in the
+    processed basis; W = Uᵀ · (scale · decode(indices)) · V · diag(1 / col_scale)."""
+
+    indices: torch.Tensor
+    scale: float
+    u: RandomizedHadamard  # acts on the output dim
+    v: RandomizedHadamard  # acts on the input dim
+    col_scale: torch.Tensor | None = None  # d [in] when the diagonal rescaling ran (stored fp16)
+    format_name: ClassVar[str] = "e8p"
+
+    def processed(self) -> torch.Tensor:
+        rows = self.indices.shape[0]
+        return self.scale * e8p.decode(self.indices).reshape(rows, -1)
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.v.apply_transpose(self.processed())
+        w = self.u.apply_transpose(w.T).T
+        if self.col_scale is not None:
+            w = w / self.col_scale.double()[None, :]
+        return w.float()
+
+    def storage_bits(self) -> int:
+        rescale = 0 if self.col_scale is None else self.col_scale.numel() * SCALE_BITS
+        transforms = self.u.storage_bits() + self.v.storage_bits()
+        return self.indices.numel() * e8p.INDEX_BITS + SCALE_BITS + rescale + transforms
+
+    def pack(self) -> None:
+        return None
+
+    def kernel_format(self, a_bits: int) -> KernelFormat | None:
+        return None  # CPU reference decode only: the latency column shows "no kernel"
+
+
 FORMATS: dict[str, type] = {
     cls.format_name: cls
-    for cls in (QuantizedWeight, LUTWeight, SignedLUTWeight, TernaryWeight, BinaryWeight, BCQWeight, IncoherentWeight)
-}
+    for cls in (
+        QuantizedWeight, LUTWeight, SignedLUTWeight, TernaryWeight, BinaryWeight, BCQWeight, IncoherentWeight,
+        E8PWeight,
+    )
+}  # fmt: skip
 
 
 class UnknownFormat(TypeError):

@@ -150,3 +150,53 @@ def quip_quantize(
         codes=codes.to(torch.uint8), scale=scale, bits=bits, col_scale=col_scale.half(), u=u, v=v
     )
     return qweight, history
+
+
+def block_ldl(hessian: torch.Tensor, block: int) -> torch.Tensor:
+    """The unit block-lower-triangular L of H = L D Lᵀ with `block`×`block` diagonal blocks D (QuIP# §4.1), from
+    the Cholesky factor: L = C · blockdiag(C_kk)⁻¹."""
+    n = hessian.shape[0]
+    if n % block:
+        raise ValueError(f"block LDL needs the width ({n}) to be a multiple of the block ({block})")
+    chol = torch.linalg.cholesky(hessian.double())
+    unit = chol.clone()
+    for k in range(0, n, block):
+        diag = chol[k : k + block, k : k + block]
+        unit[:, k : k + block] = torch.linalg.solve_triangular(diag, chol[:, k : k + block], upper=False, left=False)
+    return unit
+
+
+def block_ldlq(
+    weight: torch.Tensor, hessian: torch.Tensor, quantize_vectors, block: int = 8, tune_passes: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """BlockLDLQ (QuIP# §4.1): the rows' `block`-wide column blocks are rounded by `quantize_vectors` ([N, block]
+    -> (vectors, indices)), last block first, each with the feedback (W − Ŵ)_{>k} L_{>k,k} of the later blocks'
+    errors through H's unit block LDL factor. Then `tune_passes` block coordinate-descent passes (the authors'
+    `quip_tune_iters`): Ŵ_k ← Q(Ŵ_k + (W − Ŵ) H_{:,k} H_kk⁻¹). Returns (Ŵ, indices [rows, cols / block], the
+    objective tr((W − Ŵ) H (W − Ŵ)ᵀ) after rounding and after each pass)."""
+    w, h = weight.double(), hessian.double()
+    rows, cols = w.shape
+    unit = block_ldl(h, block)
+    hat = torch.zeros_like(w)
+    indices = torch.zeros(rows, cols // block, dtype=torch.long)
+
+    def objective() -> float:
+        delta = w - hat
+        return float(torch.einsum("ij,jk,ik->", delta, h, delta))
+
+    def round_block(k: int, target: torch.Tensor) -> None:
+        values, idx = quantize_vectors(target)
+        hat[:, k * block : (k + 1) * block] = values
+        indices[:, k] = idx
+
+    for k in reversed(range(cols // block)):
+        cur, later = slice(k * block, (k + 1) * block), slice((k + 1) * block, cols)
+        round_block(k, w[:, cur] + (w[:, later] - hat[:, later]) @ unit[later, cur])
+    history = [objective()]
+    for _ in range(tune_passes):
+        for k in reversed(range(cols // block)):
+            cur = slice(k * block, (k + 1) * block)
+            step = torch.linalg.solve(h[cur, cur], ((w - hat) @ h[:, cur]).T).T
+            round_block(k, hat[:, cur] + step)
+        history.append(objective())
+    return hat, indices, history

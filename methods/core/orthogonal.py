@@ -16,6 +16,7 @@ has factors (n, 1): one dense Haar matrix. The transform is regenerated from its
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -115,4 +116,42 @@ class StructuredOrthogonal:
 
     def storage_bits(self) -> int:
         """Regenerated from its seed: a deployment stores the seed only."""
+        return SEED_BITS
+
+
+@functools.cache
+def _hadamard(n: int) -> torch.Tensor:
+    from methods.core.hadamard import hadamard_matrix
+
+    return hadamard_matrix(n)
+
+
+@dataclass
+class RandomizedHadamard:
+    """QuIP#'s randomized Hadamard transform (Tseng et al. 2024, §3): U = H · diag(s), s seeded random signs, H the
+    orthonormal Hadamard of order n (`methods.core.hadamard`: Sylvester ⊗ Paley, exact for 576, 1536, 640, 192).
+    Same interface as `StructuredOrthogonal`; stored as its seed (the authors store the signs as fp16 vectors
+    because their fine-tuning changes them)."""
+
+    n: int
+    seed: int
+    signs: torch.Tensor
+
+    @classmethod
+    def random(cls, n: int, seed: int) -> RandomizedHadamard:
+        gen = torch.Generator().manual_seed(seed)
+        return cls(n, seed, torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """v ↦ H (s ∘ v) along the last dim."""
+        return (x * self.signs.to(x.dtype)) @ _hadamard(self.n).to(x.dtype).T
+
+    def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
+        """v ↦ s ∘ (Hᵀ v): the inverse of `apply`."""
+        return (x @ _hadamard(self.n).to(x.dtype)) * self.signs.to(x.dtype)
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return self.apply(torch.eye(self.n, dtype=dtype)).T
+
+    def storage_bits(self) -> int:
         return SEED_BITS
