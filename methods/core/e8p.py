@@ -78,6 +78,16 @@ def _encode(pattern: torch.Tensor, negative: torch.Tensor, minus: torch.Tensor) 
     return (pattern.long() << 8) | (minus.long() << 7) | bits
 
 
+def _cheapest_flip(ay: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+    """For every vector and pattern, min_j 4·|y_j|·a_j — the cost of giving one coordinate the sign against y's;
+    [N, 256] (a running minimum over the 8 coordinates: ~10x faster on CPU than reducing a [N, 256, 8] product
+    over its last dim)."""
+    cost = ay[:, :1] * patterns[None, :, 0]
+    for j in range(1, DIM):
+        torch.minimum(cost, ay[:, j : j + 1] * patterns[None, :, j], out=cost)
+    return 4 * cost
+
+
 def nearest(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest codebook vector to each row of x [N, 8] (Euclidean): (vectors [N, 8] float64, indices [N])."""
     patterns = abs_patterns()
@@ -93,16 +103,13 @@ def nearest(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Ten
             ay, neg = y.abs(), y < 0
             odd = (neg.sum(dim=1) % 2) == 1
             err = ay.square().sum(dim=1, keepdim=True) - 2 * ay @ patterns.T + norms[None, :]  # [n, 256]
-            cost = 4 * ay[:, None, :] * patterns[None, :, :]  # flipping coordinate j against y's sign
-            flip_cost, flip_at = cost.min(dim=-1)
             mismatch = odd[:, None] != parity[None, :]
-            err = err + torch.where(mismatch, flip_cost, 0.0)
+            err = err + torch.where(mismatch, _cheapest_flip(ay, patterns), 0.0)
             err_min, pattern = err.min(dim=1)
-            chosen = pattern[:, None]
-            flip = torch.where(mismatch.gather(1, chosen)[:, 0], flip_at.gather(1, chosen)[:, 0], -1)
             negative = neg.clone()  # coordinates 0-6 are stored; 7 follows from the parity (`decode`)
-            rows = torch.nonzero(flip >= 0).squeeze(1)
-            negative[rows, flip[rows]] = ~negative[rows, flip[rows]]
+            rows = torch.nonzero(odd != parity[pattern]).squeeze(1)
+            flip = (ay[rows] * patterns[pattern[rows]]).argmin(dim=1)
+            negative[rows, flip] = ~negative[rows, flip]
             idx = _encode(pattern, negative, torch.full_like(pattern, int(minus), dtype=torch.bool))
             better = err_min < best_err
             best_err = torch.where(better, err_min, best_err)
