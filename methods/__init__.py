@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from methods import bcq, bitdistiller, gptq, paretoq, quarot, quip, quip_sharp, rtn, signround
+from methods import bcq, bitdistiller, gptq, paretoq, quarot, quip, quip_sharp, rtn, signround, spinquant
 from methods.base import MethodEntry
 
 METHODS: dict[str, MethodEntry] = {
@@ -13,6 +13,9 @@ METHODS: dict[str, MethodEntry] = {
     "quarot": MethodEntry(quarot.QuaRotConfig, supports=quarot.supports, quantize=quarot.quantize),
     "signround": MethodEntry(signround.SignRoundConfig, supports=signround.supports, quantize=signround.quantize),
     "paretoq": MethodEntry(paretoq.ParetoQConfig, supports=paretoq.supports, quantize=paretoq.quantize, trains=True),
+    "spinquant": MethodEntry(
+        spinquant.SpinQuantConfig, supports=spinquant.supports, quantize=spinquant.quantize, trains=True
+    ),
     "quip": MethodEntry(quip.QuIPConfig, supports=quip.supports, quantize=quip.quantize),
     "quipsharp": MethodEntry(quip_sharp.QuIPSharpConfig, supports=quip_sharp.supports, quantize=quip_sharp.quantize),
     "bcq": MethodEntry(bcq.BCQConfig, supports=bcq.supports, quantize=bcq.quantize),

@@ -29,20 +29,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
-from methods.core.arch import arch_of
-from methods.core.attention import attention_states
 from methods.core.bits import BitSpec, check_integer_weight_bits
 from methods.core.gptq import GPTQSettings, quantize_model_gptq
 from methods.core.hadamard import random_hadamard_matrix, random_orthogonal_matrix, small_factor
 from methods.core.params import added_later
-from methods.core.qlinear import QLinear, quantize_decoder_linears
+from methods.core.qlinear import quantize_decoder_linears
 from methods.core.quantizers import WeightQuantizer
-from methods.core.rotation import (
-    CrossHeadTransform,
-    HadamardTransform,
-    fuse_input_transform,
-    rotate_model,
-)
+from methods.core.rotation import HadamardTransform, install_online_transforms, rotate_model
 
 
 @dataclass(frozen=True)
@@ -78,9 +71,8 @@ def rotate(model: nn.Module, rotation: str, seed: int, signs_first: bool = True)
     """R1 (randomized Hadamard, or random orthogonal) and R2 = Hadamard per value head fused by the shared
     `rotate_model`; then QuaRot's online transforms: heads mixed before o_proj, R4 before down_proj, R3 on
     queries and keys. Returns notes on which transforms are exact Hadamards."""
-    arch = arch_of(model)
     config = model.config
-    hidden, heads, head_dim = config.hidden_size, arch.num_heads(config), arch.head_dim(config)
+    hidden = config.hidden_size
     if rotation == "hadamard":
         r1 = random_hadamard_matrix(hidden, seed, signs_first=signs_first)
     elif rotation == "random":
@@ -89,20 +81,11 @@ def rotate(model: nn.Module, rotation: str, seed: int, signs_first: bool = True)
         raise ValueError(f"quarot rotation must be 'hadamard' or 'random', got {rotation!r}")
     hadamard = HadamardTransform()
     rotate_model(model, r1, [hadamard] * config.num_hidden_layers)
-    cross_heads = CrossHeadTransform(heads, head_dim)
-    for layer, state in zip(arch.layers(model), attention_states(model), strict=True):
-        attn, mlp = arch.attention(layer), arch.mlp(layer)
-        fuse_input_transform(attn.o_proj, cross_heads)
-        attn.o_proj = QLinear.wrap(attn.o_proj, input_transform=cross_heads)
-        fuse_input_transform(mlp.down_proj, hadamard)
-        mlp.down_proj = QLinear.wrap(mlp.down_proj, input_transform=hadamard)
-        state.qk_transform = hadamard
+    notes = install_online_transforms(model)
     return {
         "r1": f"{rotation} order {hidden} (dense factor {small_factor(hidden)[0].shape[0]}, "
         f"exact Hadamard={small_factor(hidden)[1]})",
-        "r4_down_proj": f"order {config.intermediate_size}, exact Hadamard={small_factor(config.intermediate_size)[1]}",
-        "o_proj_heads": f"order {heads}, exact Hadamard={cross_heads.exact_hadamard}",
-        "r3_qk": f"order {head_dim}, exact Hadamard={small_factor(head_dim)[1]}",
+        **notes,
     }
 
 

@@ -139,3 +139,48 @@ class HadamardTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return hadamard_transform(x)
+
+
+def install_online_transforms(model: nn.Module, cross_heads: bool = True) -> dict[str, str]:
+    """QuaRot's online transforms on a rotated model (§4): heads mixed by H_nh before o_proj (`cross_heads`),
+    R4 = Hadamard before down_proj (each fused into the linear's weight so the function is unchanged), R3 =
+    Hadamard on queries and keys after RoPE. Returns notes saying which are exact Hadamards."""
+    from methods.core.attention import attention_states
+    from methods.core.qlinear import QLinear
+
+    arch = arch_of(model)
+    config = model.config
+    heads, head_dim = arch.num_heads(config), arch.head_dim(config)
+    hadamard = HadamardTransform()
+    mixer = CrossHeadTransform(heads, head_dim)
+    for layer, state in zip(arch.layers(model), attention_states(model), strict=True):
+        attn, mlp = arch.attention(layer), arch.mlp(layer)
+        if cross_heads:
+            fuse_input_transform(attn.o_proj, mixer)
+            attn.o_proj = QLinear.wrap(attn.o_proj, input_transform=mixer)
+        fuse_input_transform(mlp.down_proj, hadamard)
+        mlp.down_proj = QLinear.wrap(mlp.down_proj, input_transform=hadamard)
+        state.qk_transform = hadamard
+    notes = {
+        "r4_down_proj": f"order {config.intermediate_size}, exact Hadamard={small_factor(config.intermediate_size)[1]}",
+        "r3_qk": f"order {head_dim}, exact Hadamard={small_factor(head_dim)[1]}",
+    }
+    if cross_heads:
+        notes["o_proj_heads"] = f"order {heads}, exact Hadamard={mixer.exact_hadamard}"
+    return notes
+
+
+class RotatedQuantizer:
+    """x ↦ T⁻¹(Q(T(x))) with a straight-through Q: what a quantizer placed after an orthogonal transform T sees
+    and returns, expressed in the unrotated model. SpinQuant learns R1/R2 this way (`methods.spinquant`): for a
+    linear reading the residual stream, Q(xR)·(WR)ᵀ = T⁻¹(Q(T x))·Wᵀ with T x = x R, and with Q's error
+    detached both forms give the same gradient in R — so the weights need not be re-rotated every step. A plain
+    callable, not a module: it stands where plug-ins put their (plain) quantizers."""
+
+    def __init__(self, quantizer: Callable[[torch.Tensor], torch.Tensor], forward, inverse):
+        self.quantizer, self.rotate, self.unrotate = quantizer, forward, inverse
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.rotate(x)
+        error = (self.quantizer(y.detach()) - y.detach()).detach()
+        return self.unrotate(y + error)
