@@ -8,6 +8,7 @@ python -m harness contamination             13-gram overlap of each calibration 
 python -m harness ui                         MLflow UI on 127.0.0.1 against the configured store
 python -m harness list                       models, methods, act/kv plug-ins, budgets, bit grammar
 python -m harness bench  forward|load|kernels|runs   timings (bench --help)
+python -m harness sensitivity [--windows N] key=value ...   per-block KL/PPL of one setting (sensitivity --help)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 
-COMMANDS = ("run", "sweep", "report", "sync", "contamination", "ui", "list", "bench")
+COMMANDS = ("run", "sweep", "report", "sync", "contamination", "ui", "list", "bench", "sensitivity")
 
 
 def _tracking_uri(value: str | None) -> str:
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from harness import bench
 
         return bench.main(rest)
+    if command == "sensitivity":
+        from harness import sensitivity
+
+        return sensitivity.main(rest)
     if command == "sync":
         return _sync(rest)
     if command == "contamination":
