@@ -72,7 +72,9 @@ def block_sensitivity(spec, windows: int) -> tuple[dict, list[dict]]:
     return {"block": "fp", "ppl": fp_result.ppl, "kl_vs_fp": 0.0, "top1_vs_fp": 1.0}, rows
 
 
-def write_outputs(label: str, fp_row: dict, rows: list[dict], out_dir: Path = OUT_DIR) -> tuple[Path, Path]:
+def write_outputs(
+    label: str, fp_row: dict, rows: list[dict], out_dir: Path = OUT_DIR, windows: int | None = None
+) -> tuple[Path, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +99,8 @@ def write_outputs(label: str, fp_row: dict, rows: list[dict], out_dir: Path = OU
     )
     ax.set_xlabel("decoder block quantized alone")
     ax.set_ylabel("mean KL(FP ‖ model) per token")
-    ax.set_title(label, fontsize=10)
+    scope = f", first {windows} test windows" if windows else ""
+    ax.set_title(f"{label}: one block quantized at a time{scope}", fontsize=10)
     ax.set_ylim(0, max(kls) * 1.25 if max(kls) > 0 else 1)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
@@ -123,6 +126,6 @@ def main(argv: list[str]) -> int:
     except NotSeparable as refusal:
         print(f"error: {refusal}", flush=True)
         return 2
-    csv_path, png_path = write_outputs(label, fp_row, rows, Path(args.out))
+    csv_path, png_path = write_outputs(label, fp_row, rows, Path(args.out), args.windows)
     print(f"wrote {csv_path} and {png_path}")
     return 0
