@@ -11,6 +11,11 @@
   flip coordinates 0–6 (coordinate 7 flips too when their count is odd, keeping the flip count even), bit 7 the
   shift (0: +¼, 1: −¼).
 
+3 and 4 bits (the authors' residual codebooks, E8P12RVQ3B / E8P12RVQ4B): E8P on x scaled to RMS 0.98 (3 bit) or
+1.03 (4 bit), then the residual times 2.04 rounded to E8-1bit — the 256 points of E8 with squared norm ≤ 2 (the
+origin, 112 integer and 128 half-integer roots) plus 15 of norm 4 (2e_i, and −2e_i for i < 7) — or times 3.45
+rounded to E8P again; the value is first + second / residual scale. Indices: 16 + 8 or 16 + 16 bits per 8 weights.
+
 Nearest-vector search (`nearest`) works on the absolute-value grid, exact: for each shift δ and pattern a, the
 best signing of a for y = x − δ takes the signs of y, except when the parity of y's negative count differs from
 the pattern's — then the cheapest coordinate j (least 4·|y_j|·a_j) takes the other sign. 2 · 256 candidates per
@@ -27,6 +32,8 @@ import torch
 DIM = 8
 INDEX_BITS = 16
 OPT_SCALE = 1.03  # the authors' E8P scale: weights are divided by RMS / 1.03 before rounding
+# bits per weight -> (first-stage scale, residual scale, residual index bits): the authors' values
+RVQ = {2: (1.03, None, 0), 3: (0.98, 2.04, 8), 4: (1.03, 3.45, 16)}
 
 # The 29 norm-12 patterns (five 3/2 and three 1/2): positions of their 1/2 entries, from the authors' table.
 _NORM12_HALF_POSITIONS = (
@@ -125,3 +132,51 @@ def nearest_bruteforce(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dist = x.double().square().sum(1, keepdim=True) - 2 * x.double() @ book.T + book.square().sum(1)[None, :]
     idx = dist.argmin(dim=1)
     return book[idx], idx
+
+
+@functools.cache
+def e81b_codebook() -> torch.Tensor:
+    """[256, 8] float64: E8 points of squared norm ≤ 2, then the 15 norm-4 points 2e_0…2e_7, −2e_0…−2e_6."""
+    integer = [p for p in itertools.product((-1, 0, 1), repeat=DIM) if sum(v * v for v in p) <= 2 and sum(p) % 2 == 0]
+    half = [p for p in itertools.product((-0.5, 0.5), repeat=DIM) if round(sum(p)) % 2 == 0]
+    norm4 = [[2.0 * (i == j) for i in range(DIM)] for j in range(DIM)]
+    norm4 += [[-2.0 * (i == j) for i in range(DIM)] for j in range(DIM - 1)]
+    book = torch.tensor(sorted(integer) + sorted(half) + norm4, dtype=torch.float64)
+    assert book.shape == (256, DIM)
+    return book
+
+
+def _nearest_in(book: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dist = x.double().square().sum(1, keepdim=True) - 2 * x.double() @ book.T + book.square().sum(1)[None, :]
+    idx = dist.argmin(dim=1)
+    return book[idx], idx
+
+
+def rvq_nearest(bits: int):
+    """The vector quantizer for `bits` per weight ([N, 8] in first-stage units -> (values, indices)): E8P alone
+    at 2 bits; E8P + the residual codebook at 3 and 4 (module docstring)."""
+    if bits not in RVQ:
+        raise ValueError(f"E8P codebooks exist for {', '.join(map(str, RVQ))} bits, got {bits}")
+    _, resid_scale, resid_bits = RVQ[bits]
+    if resid_scale is None:
+        return nearest
+
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first, first_idx = nearest(x)
+        residual = (x.double() - first) * resid_scale
+        second, second_idx = nearest(residual) if bits == 4 else _nearest_in(e81b_codebook(), residual)
+        return first + second / resid_scale, (first_idx << resid_bits) | second_idx
+
+    return quantize
+
+
+def rvq_decode(index: torch.Tensor, bits: int) -> torch.Tensor:
+    """Indices of `rvq_nearest(bits)` -> vectors [..., 8] in first-stage units."""
+    _, resid_scale, resid_bits = RVQ[bits]
+    index = index.long()
+    if resid_scale is None:
+        return decode(index)
+    first = decode(index >> resid_bits)
+    low = index & ((1 << resid_bits) - 1)
+    second = decode(low) if bits == 4 else e81b_codebook()[low]
+    return first + second / resid_scale

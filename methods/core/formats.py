@@ -22,8 +22,9 @@ Implementations:
 * `IncoherentWeight` — QuIP: b-bit codes of U·W·diag(d)·Vᵀ on one per-tensor grid without a zero level, with
   the seeded random orthogonal U, V and the diagonal rescaling d undone at dequantization. Storage: codes +
   one fp16 scale + fp16 d per input + the two transforms' seeds. No packed layout or kernel.
-* `E8PWeight` — QuIP#: a 16-bit E8P codebook index per 8 weights of U·W·Vᵀ (randomized Hadamards), one scale.
-  Storage: 2 bits per weight + one fp16 scale + the two transforms' seeds (+ fp16 d per input when rescaled).
+* `E8PWeight` — QuIP#: a 16-bit E8P codebook index per 8 weights of U·W·Vᵀ (randomized Hadamards), one scale;
+  at 3/4 bits a second, residual index (8 or 16 bits). Storage: 2/3/4 bits per weight + one fp16 scale + the two
+  transforms' seeds (+ fp16 d per input when rescaled).
   CPU reference decode only; no packed layout or kernel.
 """
 
@@ -333,19 +334,21 @@ class IncoherentWeight:
 
 @dataclass
 class E8PWeight:
-    """QuIP#'s stored weight: `indices` int32 [out, in / 8] into the E8P codebook (`methods.core.e8p`), in the
-    processed basis; W = Uᵀ · (scale · decode(indices)) · V · diag(1 / col_scale)."""
+    """QuIP#'s stored weight: `indices` int64 [out, in / 8] into the E8P codebook (`methods.core.e8p`; at 3/4 bits
+    first-stage index << residual bits | residual index), in the processed basis;
+    W = Uᵀ · (scale · rvq_decode(indices)) · V · diag(1 / col_scale)."""
 
     indices: torch.Tensor
     scale: float
     u: RandomizedHadamard  # acts on the output dim
     v: RandomizedHadamard  # acts on the input dim
     col_scale: torch.Tensor | None = None  # d [in] when the diagonal rescaling ran (stored fp16)
+    bits: int = 2
     format_name: ClassVar[str] = "e8p"
 
     def processed(self) -> torch.Tensor:
         rows = self.indices.shape[0]
-        return self.scale * e8p.decode(self.indices).reshape(rows, -1)
+        return self.scale * e8p.rvq_decode(self.indices, self.bits).reshape(rows, -1)
 
     def dequantize(self) -> torch.Tensor:
         w = self.v.apply_transpose(self.processed())
@@ -357,7 +360,8 @@ class E8PWeight:
     def storage_bits(self) -> int:
         rescale = 0 if self.col_scale is None else self.col_scale.numel() * SCALE_BITS
         transforms = self.u.storage_bits() + self.v.storage_bits()
-        return self.indices.numel() * e8p.INDEX_BITS + SCALE_BITS + rescale + transforms
+        index_bits = e8p.INDEX_BITS + e8p.RVQ[self.bits][2]
+        return self.indices.numel() * index_bits + SCALE_BITS + rescale + transforms
 
     def pack(self) -> None:
         return None
