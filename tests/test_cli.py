@@ -37,7 +37,10 @@ def _runs(tmp_path):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["method=nope"], "unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, rtn"),
+        (
+            ["method=nope"],
+            "unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, rtn",
+        ),
         (["model=gpt9"], "unknown model 'gpt9'; valid: gemma3-270m, hf, smollm2-135m, tiny-gemma3, tiny-llama"),
         (["bits=w2a4"], BITS_GRAMMAR),
         (["bits=w4a16kv16,w0a4kv4"], BITS_GRAMMAR),
@@ -187,7 +190,9 @@ def test_bench_unknown_method_lists_valid(capsys):
 
     assert main(["bench", "forward", "--method", "nope"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, rtn")
+    assert err.startswith(
+        "error: unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, rtn"
+    )
     assert "\n" not in err
 
 
