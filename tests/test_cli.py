@@ -179,7 +179,7 @@ def test_list_names_models_methods_and_grammar(capsys):
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "bcq, bitdistiller, gptq, paretoq, quarot, rtn, signround" in out
+    assert "bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, rtn, signround, spinquant" in out
     assert "smollm2-135m" in out and BITS_GRAMMAR in out
     assert main(["nope"]) == 2
     assert "valid: run, sweep, report" in capsys.readouterr().err
