@@ -81,6 +81,12 @@ def supports(request: Request) -> None:
         )
     if request.kv is not None and request.kv.keys_pre_rope:
         raise UnsupportedBits("spinquant quantizes keys after RoPE and R3: set kv.keys_pre_rope=false")
+    for plugin in (request.act, request.kv):
+        if plugin is not None and plugin.needs_calibration:
+            raise UnsupportedBits(
+                "spinquant learns its rotations with dynamic act/KV quantizers in the loss; a plug-in that needs "
+                "calibration would be fitted on the unrotated model: use act=rtn / kv=rtn"
+            )
 
 
 class Rotations(nn.Module):

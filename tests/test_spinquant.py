@@ -100,3 +100,17 @@ def test_a_short_training_moves_the_rotations_and_keeps_them_orthogonal(data_dir
     assert torch.isfinite(logits).all()
     assert summary.metrics["train_steps"] == 3 and math.isfinite(summary.metrics["train_loss_last"])
     assert summary.metrics["rotation_orthogonality_error"] < 1e-4
+
+
+def test_plugins_that_need_calibration_are_refused_before_loading():
+    from methods.base import Request, UnsupportedBits
+    from methods.core.arch import arch_for_model_type
+    from methods.core.bits import BitSpec
+    from methods.kv.kvquant import KVQuantConfig
+    from methods.kv.kvquant import build as build_kvquant
+    from methods.spinquant import supports
+
+    kv = build_kvquant(KVQuantConfig(keys_pre_rope=False), 4)
+    assert kv.needs_calibration
+    with pytest.raises(UnsupportedBits, match="kv=rtn"):
+        supports(Request(BitSpec.parse("w4a16kv4"), arch_for_model_type("llama"), kv=kv))
