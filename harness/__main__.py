@@ -82,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     return _list()
 
 
+def _default(field) -> object:
+    """A config field's default, built from its factory for nested settings (e.g. a training loop)."""
+    import dataclasses
+
+    if field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
 def _runs_table(tracking_uri: str) -> str:
     """The URL fragment of the quantbench experiment's runs table (MLflow 3 otherwise opens on its GenAI overview,
     empty for our runs); the experiment page if the store has no quantbench experiment yet."""
@@ -153,7 +162,7 @@ def _list() -> int:
     print("kv:         " + ", ".join(sorted(KV_QUANTIZERS)) + "  (KV-cache quantizers, used when kv < 16)")
     for group, registry in (("method", METHODS), ("act", ACT_QUANTIZERS), ("kv", KV_QUANTIZERS)):
         for name, entry in sorted(registry.items()):
-            defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(entry.config_cls))
+            defaults = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(entry.config_cls))
             print(f"  {group}={name}: {defaults}")
     print("perplexity: " + ", ".join(PPL_DATASETS))
     print("calib:      " + ", ".join(CALIB_DATASETS))
