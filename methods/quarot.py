@@ -30,11 +30,9 @@ from torch import nn
 
 from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.bits import BitSpec, check_integer_weight_bits
-from methods.core.gptq import GPTQSettings, quantize_model_gptq
+from methods.core.gptq import GPTQSettings, quantize_rotated_weights
 from methods.core.hadamard import random_hadamard_matrix, random_orthogonal_matrix, small_factor
 from methods.core.params import added_later
-from methods.core.qlinear import quantize_decoder_linears
-from methods.core.quantizers import WeightQuantizer
 from methods.core.rotation import HadamardTransform, install_online_transforms, rotate_model
 
 
@@ -93,12 +91,5 @@ def quantize(model: nn.Module, cfg: QuaRotConfig, bits: BitSpec, ctx: QuantConte
     if cfg.weights not in ("gptq", "rtn"):
         raise ValueError(f"quarot weights must be 'gptq' or 'rtn', got {cfg.weights!r}")
     summary = QuantSummary(notes=rotate(model, cfg.rotation, ctx.seed, cfg.signs_first))
-    if bits.quantizes_weights:
-        quantizer = WeightQuantizer(
-            int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip, sym_grid=cfg.w_sym_grid
-        )
-        if cfg.weights == "gptq":
-            summary.metrics.update(quantize_model_gptq(model, ctx.calibration(), quantizer, cfg))
-        else:
-            quantize_decoder_linears(model, quantizer.quantize)
+    summary.metrics.update(quantize_rotated_weights(model, bits, cfg, ctx.calibration))
     return summary

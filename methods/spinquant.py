@@ -38,11 +38,10 @@ from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.arch import arch_of, decoder_linears
 from methods.core.attention import attention_states
 from methods.core.bits import BitSpec, check_integer_weight_bits
-from methods.core.gptq import GPTQSettings, quantize_model_gptq
+from methods.core.gptq import GPTQSettings, quantize_rotated_weights
 from methods.core.hadamard import hadamard_matrix, hadamard_transform, random_hadamard_matrix
 from methods.core.losses import LossSettings, cross_entropy
-from methods.core.qlinear import QLinear, quantize_decoder_linears
-from methods.core.quantizers import WeightQuantizer
+from methods.core.qlinear import QLinear
 from methods.core.rotation import (
     CrossHeadTransform,
     RotatedQuantizer,
@@ -222,12 +221,5 @@ def quantize(model: nn.Module, cfg: SpinQuantConfig, bits: BitSpec, ctx: QuantCo
     rotate_model(model, rotations.r1.detach().double(), [r.detach().double() for r in rotations.r2])
     notes = install_online_transforms(model, cross_heads=cfg.o_proj_heads) if cfg.variant == "had" else {}
     summary = QuantSummary(notes=notes, metrics=metrics)
-    if bits.quantizes_weights:
-        quantizer = WeightQuantizer(
-            int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip, sym_grid=cfg.w_sym_grid
-        )
-        if cfg.weights == "gptq":
-            summary.metrics.update(quantize_model_gptq(model, ctx.calibration(), quantizer, cfg))
-        else:
-            quantize_decoder_linears(model, quantizer.quantize)
+    summary.metrics.update(quantize_rotated_weights(model, bits, cfg, ctx.calibration))
     return summary

@@ -221,3 +221,22 @@ def quantize_model_gptq(
     totals = {"gptq_objective": 0.0, "rtn_objective": 0.0}
     totals.update(quantize_layerwise(model, windows, settings, solve))
     return totals
+
+
+def quantize_rotated_weights(model, bits, cfg, calibration) -> dict[str, float]:
+    """QuaRot's weight step, shared by the rotation methods (QuaRot, SpinQuant): `cfg.weights` "gptq" (the GPTQ
+    solver with `cfg`'s settings on `calibration()`) or "rtn", on the grid `cfg.w_sym` / `w_mse_clip` /
+    `w_sym_grid` at `bits`. Returns GPTQ's objective metrics (none for RTN)."""
+    from methods.core.qlinear import quantize_decoder_linears
+
+    if cfg.weights not in ("gptq", "rtn"):
+        raise ValueError(f"weights must be 'gptq' or 'rtn', got {cfg.weights!r}")
+    if not bits.quantizes_weights:
+        return {}
+    quantizer = WeightQuantizer(
+        int(bits.w), bits.group, sym=cfg.w_sym, mse_clip=cfg.w_mse_clip, sym_grid=cfg.w_sym_grid
+    )
+    if cfg.weights == "gptq":
+        return quantize_model_gptq(model, calibration(), quantizer, cfg)
+    quantize_decoder_linears(model, quantizer.quantize)
+    return {}
