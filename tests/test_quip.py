@@ -249,3 +249,18 @@ def test_quip_sharp_rounds_better_than_nearest_and_the_format_undoes_the_transfo
     expected = u.dense().T @ (scale * hat) @ v.dense()
     assert torch.allclose(q.dequantize().double(), expected, atol=1e-5)
     assert q.storage_bits() == 32 * 48 * 2 + 16 + 2 * 64
+
+
+def test_bad_options_are_one_line_errors_naming_the_choices():
+    from methods.base import Request, UnsupportedBits
+    from methods.core.arch import arch_for_model_type
+    from methods.core.bits import BitSpec
+    from methods.quip import QuIPConfig, _check
+    from methods.quip_sharp import supports as quipsharp_supports
+
+    with pytest.raises(ValueError, match="order must be one of ldlq, diag"):
+        _check(QuIPConfig(order="sorted"))
+    with pytest.raises(ValueError, match="transform must be one of kron, butterfly"):
+        _check(QuIPConfig(transform="haar"))
+    with pytest.raises(UnsupportedBits, match="use w2, w3 or w4"):
+        quipsharp_supports(Request(BitSpec.parse("w8a16kv16"), arch_for_model_type("llama")))
