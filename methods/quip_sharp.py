@@ -16,27 +16,47 @@ Per decoder linear, block by block on the calibration windows (the loop GPTQ and
    twice BlockLDLQ itself on this CPU);
 6. undo the transforms; the stored format `E8PWeight` counts 2/3/4 bits per weight + scale + seeds.
 
-Left out, said so: the per-layer and end-to-end fine-tuning of sign vectors and norms (§5); the code's fusion of
-q/k/v and gate/up into one matrix (each linear is quantized on its own here); a GPU kernel (CPU reference
-decode).
+7. optional end-to-end fine-tuning (§5, second stage; the code's `finetune_e2e_llama.py`), `finetune_epochs` > 0:
+   with every code frozen, train the sign vectors S_U, S_V as real vectors (lr `finetune_susv_lr`, the code's
+   ft_susv_lr 1e-4), the norms' weights and lm_head (lr `finetune.lr`, ft_lr 1e-5; on a tied-embedding model
+   lm_head *is* the embedding, so it trains too — `finetune_lm_head=false` keeps it frozen) with Adam at a
+   constant rate to minimise the cross-entropy against the FP model's next-token distribution (soft targets;
+   the same gradient as KL(P_FP ‖ P_Q)) on the calibration windows (the code's devset), `finetune_valid`
+   windows held out; the state with the lowest held-out loss after each epoch (or the start) is kept, as the
+   code's best_sd. Scaling S_U, S_V is scaling the rows and columns of the dequantized weight
+   (`methods.core.gains`), so training never re-runs the Hadamards; the learned vectors are stored as fp16 in the
+   format, as the authors store them. Batch 1 window per step here (the code: 8 × 4096); no early stop (the
+   code stops after 3 worse epochs; with its best-state rule that only saves time).
+
+Left out, said so: the first fine-tuning stage (§5: within each decoder block, after each linear is quantized,
+tune the block's not-yet-quantized linears and the quantized ones' sign vectors to the FP block's outputs); the
+code's fusion of q/k/v and gate/up into one matrix (each linear is quantized on its own here); a GPU kernel (CPU
+reference decode).
 """
 
 from __future__ import annotations
 
+import copy
+import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
-from methods.core import e8p
+from methods.core import e8p, gains
+from methods.core.arch import decoder_linears
 from methods.core.bits import BitSpec
 from methods.core.formats import E8PWeight
 from methods.core.gptq import quantize_layerwise, reconstruction_error
 from methods.core.incoherence import block_ldlq, process, rescale_factors
+from methods.core.losses import LossSettings, distillation
 from methods.core.orthogonal import RandomizedHadamard
+from methods.core.qlinear import QLinear
 from methods.core.quantizers import WeightQuantizer
+from methods.core.trainer import LoopConfig, ParamGroup, TrainSettings, group_parameters, train
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,13 @@ class QuIPSharpConfig:
     calib_batch_size: int = 4
     true_sequential: bool = False
     sink_weight: float = 1.0
+    finetune_epochs: int = 0  # end-to-end fine-tuning passes over the calibration windows (0 = none; step 7)
+    finetune_valid: int = 2  # calibration windows held out to pick the best epoch (the code's ft_valid_size)
+    finetune_susv_lr: float = 1e-4  # sign vectors (the code's ft_susv_lr)
+    finetune_lm_head: bool = True  # the code tunes lm_head with the norms
+    finetune: LoopConfig = field(
+        default_factory=lambda: LoopConfig(batch_size=1, lr=1e-5, schedule="constant", checkpoint_every=0)
+    )  # lr: norms and lm_head (the code's ft_lr); steps are set by finetune_epochs
 
 
 def supports(request: Request) -> None:
@@ -107,5 +134,105 @@ def quantize(model: nn.Module, cfg: QuIPSharpConfig, bits: BitSpec, ctx: QuantCo
             metrics["tune_objective_drop"] = history[0] - history[-1]
         return qweight, metrics
 
-    summary.metrics.update(quantize_layerwise(model, ctx.calibration(), cfg, solve, desc="quipsharp"))
+    if cfg.finetune_epochs < 0 or cfg.finetune_valid < 1:
+        raise ValueError(
+            f"quipsharp needs finetune_epochs >= 0 and finetune_valid >= 1 "
+            f"(got {cfg.finetune_epochs}, {cfg.finetune_valid})"
+        )
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.finetune_epochs else None
+    windows = ctx.calibration()
+    if teacher is not None and len(windows) <= cfg.finetune_valid:
+        raise ValueError(
+            f"quipsharp fine-tuning holds out finetune_valid={cfg.finetune_valid} of {len(windows)} calibration "
+            "windows and needs at least one to train on: raise calib.nsamples or lower method.finetune_valid"
+        )
+    summary.metrics.update(quantize_layerwise(model, windows, cfg, solve, desc="quipsharp"))
+    if teacher is not None:
+        summary.metrics.update(finetune_end_to_end(model, teacher, torch.cat(windows), cfg, ctx))
     return summary
+
+
+def _lm_head_name(model: nn.Module) -> str:
+    head = model.get_output_embeddings().weight
+    return next(name for name, param in model.named_parameters() if param is head)
+
+
+def finetune_end_to_end(
+    model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: QuIPSharpConfig, ctx: QuantContext
+) -> dict[str, float]:
+    """Step 7: tune sign vectors, norms and lm_head against the FP model; keep the best held-out state."""
+    train_windows, valid_windows = windows[: -cfg.finetune_valid], windows[-cfg.finetune_valid :]
+    loop = cfg.finetune
+    quantized = [m for _, _, _, m in decoder_linears(model) if isinstance(m, QLinear) and m.qweight is not None]
+    for module in quantized:
+        gains.attach(module)
+    groups = [ParamGroup(gains.GAIN_PATTERN, cfg.finetune_susv_lr), ParamGroup(r"norm\.weight$", loop.lr)]
+    if cfg.finetune_lm_head:
+        groups.append(ParamGroup(rf"^{re.escape(_lm_head_name(model))}$", loop.lr))
+    per_epoch = loop.one_pass(train_windows.shape[0])
+    settings = TrainSettings(
+        steps=cfg.finetune_epochs * per_epoch,
+        batch_size=loop.batch_size,
+        grad_accum=loop.grad_accum,
+        groups=tuple(groups),
+        schedule=loop.schedule,
+        warmup_steps=loop.warmup_steps,
+        max_grad_norm=loop.max_grad_norm,
+        seed=ctx.seed,
+        checkpoint_every=loop.checkpoint_every,
+    )
+    loss_settings = LossSettings(chunk=loop.loss_chunk)
+
+    def loss(student: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return distillation(student, teacher, batch, kind="forward", settings=loss_settings)
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(float(loss(model, valid_windows[i : i + 1])) for i in range(valid_windows.shape[0])) / len(
+                valid_windows
+            )
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    group_parameters(model, settings.groups)  # marks the trainable parameters (train() does it again)
+    model.eval()
+    first = held_out()
+    best = {"loss": first, "epoch": 0.0, "state": snapshot()}
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if ctx.log_step is not None:
+            ctx.log_step(step, metrics)
+        if (step + 1) % per_epoch == 0:
+            model.eval()
+            value = held_out()
+            model.train()
+            if value < best["loss"]:
+                best.update(loss=value, epoch=float((step + 1) // per_epoch), state=snapshot())
+
+    checkpoint = Path(ctx.checkpoint_dir) / "quipsharp-finetune.pt" if ctx.checkpoint_dir else None
+    try:
+        result = train(model, loss, train_windows, settings, checkpoint_path=checkpoint, on_step=on_step)
+        trained = dict(model.named_parameters())
+        with torch.no_grad():  # the best held-out state (the start's when no epoch beat it)
+            for name, value in best["state"].items():
+                trained[name].copy_(value)
+    except BaseException:
+        for module in quantized:
+            gains.detach(module)
+        raise
+    finally:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    for module in quantized:
+        row, col = gains.detach(module)
+        module.qweight = replace(module.qweight, row_gain=row, col_gain=col)
+        module.weight.data = module.qweight.dequantize().to(module.weight.dtype)
+    return {
+        **result.metrics(),
+        "finetune_valid_loss_first": first,
+        "finetune_valid_loss_best": best["loss"],
+        "finetune_best_epoch": best["epoch"],
+    }

@@ -264,3 +264,85 @@ def test_bad_options_are_one_line_errors_naming_the_choices():
         _check(QuIPConfig(transform="haar"))
     with pytest.raises(UnsupportedBits, match="use w2, w3 or w4"):
         quipsharp_supports(Request(BitSpec.parse("w8a16kv16"), arch_for_model_type("llama")))
+
+
+def test_gains_scale_rows_and_columns_and_the_format_stores_them_as_fp16_sign_vectors():
+    from dataclasses import replace
+
+    from torch import nn
+
+    from methods.core import gains
+
+    w, h = _layer(rows=16, cols=24, seed=3)
+    u, v = RandomizedHadamard.random(16, 1), RandomizedHadamard.random(24, 2)
+    wp, _ = process(w, damped(h, 0.01), u, v, torch.ones(24, dtype=torch.float64))
+    scale = float(wp.square().mean().sqrt()) / e8p.OPT_SCALE
+    _, idx, _ = block_ldlq(wp / scale, damped(h, 0.01), e8p.nearest, 8)
+    plain = E8PWeight(idx, scale, u, v)
+    row, col = torch.rand(16).half() + 0.5, torch.rand(24).half() + 0.5
+    tuned = replace(plain, row_gain=row, col_gain=col)
+    expected = plain.dequantize().double() * row.double()[:, None] * col.double()[None, :]
+    assert torch.allclose(tuned.dequantize().double(), expected, atol=1e-6)
+    assert tuned.storage_bits() == 16 * 24 * 2 + 16 + (16 + 24) * 16  # the fp16 S_U, S_V replace the seeds
+
+    linear = nn.Linear(24, 16, bias=False)
+    base = linear.weight.detach().clone()
+    module_gains = gains.attach(linear)
+    assert torch.equal(linear.weight, base)  # identity at the start
+    with torch.no_grad():
+        module_gains.row.fill_(2.0)
+    assert torch.allclose(linear.weight, 2 * base)
+    got_row, got_col = gains.detach(linear)
+    assert torch.equal(linear.weight.detach(), base) and got_row.dtype == torch.float16
+    assert torch.equal(got_row, torch.full((16,), 2.0, dtype=torch.float16)) and torch.equal(
+        got_col, torch.ones(24).half()
+    )
+
+
+def test_quip_sharp_end_to_end_finetuning_lowers_the_kl_to_fp_and_keeps_every_code():
+    from dataclasses import replace
+
+    from harness.models import tiny_llama
+    from methods import quip_sharp
+    from methods.base import QuantContext
+    from methods.core.arch import decoder_linears
+    from methods.core.bits import BitSpec
+    from methods.core.trainer import LoopConfig
+
+    model, tok = tiny_llama(seed=0, num_layers=1)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(30)  # peaked next-token distributions: quantization error shows in KL
+    norm_before = model.model.norm.weight.detach().clone()
+    window = torch.randint(0, len(tok), (1, 64), generator=torch.Generator().manual_seed(0))
+    cfg = quip_sharp.QuIPSharpConfig(
+        finetune_epochs=3,
+        finetune_valid=1,
+        finetune_susv_lr=1e-2,
+        finetune=LoopConfig(batch_size=1, lr=1e-3, schedule="constant", checkpoint_every=0),
+    )
+    summary = quip_sharp.quantize(model, cfg, BitSpec.parse("w2a16kv16"), QuantContext(0, lambda: [window] * 4))
+    m = summary.metrics
+    assert m["finetune_valid_loss_best"] < 0.5 * m["finetune_valid_loss_first"]
+    assert m["train_steps"] == 9 and not torch.equal(model.model.norm.weight, norm_before)
+    for _, _, _, module in decoder_linears(model):
+        q = module.qweight
+        assert q.row_gain is not None and not torch.equal(q.row_gain, torch.ones_like(q.row_gain))
+        untuned = replace(q, row_gain=None, col_gain=None).dequantize()
+        assert torch.allclose(module.weight, untuned * q.row_gain.float()[:, None] * q.col_gain.float()[None, :])
+        assert torch.equal(module.weight, q.dequantize())  # evaluated = stored
+        assert not module.weight.requires_grad and not hasattr(module, "parametrizations")
+
+
+def test_quip_sharp_finetuning_needs_a_window_to_train_on():
+    from harness.models import tiny_llama
+    from methods import quip_sharp
+    from methods.base import QuantContext
+    from methods.core.bits import BitSpec
+
+    model, tok = tiny_llama(seed=0, num_layers=1)
+    windows = [torch.randint(0, len(tok), (1, 16)) for _ in range(2)]
+    with pytest.raises(ValueError, match="raise calib.nsamples or lower method.finetune_valid"):
+        quip_sharp.quantize(
+            model, quip_sharp.QuIPSharpConfig(finetune_epochs=1, finetune_valid=2), BitSpec.parse("w2a16kv16"),
+            QuantContext(0, lambda: windows),
+        )  # fmt: skip

@@ -336,7 +336,9 @@ class IncoherentWeight:
 class E8PWeight:
     """QuIP#'s stored weight: `indices` int64 [out, in / 8] into the E8P codebook (`methods.core.e8p`; at 3/4 bits
     first-stage index << residual bits | residual index), in the processed basis;
-    W = Uᵀ · (scale · rvq_decode(indices)) · V · diag(1 / col_scale)."""
+    W = diag(row_gain) · Uᵀ · (scale · rvq_decode(indices)) · V · diag(1 / col_scale) · diag(col_gain).
+    The gains are the fine-tuned sign vectors' magnitudes (QuIP# §5; `methods.core.gains`): when present, S_U and
+    S_V are stored as fp16 vectors, as the authors store them, in place of the transforms' seeds."""
 
     indices: torch.Tensor
     scale: float
@@ -344,6 +346,8 @@ class E8PWeight:
     v: RandomizedHadamard  # acts on the input dim
     col_scale: torch.Tensor | None = None  # d [in] when the diagonal rescaling ran (stored fp16)
     bits: int = 2
+    row_gain: torch.Tensor | None = None  # fp16 [out] after fine-tuning (S_U = signs · row_gain)
+    col_gain: torch.Tensor | None = None  # fp16 [in] after fine-tuning (S_V = signs · col_gain)
     format_name: ClassVar[str] = "e8p"
 
     def processed(self) -> torch.Tensor:
@@ -355,11 +359,16 @@ class E8PWeight:
         w = self.u.apply_transpose(w.T).T
         if self.col_scale is not None:
             w = w / self.col_scale.double()[None, :]
+        if self.row_gain is not None:
+            w = w * self.row_gain.double()[:, None] * self.col_gain.double()[None, :]
         return w.float()
 
     def storage_bits(self) -> int:
         rescale = 0 if self.col_scale is None else self.col_scale.numel() * SCALE_BITS
-        transforms = self.u.storage_bits() + self.v.storage_bits()
+        if self.row_gain is not None:  # fp16 sign vectors replace the seeds
+            transforms = (self.row_gain.numel() + self.col_gain.numel()) * SCALE_BITS
+        else:
+            transforms = self.u.storage_bits() + self.v.storage_bits()
         index_bits = e8p.INDEX_BITS + e8p.RVQ[self.bits][2]
         return self.indices.numel() * index_bits + SCALE_BITS + rescale + transforms
 
