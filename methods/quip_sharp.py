@@ -16,22 +16,27 @@ Per decoder linear, block by block on the calibration windows (the loop GPTQ and
    twice BlockLDLQ itself on this CPU);
 6. undo the transforms; the stored format `E8PWeight` counts 2/3/4 bits per weight + scale + seeds.
 
-7. optional end-to-end fine-tuning (§5, second stage; the code's `finetune_e2e_llama.py`), `finetune_epochs` > 0:
-   with every code frozen, train the sign vectors S_U, S_V as real vectors (lr `finetune_susv_lr`, the code's
-   ft_susv_lr 1e-4), the norms' weights and lm_head (lr `finetune.lr`, ft_lr 1e-5; on a tied-embedding model
-   lm_head *is* the embedding, so it trains too — `finetune_lm_head=false` keeps it frozen) with Adam at a
-   constant rate to minimise the cross-entropy against the FP model's next-token distribution (soft targets;
-   the same gradient as KL(P_FP ‖ P_Q)) on the calibration windows (the code's devset), `finetune_valid`
-   windows held out; the state with the lowest held-out loss after each epoch (or the start) is kept, as the
-   code's best_sd. Scaling S_U, S_V is scaling the rows and columns of the dequantized weight
-   (`methods.core.gains`), so training never re-runs the Hadamards; the learned vectors are stored as fp16 in the
-   format, as the authors store them. Batch 1 window per step here (the code: 8 × 4096); no early stop (the
-   code stops after 3 worse epochs; with its best-state rule that only saves time).
+7. optional fine-tuning (§5; the code's `lib/algo/finetune.py`), every code frozen; S_U, S_V become real vectors,
+   and since W = S_U (H_mᵀ Ŵ_p H_n) S_V, tuning them is tuning row and column gains of the dequantized weight
+   (`methods.core.gains`): training never re-runs the Hadamards, and the learned vectors are stored as fp16 in
+   the format, as the authors store them. Both stages keep the state with the lowest held-out loss after any
+   epoch or at the start (the code's best_sd; `methods.core.finetune`), with Adam at a constant rate.
+   a. per block (`layer_epochs` > 0; the code's quantize_finetune_llama.py, ft_epochs 5): linears are quantized
+      in the code's order q/k/v → o → gate/up → down (true-sequential), and after each group but the last, the
+      quantized linears' sign vectors (lr `layer_susv_lr`, ft_susv_lr 5e-4) and the block's not-yet-quantized
+      linears and norms (lr `layer_lr`, ft_lr 5e-5) are tuned so the block's output matches the FP block's on
+      the same inputs (MSE), one captured calibration batch per step, the last batch held out. Deviations: the
+      inputs are the quantized earlier blocks' outputs and later groups' Hessians are collected after the
+      tuning (the harness's sequential loop), where the code feeds every block the FP model's activations and
+      uses offline FP Hessians; no gradient accumulation (the code: 2 × 4 windows per step).
+   b. end to end (`e2e_epochs` > 0; the code's finetune_e2e_llama.py): the sign vectors (lr `e2e_susv_lr`,
+      ft_susv_lr 1e-4), the norms and lm_head (lr `e2e.lr`, ft_lr 1e-5; on a tied-embedding model lm_head *is*
+      the embedding — `e2e_lm_head=false` keeps it frozen) minimise the cross-entropy against the FP model's
+      next-token distribution (soft targets; the gradient of KL(P_FP ‖ P_Q)) on the calibration windows (the
+      code's devset), `e2e_valid` windows held out; batch 1 window (the code: 8 × 4096 tokens).
 
-Left out, said so: the first fine-tuning stage (§5: within each decoder block, after each linear is quantized,
-tune the block's not-yet-quantized linears and the quantized ones' sign vectors to the FP block's outputs); the
-code's fusion of q/k/v and gate/up into one matrix (each linear is quantized on its own here); a GPU kernel (CPU
-reference decode).
+Left out, said so: the code's fusion of q/k/v and gate/up into one matrix (each linear is quantized on its own
+here); a GPU kernel (CPU reference decode).
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ from torch import nn
 
 from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core import e8p, gains
-from methods.core.arch import decoder_linears
+from methods.core.arch import arch_of, decoder_linears
 from methods.core.bits import BitSpec
+from methods.core.calibrate import run_block
+from methods.core.finetune import train_keep_best, tune_block_outputs
 from methods.core.formats import E8PWeight
 from methods.core.gptq import quantize_layerwise, reconstruction_error
 from methods.core.incoherence import block_ldlq, process, rescale_factors
@@ -56,7 +63,7 @@ from methods.core.losses import LossSettings, distillation
 from methods.core.orthogonal import RandomizedHadamard
 from methods.core.qlinear import QLinear
 from methods.core.quantizers import WeightQuantizer
-from methods.core.trainer import LoopConfig, ParamGroup, TrainSettings, group_parameters, train
+from methods.core.trainer import LoopConfig, ParamGroup, TrainSettings
 
 
 @dataclass(frozen=True)
@@ -68,13 +75,16 @@ class QuIPSharpConfig:
     calib_batch_size: int = 4
     true_sequential: bool = False
     sink_weight: float = 1.0
-    finetune_epochs: int = 0  # end-to-end fine-tuning passes over the calibration windows (0 = none; step 7)
-    finetune_valid: int = 2  # calibration windows held out to pick the best epoch (the code's ft_valid_size)
-    finetune_susv_lr: float = 1e-4  # sign vectors (the code's ft_susv_lr)
-    finetune_lm_head: bool = True  # the code tunes lm_head with the norms
-    finetune: LoopConfig = field(
+    layer_epochs: int = 0  # per-block fine-tuning epochs (step 7a; 0 = none, the code's default: 5)
+    layer_lr: float = 5e-5  # the block's unquantized linears and norms (the code's ft_lr)
+    layer_susv_lr: float = 5e-4  # sign vectors (the code's ft_susv_lr)
+    e2e_epochs: int = 0  # end-to-end fine-tuning passes over the calibration windows (step 7b; 0 = none)
+    e2e_valid: int = 2  # calibration windows held out to pick the best epoch (the code's ft_valid_size)
+    e2e_susv_lr: float = 1e-4  # sign vectors (the code's ft_susv_lr for finetune_e2e)
+    e2e_lm_head: bool = True  # the code tunes lm_head with the norms
+    e2e: LoopConfig = field(
         default_factory=lambda: LoopConfig(batch_size=1, lr=1e-5, schedule="constant", checkpoint_every=0)
-    )  # lr: norms and lm_head (the code's ft_lr); steps are set by finetune_epochs
+    )  # lr: norms and lm_head (the code's ft_lr); steps are set by e2e_epochs
 
 
 def supports(request: Request) -> None:
@@ -134,22 +144,72 @@ def quantize(model: nn.Module, cfg: QuIPSharpConfig, bits: BitSpec, ctx: QuantCo
             metrics["tune_objective_drop"] = history[0] - history[-1]
         return qweight, metrics
 
-    if cfg.finetune_epochs < 0 or cfg.finetune_valid < 1:
+    if min(cfg.layer_epochs, cfg.e2e_epochs) < 0 or cfg.e2e_valid < 1:
         raise ValueError(
-            f"quipsharp needs finetune_epochs >= 0 and finetune_valid >= 1 "
-            f"(got {cfg.finetune_epochs}, {cfg.finetune_valid})"
+            f"quipsharp needs layer_epochs >= 0, e2e_epochs >= 0 and e2e_valid >= 1 "
+            f"(got {cfg.layer_epochs}, {cfg.e2e_epochs}, {cfg.e2e_valid})"
         )
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.finetune_epochs else None
+    tuning = cfg.layer_epochs > 0 or cfg.e2e_epochs > 0
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if tuning else None
     windows = ctx.calibration()
-    if teacher is not None and len(windows) <= cfg.finetune_valid:
+    if cfg.e2e_epochs and len(windows) <= cfg.e2e_valid:
         raise ValueError(
-            f"quipsharp fine-tuning holds out finetune_valid={cfg.finetune_valid} of {len(windows)} calibration "
-            "windows and needs at least one to train on: raise calib.nsamples or lower method.finetune_valid"
+            f"quipsharp fine-tuning holds out e2e_valid={cfg.e2e_valid} of {len(windows)} calibration "
+            "windows and needs at least one to train on: raise calib.nsamples or lower method.e2e_valid"
         )
-    summary.metrics.update(quantize_layerwise(model, windows, cfg, solve, desc="quipsharp"))
-    if teacher is not None:
+    after_group = _block_tuner(teacher, cfg, ctx.seed) if cfg.layer_epochs else None
+    settings = replace(cfg, true_sequential=True) if cfg.layer_epochs else cfg
+    summary.metrics.update(
+        quantize_layerwise(model, windows, settings, solve, desc="quipsharp", after_group=after_group)
+    )
+    if cfg.e2e_epochs:
         summary.metrics.update(finetune_end_to_end(model, teacher, torch.cat(windows), cfg, ctx))
     return summary
+
+
+def _fold_gains(module: QLinear) -> None:
+    """Detach the module's gains into its format (composing with gains an earlier stage stored)."""
+    row, col = gains.detach(module)
+    q = module.qweight
+    if q.row_gain is not None:
+        row, col = (q.row_gain.float() * row.float()).half(), (q.col_gain.float() * col.float()).half()
+    module.qweight = replace(q, row_gain=row, col_gain=col)
+    module.weight.data = module.qweight.dequantize().to(module.weight.dtype)
+
+
+def _block_tuner(teacher: nn.Module, cfg: QuIPSharpConfig, seed: int):
+    """Step 7a as `quantize_layerwise`'s after_group hook."""
+    teacher_layers = arch_of(teacher).layers(teacher)
+    targets: dict[int, list[torch.Tensor]] = {}
+
+    def after_group(index, block, inputs, places, done, last) -> dict[str, float]:
+        modules = {name: getattr(*places[name]) for name in places}
+        if last:  # the code tunes after every group but the last; fold what was learned into the formats
+            for name in done:
+                if hasattr(modules[name], "parametrizations"):
+                    _fold_gains(modules[name])
+            targets.pop(index, None)
+            return {}
+        for name in done:
+            if not hasattr(modules[name], "parametrizations"):
+                gains.attach(modules[name])
+        if index not in targets:
+            with torch.no_grad():
+                targets[index] = run_block(teacher_layers[index], inputs)
+        pending = {id(modules[name].weight) for name in places if name not in done}
+        linear_names = [n for n, p in block.named_parameters() if id(p) in pending]
+        groups = [ParamGroup(gains.GAIN_PATTERN, cfg.layer_susv_lr), ParamGroup(r"norm\.weight$", cfg.layer_lr)]
+        if linear_names:
+            groups.append(ParamGroup("^(" + "|".join(re.escape(n) for n in linear_names) + ")$", cfg.layer_lr))
+        outcome = tune_block_outputs(block, inputs, targets[index], tuple(groups), cfg.layer_epochs, seed)
+        return {
+            "layer_ft_mse_first": outcome.first,
+            "layer_ft_mse_best": outcome.best,
+            "layer_ft_seconds": outcome.result.seconds,
+            "layer_ft_tokens": float(outcome.result.tokens),
+        }
+
+    return after_group
 
 
 def _lm_head_name(model: nn.Module) -> str:
@@ -160,18 +220,18 @@ def _lm_head_name(model: nn.Module) -> str:
 def finetune_end_to_end(
     model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: QuIPSharpConfig, ctx: QuantContext
 ) -> dict[str, float]:
-    """Step 7: tune sign vectors, norms and lm_head against the FP model; keep the best held-out state."""
-    train_windows, valid_windows = windows[: -cfg.finetune_valid], windows[-cfg.finetune_valid :]
-    loop = cfg.finetune
+    """Step 7b: tune sign vectors, norms and lm_head against the FP model; keep the best held-out state."""
+    train_windows, valid_windows = windows[: -cfg.e2e_valid], windows[-cfg.e2e_valid :]
+    loop = cfg.e2e
     quantized = [m for _, _, _, m in decoder_linears(model) if isinstance(m, QLinear) and m.qweight is not None]
     for module in quantized:
         gains.attach(module)
-    groups = [ParamGroup(gains.GAIN_PATTERN, cfg.finetune_susv_lr), ParamGroup(r"norm\.weight$", loop.lr)]
-    if cfg.finetune_lm_head:
+    groups = [ParamGroup(gains.GAIN_PATTERN, cfg.e2e_susv_lr), ParamGroup(r"norm\.weight$", loop.lr)]
+    if cfg.e2e_lm_head:
         groups.append(ParamGroup(rf"^{re.escape(_lm_head_name(model))}$", loop.lr))
     per_epoch = loop.one_pass(train_windows.shape[0])
     settings = TrainSettings(
-        steps=cfg.finetune_epochs * per_epoch,
+        steps=cfg.e2e_epochs * per_epoch,
         batch_size=loop.batch_size,
         grad_accum=loop.grad_accum,
         groups=tuple(groups),
@@ -187,52 +247,21 @@ def finetune_end_to_end(
         return distillation(student, teacher, batch, kind="forward", settings=loss_settings)
 
     def held_out() -> float:
-        with torch.no_grad():
-            return sum(float(loss(model, valid_windows[i : i + 1])) for i in range(valid_windows.shape[0])) / len(
-                valid_windows
-            )
+        return sum(float(loss(model, valid_windows[i : i + 1])) for i in range(len(valid_windows))) / len(valid_windows)
 
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    group_parameters(model, settings.groups)  # marks the trainable parameters (train() does it again)
-    model.eval()
-    first = held_out()
-    best = {"loss": first, "epoch": 0.0, "state": snapshot()}
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        if ctx.log_step is not None:
-            ctx.log_step(step, metrics)
-        if (step + 1) % per_epoch == 0:
-            model.eval()
-            value = held_out()
-            model.train()
-            if value < best["loss"]:
-                best.update(loss=value, epoch=float((step + 1) // per_epoch), state=snapshot())
-
-    checkpoint = Path(ctx.checkpoint_dir) / "quipsharp-finetune.pt" if ctx.checkpoint_dir else None
+    checkpoint = Path(ctx.checkpoint_dir) / "quipsharp-e2e.pt" if ctx.checkpoint_dir else None
     try:
-        result = train(model, loss, train_windows, settings, checkpoint_path=checkpoint, on_step=on_step)
-        trained = dict(model.named_parameters())
-        with torch.no_grad():  # the best held-out state (the start's when no epoch beat it)
-            for name, value in best["state"].items():
-                trained[name].copy_(value)
-    except BaseException:
-        for module in quantized:
-            gains.detach(module)
-        raise
+        outcome = train_keep_best(
+            model, loss, train_windows, settings, held_out, per_epoch, ctx.log_step, checkpoint_path=checkpoint
+        )
     finally:
-        for param in model.parameters():
-            param.requires_grad_(False)
+        for module in quantized:
+            _fold_gains(module)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
-    for module in quantized:
-        row, col = gains.detach(module)
-        module.qweight = replace(module.qweight, row_gain=row, col_gain=col)
-        module.weight.data = module.qweight.dequantize().to(module.weight.dtype)
     return {
-        **result.metrics(),
-        "finetune_valid_loss_first": first,
-        "finetune_valid_loss_best": best["loss"],
-        "finetune_best_epoch": best["epoch"],
+        **outcome.result.metrics(),
+        "e2e_valid_loss_first": outcome.first,
+        "e2e_valid_loss_best": outcome.best,
+        "e2e_best_epoch": float(outcome.best_epoch),
     }

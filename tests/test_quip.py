@@ -315,14 +315,14 @@ def test_quip_sharp_end_to_end_finetuning_lowers_the_kl_to_fp_and_keeps_every_co
     norm_before = model.model.norm.weight.detach().clone()
     window = torch.randint(0, len(tok), (1, 64), generator=torch.Generator().manual_seed(0))
     cfg = quip_sharp.QuIPSharpConfig(
-        finetune_epochs=3,
-        finetune_valid=1,
-        finetune_susv_lr=1e-2,
-        finetune=LoopConfig(batch_size=1, lr=1e-3, schedule="constant", checkpoint_every=0),
+        e2e_epochs=3,
+        e2e_valid=1,
+        e2e_susv_lr=1e-2,
+        e2e=LoopConfig(batch_size=1, lr=1e-3, schedule="constant", checkpoint_every=0),
     )
     summary = quip_sharp.quantize(model, cfg, BitSpec.parse("w2a16kv16"), QuantContext(0, lambda: [window] * 4))
     m = summary.metrics
-    assert m["finetune_valid_loss_best"] < 0.5 * m["finetune_valid_loss_first"]
+    assert m["e2e_valid_loss_best"] < 0.5 * m["e2e_valid_loss_first"]
     assert m["train_steps"] == 9 and not torch.equal(model.model.norm.weight, norm_before)
     for _, _, _, module in decoder_linears(model):
         q = module.qweight
@@ -341,8 +341,28 @@ def test_quip_sharp_finetuning_needs_a_window_to_train_on():
 
     model, tok = tiny_llama(seed=0, num_layers=1)
     windows = [torch.randint(0, len(tok), (1, 16)) for _ in range(2)]
-    with pytest.raises(ValueError, match="raise calib.nsamples or lower method.finetune_valid"):
+    with pytest.raises(ValueError, match="raise calib.nsamples or lower method.e2e_valid"):
         quip_sharp.quantize(
-            model, quip_sharp.QuIPSharpConfig(finetune_epochs=1, finetune_valid=2), BitSpec.parse("w2a16kv16"),
+            model, quip_sharp.QuIPSharpConfig(e2e_epochs=1, e2e_valid=2), BitSpec.parse("w2a16kv16"),
             QuantContext(0, lambda: windows),
         )  # fmt: skip
+
+
+def test_quip_sharp_per_block_finetuning_tunes_toward_the_fp_block_and_stores_what_it_tuned():
+    from harness.models import tiny_llama
+    from methods import quip_sharp
+    from methods.base import QuantContext
+    from methods.core.arch import decoder_linears
+    from methods.core.bits import BitSpec
+
+    model, tok = tiny_llama(seed=0, num_layers=1)
+    window = torch.randint(0, len(tok), (1, 64), generator=torch.Generator().manual_seed(0))
+    cfg = quip_sharp.QuIPSharpConfig(layer_epochs=4, layer_lr=1e-3, layer_susv_lr=1e-2, calib_batch_size=1)
+    m = quip_sharp.quantize(model, cfg, BitSpec.parse("w2a16kv16"), QuantContext(0, lambda: [window] * 4)).metrics
+    # held-out batch = training batches here, so the tuning must reach it (summed over the three phases)
+    assert m["layer_ft_mse_best"] < 0.5 * m["layer_ft_mse_first"]
+    assert m["layer_ft_tokens"] == 3 * 4 * 3 * 64  # phases x epochs x training batches x tokens
+    for name, _, _, module in decoder_linears(model):
+        tuned = module.qweight.row_gain is not None
+        assert tuned == (not name.endswith("down_proj"))  # the last group is quantized after the last tuning
+        assert torch.equal(module.weight, module.qweight.dequantize())

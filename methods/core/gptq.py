@@ -165,11 +165,15 @@ def sequential_groups(arch, names: list[str], true_sequential: bool) -> list[lis
     return groups
 
 
-def quantize_layerwise(model, windows: list[torch.Tensor], settings, solve, desc: str = "gptq") -> dict[str, float]:
+def quantize_layerwise(
+    model, windows: list[torch.Tensor], settings, solve, desc: str = "gptq", after_group=None
+) -> dict[str, float]:
     """The sequential layer-wise loop GPTQ-family solvers share: block by block (later blocks see the outputs of
     the quantized earlier ones), collect each linear's Hessian on its block inputs, then
     `solve(block_index, name, weight, hessian) -> (quantized weight, {metric: value})`; metrics are summed.
-    `settings`: any object with `calib_batch_size`, `true_sequential` and `sink_weight` (GPTQSettings has them)."""
+    `settings`: any object with `calib_batch_size`, `true_sequential` and `sink_weight` (GPTQSettings has them).
+    `after_group(block_index, block, inputs, places, done_names, last) -> {metric: value}`, if given, runs after
+    each group of linears is quantized (QuIP#'s per-block fine-tuning), before the next group's Hessians."""
     if settings.sink_weight <= 0:
         raise ValueError(f"sink_weight must be > 0 (1 = the paper's objective), got {settings.sink_weight}")
     arch = arch_of(model)
@@ -177,7 +181,9 @@ def quantize_layerwise(model, windows: list[torch.Tensor], settings, solve, desc
     totals: dict[str, float] = {}
     for index, block, inputs in walk_blocks(model, windows, settings.calib_batch_size, desc=desc):
         places = arch.block_linears(block)
-        for group in sequential_groups(arch, list(places), settings.true_sequential):
+        groups = sequential_groups(arch, list(places), settings.true_sequential)
+        done: list[str] = []
+        for position, group in enumerate(groups):
             linears = {name: getattr(*places[name]) for name in group}
             collector = HessianCollector(linears, shared, sink_weight=settings.sink_weight)
             with torch.no_grad():
@@ -191,6 +197,11 @@ def quantize_layerwise(model, windows: list[torch.Tensor], settings, solve, desc
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value
                 set_quantized_weight(parent, attr, module, qweight)
+            done.extend(group)
+            if after_group is not None:
+                metrics = after_group(index, block, inputs, places, list(done), position == len(groups) - 1)
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value
     return totals
 
 
