@@ -14,8 +14,7 @@ Per decoder linear, block by block on the calibration windows (the loop GPTQ and
    index per 8 weights; at 3/4 bits plus the residual stage), last block first; then `tune_passes` block
    coordinate-descent passes (the code's `quip_tune_iters`, default 10 there; 0 here: each pass costs about
    twice BlockLDLQ itself on this CPU);
-6. undo the transforms; the stored format `E8PWeight` counts 2/3/4 bits per weight + scale + seeds.
-
+6. undo the transforms; the stored format `E8PWeight` counts 2/3/4 bits per weight + scale + seeds;
 7. optional fine-tuning (§5; the code's `lib/algo/finetune.py`), every code frozen; S_U, S_V become real vectors,
    and since W = S_U (H_mᵀ Ŵ_p H_n) S_V, tuning them is tuning row and column gains of the dequantized weight
    (`methods.core.gains`): training never re-runs the Hadamards, and the learned vectors are stored as fp16 in
