@@ -9,7 +9,7 @@ from harness.spec import BitSpec
 def method_label(method: str, params: dict[str, str]) -> str:
     """The method name plus every parameter that differs from its registered default (e.g. quarot weights=rtn)."""
     from methods import METHODS
-    from methods.core.params import key_neutral
+    from methods.core.params import inert, key_neutral
 
     entry = METHODS.get(method)
     if entry is None:
@@ -17,10 +17,11 @@ def method_label(method: str, params: dict[str, str]) -> str:
     # A record that logged its parameters but lacks a later-added one ran with its legacy value (methods.core.params).
     if params:
         params = {**{k: "null" if v is None else str(v) for k, v in key_neutral(entry.config_cls).items()}, **params}
+    skip = inert(entry.config_cls, params)
     changed = [
         f"{name}={params[name]}"
         for name, default in _flat_defaults(entry.config_cls())
-        if name in params and params[name] != ("null" if default is None else str(default))
+        if name in params and name not in skip and params[name] != ("null" if default is None else str(default))
     ]
     return f"{method} ({', '.join(changed)})" if changed else method
 

@@ -137,13 +137,15 @@ class RunSpec:
 
     def _keyed_method_params(self) -> dict[str, Any]:
         """The method's parameters, less those added after runs were recorded while they hold the value those
-        runs implicitly had (`methods.core.params.added_later`): old records keep their keys."""
+        runs implicitly had (`methods.core.params.added_later`): old records keep their keys. A later parameter
+        that has no effect in this run (its `only_if` flag is off) is left out too."""
         from methods import METHODS
-        from methods.core.params import key_neutral
+        from methods.core.params import inert, key_neutral
 
         entry = METHODS.get(self.method)
         neutral = key_neutral(entry.config_cls) if entry is not None else {}
-        return {k: v for k, v in self.method_params.items() if not (k in neutral and v == neutral[k])}
+        skip = inert(entry.config_cls, {k: str(v) for k, v in self.method_params.items()}) if entry else set()
+        return {k: v for k, v in self.method_params.items() if not (k in neutral and (v == neutral[k] or k in skip))}
 
     def key_fields(self) -> dict[str, Any]:
         legacy = self._legacy_plugins()

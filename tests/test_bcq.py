@@ -7,7 +7,7 @@ import torch
 
 from methods.act.bcq import BCQActConfig, _SharedInputEncoder
 from methods.act.bcq import build as build_act
-from methods.bcq import UNIFORM_ENTRIES, BCQConfig, encode_weight
+from methods.bcq import UNIFORM_ENTRIES, UNIFORM_GRIDS, BCQConfig, encode_weight
 from methods.core import bcq
 
 
@@ -88,7 +88,21 @@ def test_single_codebook_stores_no_selectors_and_uniform_is_int4():
     assert qweight.selector_bits == 0 and qweight.pack().selector_words is None
     assert qweight.storage_bits() == 8 * qweight.pack().nbytes()
     assert torch.equal(UNIFORM_ENTRIES.diff(), torch.full((15,), 4.0)) and UNIFORM_ENTRIES.numel() == 16
+    assert 0.0 in UNIFORM_ENTRIES.tolist() and UNIFORM_ENTRIES.min() == -32 and UNIFORM_ENTRIES.max() == 28
+    assert 0.0 not in UNIFORM_GRIDS["midrise"].tolist() and UNIFORM_GRIDS["midrise"].numel() == 16
     assert BCQConfig(uniform=True).layout().n_codebooks == 1
+
+
+def test_uniform_grid_choice_reaches_the_codebooks_and_a_bad_one_is_a_one_line_error():
+    from methods.bcq import design_codebooks
+    from methods.core.bits import BitSpec
+
+    spec = BitSpec.parse("w4a16kv16")
+    for grid in ("int4", "midrise"):
+        books, _ = design_codebooks(None, BCQConfig(uniform=True, uniform_grid=grid), spec, None, None)
+        assert torch.equal(books[0], UNIFORM_GRIDS[grid])
+    with pytest.raises(ValueError, match="uniform_grid must be one of int4, midrise"):
+        design_codebooks(None, BCQConfig(uniform=True, uniform_grid="nf4"), spec, None, None)
 
 
 def test_e4m3_array_scales_and_row_scales_keep_values_in_codebook_range():

@@ -274,3 +274,13 @@ def test_every_claims_file_names_a_paper_and_checkable_claims():
         assert spec["paper"] and spec["headline"]["source"] and spec["claims"], spec["file"]
         for claim in spec["claims"]:
             assert {"method", "bits"} <= set(claim["run"]) and (("below" in claim) != ("within_fp" in claim))
+
+
+def test_a_parameter_inert_without_its_flag_is_left_out_of_the_label():
+    from harness.labels import method_label
+
+    # records from before bcq's uniform_grid existed: only the uniform row is labelled with its legacy grid
+    assert method_label("bcq", {"uniform": "False", "n_codebooks": "1"}) == "bcq (n_codebooks=1)"
+    assert method_label("bcq", {"uniform": "True"}) == "bcq (uniform=True, uniform_grid=midrise)"
+    assert method_label("bcq", {"uniform": "True", "uniform_grid": "int4"}) == "bcq (uniform=True)"
+    assert method_label("bcq", {"uniform": "False", "uniform_grid": "midrise"}) == "bcq"

@@ -48,6 +48,15 @@ def test_run_key_tracks_what_changes_numbers():
     assert _spec().run_key != _spec(ppl=PerplexitySpec(max_windows=2)).run_key
 
 
+def test_a_later_parameter_inert_without_its_flag_keeps_old_keys():
+    def key(**params):
+        return _spec(method="bcq", method_params=params).run_key
+
+    # bcq's uniform_grid (added later, legacy "midrise") only matters with uniform=True
+    assert key(uniform=False) == key(uniform=False, uniform_grid="int4") == key(uniform=False, uniform_grid="midrise")
+    assert key(uniform=True) == key(uniform=True, uniform_grid="midrise") != key(uniform=True, uniform_grid="int4")
+
+
 def test_quantizers_compile_only_where_the_evaluation_pays_it_back():
     import pytest
 
