@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 UNIFORM_GRIDS = {
     "int4": torch.arange(-32, 29, 4, dtype=torch.float32),  # INT4 (−8…7) ×4 on the INT6 scale, zero included
-    "midrise": torch.arange(-30, 31, 4, dtype=torch.float32),  # 16 symmetric levels, no zero (the first rows')
+    "midrise": torch.arange(-30, 31, 4, dtype=torch.float32),  # 16 symmetric levels, no zero (the first uniform row's)
 }
 UNIFORM_ENTRIES = UNIFORM_GRIDS["int4"]
 
