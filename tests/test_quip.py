@@ -366,3 +366,16 @@ def test_quip_sharp_per_block_finetuning_tunes_toward_the_fp_block_and_stores_wh
         tuned = module.qweight.row_gain is not None
         assert tuned == (not name.endswith("down_proj"))  # the last group is quantized after the last tuning
         assert torch.equal(module.weight, module.qweight.dequantize())
+
+
+def test_per_block_finetuning_needs_two_captured_batches():
+    from torch import nn
+
+    from methods.core.calibrate import BlockInputs
+    from methods.core.finetune import tune_block_outputs
+    from methods.core.trainer import ParamGroup
+
+    block = nn.Linear(4, 4)
+    inputs = BlockInputs(hidden=[torch.zeros(1, 3, 4)], kwargs=[{}])
+    with pytest.raises(ValueError, match="raise calib.nsamples or lower method.calib_batch_size"):
+        tune_block_outputs(block, inputs, [torch.zeros(1, 3, 4)], (ParamGroup(".*", 1e-3),), epochs=1)
