@@ -22,6 +22,7 @@ from harness import models
 from harness.spec import BitSpec, ModelSpec
 from methods import METHODS
 from methods.base import QuantContext
+from methods.core.cpu_gemm import CPU_GEMMS, use_cpu_gemm
 
 
 def _time_forward(model, ids, reps: int) -> list[float]:
@@ -96,17 +97,20 @@ def bench_quantize(model_name: str, method: str, bits: str, overrides: list[str]
     act, kv = build_plugins(run)
     config = entry.make_config(f"method {method!r}", run.method_params)
     start = time.perf_counter()
-    summary = apply(model, entry, config, run.bits, QuantContext(run.seed, lambda: windows, act=act, kv=kv))
+    with use_cpu_gemm(run.cpu_gemm):
+        summary = apply(model, entry, config, run.bits, QuantContext(run.seed, lambda: windows, act=act, kv=kv))
     result = {
         "calib": f"{len(windows)} x {run.calib.seqlen}",
         "data_seconds": data_seconds,
         "quantize_seconds": time.perf_counter() - start,
         "threads": torch.get_num_threads(),
+        "cpu_gemm": run.cpu_gemm,
         **summary.metrics,
     }
     if ppl_windows > 0:
         ids = data.ppl_token_ids(run.ppl.dataset, tokenizer, run.data_dir)
-        result["ppl"] = perplexity(model, ids, run.ppl.seqlen, 1, ppl_windows, progress=False).ppl
+        with use_cpu_gemm(run.cpu_gemm):
+            result["ppl"] = perplexity(model, ids, run.ppl.seqlen, 1, ppl_windows, progress=False).ppl
         result["ppl_windows"] = ppl_windows
     return result
 
@@ -170,6 +174,47 @@ def eval_overhead(model_name: str, windows: int, seqlen: int, reps: int) -> dict
         "tokens": windows * seqlen,
         "threads": torch.get_num_threads(),
     }
+
+
+def gemm_comparison(model_name: str, method: str, bits: str, windows: int, seqlen: int, reps: int) -> list[dict]:
+    """The FP model and `method` at `bits` (RTN weights for QuaRot, as `bench forward`), each run with every
+    fp32 CPU matmul library (methods/core/cpu_gemm.py): forward seconds on one random 1 x `seqlen` batch,
+    alternated `reps` times after a warm-up, and WikiText-2 PPL on the first `windows` windows."""
+    from harness import data
+    from harness.evaluate.perplexity import perplexity
+    from harness.runner import apply, build_plugins
+
+    overrides = ["method.weights=rtn"] if method == "quarot" else []
+    rows = []
+    for name, bits_now in (("FP", "w16a16kv16"), (f"{method} {bits}", bits)):
+        run = _compose_run(
+            model_name, method if bits_now == bits else "rtn", bits_now, overrides if bits_now == bits else []
+        )
+        model, tokenizer = models.load(run.model)
+        entry = METHODS[run.method]
+        act, kv = build_plugins(run)
+        apply(
+            model,
+            entry,
+            entry.make_config("bench", run.method_params),
+            run.bits,
+            QuantContext(0, lambda: [], act=act, kv=kv),
+        )
+        ids = data.ppl_token_ids(run.ppl.dataset, tokenizer, run.data_dir)
+        batch = torch.randint(0, model.config.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
+        times: dict[str, list[float]] = {gemm: [] for gemm in CPU_GEMMS}
+        for gemm in CPU_GEMMS:  # warm-up
+            with use_cpu_gemm(gemm):
+                _time_forward(model, batch, 1)
+        for _ in range(reps):
+            for gemm in CPU_GEMMS:
+                with use_cpu_gemm(gemm):
+                    times[gemm] += _time_forward(model, batch, 1)
+        for gemm in CPU_GEMMS:
+            with use_cpu_gemm(gemm):
+                ppl = perplexity(model, ids, seqlen, 1, windows, progress=False).ppl if windows else float("nan")
+            rows.append({"model": name, "gemm": gemm, "times": times[gemm], "ppl": ppl, "tokens": seqlen})
+    return rows
 
 
 def _bench_load(model_name: str, reps: int) -> int:
@@ -241,7 +286,7 @@ def _bench_runs(tracking_uri: str, experiment: str, reps: int, device: str) -> i
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness bench")
-    parser.add_argument("what", choices=["forward", "eval", "quantize", "deploy", "load", "kernels", "runs"])
+    parser.add_argument("what", choices=["forward", "eval", "quantize", "deploy", "load", "kernels", "runs", "gemm"])
     parser.add_argument("--models", default="smollm2-135m,llama-2-7b", help="kernels: comma list of shape sets")
     parser.add_argument("--tokens", default="1,2048", help="kernels: comma list of token counts")
     parser.add_argument("--device", default="cpu", help="kernels: cpu, or cuda for the Triton kernels")
@@ -252,7 +297,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--windows", type=int, default=4, help="eval: WikiText-2 windows timed per repetition")
     parser.add_argument("--eager", action="store_true", help="forward: act/KV quantizers without torch.compile")
-    parser.add_argument("--ppl-windows", type=int, default=0, help="quantize: PPL on the first windows afterwards")
+    parser.add_argument(
+        "--ppl-windows", type=int, default=0, help="quantize, gemm: PPL on the first windows afterwards"
+    )
+    parser.add_argument(
+        "--cpu-gemm", default="onednn", choices=CPU_GEMMS, help="forward, eval: fp32 CPU matmul library (as runs)"
+    )
     parser.add_argument(
         "overrides", nargs="*", help="quantize: config overrides as a run takes them (calib.nsamples=128 ...)"
     )
@@ -318,10 +368,31 @@ def main(argv: list[str]) -> int:
             f"decode {metrics['deploy.decode.speedup']:.2f}x"
         )
         return 0
-    if args.what == "eval":
-        result = eval_overhead(args.model, args.windows, args.seqlen, args.reps)
+    if args.what == "gemm":
+        rows = gemm_comparison(args.model, args.method, args.bits, args.ppl_windows, args.seqlen, args.reps)
         print(
-            f"{args.model}: {args.windows} windows of {args.seqlen}, fp32, "
+            f"fp32 CPU matmuls, {args.model}: forward of 1 x {args.seqlen} tokens ({torch.get_num_threads()} threads, "
+            f"{args.reps} alternated reps after a warm-up), WikiText-2 PPL on the first {args.ppl_windows} windows"
+        )
+        print("| model | cpu_gemm | min s | median s | max s | tokens/s | PPL |\n|---|---|---:|---:|---:|---:|---:|")
+        for entry in rows:
+            median = statistics.median(entry["times"])
+            print(
+                f"{row(entry['model'] + ' | ' + entry['gemm'], entry['times'])} {entry['tokens'] / median:.0f} | "
+                f"{entry['ppl']:.6f} |"
+            )
+        for model_rows in (rows[:2], rows[2:]):
+            by_gemm = {entry["gemm"]: entry for entry in model_rows}
+            mkl, onednn = by_gemm["mkl"], by_gemm["onednn"]
+            speed = statistics.median(mkl["times"]) / statistics.median(onednn["times"])
+            drift = abs(onednn["ppl"] - mkl["ppl"]) / mkl["ppl"]
+            print(f"{mkl['model']}: onednn {speed:.2f}x mkl's speed; PPL differs by {drift:.2e} (relative)")
+        return 0
+    if args.what == "eval":
+        with use_cpu_gemm(args.cpu_gemm):
+            result = eval_overhead(args.model, args.windows, args.seqlen, args.reps)
+        print(
+            f"{args.model}: {args.windows} windows of {args.seqlen}, fp32 on {args.cpu_gemm}, "
             f"{result['threads']} threads, {args.reps} reps"
         )
         print("| pass | min s | median s | max s |\n|---|---:|---:|---:|")
@@ -334,9 +405,13 @@ def main(argv: list[str]) -> int:
 
     compile_quantizers(not args.eager)  # as evaluation runs them (eval.compile_quantizers)
     overrides = ["method.weights=rtn"] if args.method == "quarot" else []
-    result = forward_overhead(args.model, args.method, args.bits, args.seqlen, args.reps, overrides)
+    with use_cpu_gemm(args.cpu_gemm):
+        result = forward_overhead(args.model, args.method, args.bits, args.seqlen, args.reps, overrides)
 
-    print(f"forward of {args.model}, 1 x {args.seqlen} tokens, fp32, {result['threads']} threads, {args.reps} reps")
+    print(
+        f"forward of {args.model}, 1 x {args.seqlen} tokens, fp32 on {args.cpu_gemm}, {result['threads']} threads, "
+        f"{args.reps} reps"
+    )
     print("| model | min s | median s | max s |\n|---|---:|---:|---:|")
     print(row("FP", result["fp"]))
     quantizers = "eager" if args.eager else "compiled"

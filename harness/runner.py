@@ -34,6 +34,7 @@ from methods import METHODS
 from methods.act import ACT_QUANTIZERS
 from methods.base import QuantContext, Request
 from methods.core.arch import ARCHS
+from methods.core.cpu_gemm import CPU_GEMMS, use_cpu_gemm
 from methods.core.quantizers import compile_quantizers
 from methods.kv import KV_QUANTIZERS
 
@@ -117,10 +118,17 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         deploy=deploy,
         compile_quantizers=_compile_quantizers(cfg.eval.get("compile_quantizers", "auto"), ppl.max_windows),
         fidelity=_boolean("eval.fidelity", cfg.eval.get("fidelity", True)),
+        cpu_gemm=_cpu_gemm(cfg.get("cpu_gemm", "onednn")),
     )
 
 
 COMPILE_MIN_WINDOWS = 16
+
+
+def _cpu_gemm(name) -> str:
+    if name not in CPU_GEMMS:
+        raise SpecError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {name!r}")
+    return str(name)
 
 
 def _boolean(key: str, value) -> bool:
@@ -215,7 +223,8 @@ def execute(spec: RunSpec, cfg: DictConfig, tracker: Tracker, force: bool = Fals
     try:
         yaml = OmegaConf.to_yaml(cfg, resolve=True)
         with tracker.run(spec.run_key, ui_run_name(spec), params, tags, yaml, redo_finished=force):
-            diverged = _quantize_and_evaluate(spec, tracker)
+            with use_cpu_gemm(spec.cpu_gemm):
+                diverged = _quantize_and_evaluate(spec, tracker)
     except KeyClaimed as err:  # another worker runs (or just finished) this key
         return Outcome(name, "claimed", str(err))
     except Exception as err:  # logged FAILED by the tracker; the sweep goes on

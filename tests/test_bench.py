@@ -16,3 +16,18 @@ def test_bench_eval_times_the_evaluator_against_the_bare_forward_on_the_same_win
     result = eval_overhead("tiny-llama", windows=1, seqlen=256, reps=2)
     assert len(result["bare"]) == len(result["eval"]) == 2 and result["tokens"] == 256
     assert result["ratio_median"] > 0
+
+
+def test_bench_gemm_times_and_scores_both_matmul_libraries_on_the_same_models(data_dir, monkeypatch):
+    from harness.bench import gemm_comparison
+
+    monkeypatch.setenv("QUANTBENCH_DATA", data_dir)
+    rows = gemm_comparison("tiny-llama", "rtn", "w4a8kv8", windows=1, seqlen=128, reps=2)
+    assert [(r["model"], r["gemm"]) for r in rows] == [
+        ("FP", "onednn"),
+        ("FP", "mkl"),
+        ("rtn w4a8kv8", "onednn"),
+        ("rtn w4a8kv8", "mkl"),
+    ]
+    assert all(len(r["times"]) == 2 and r["ppl"] > 1 for r in rows)
+    assert abs(rows[0]["ppl"] - rows[1]["ppl"]) <= 1e-4 * rows[1]["ppl"]  # FP: the same up to fp32 rounding

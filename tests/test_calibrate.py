@@ -53,3 +53,33 @@ def test_shared_inputs_share_one_hessian(tiny):
     collector.remove()
     assert sorted(collector.hessians) == ["mlp.down_proj", "mlp.gate_proj", "self_attn.o_proj", "self_attn.q_proj"]
     assert collector.hessian("self_attn.v_proj") is not None and collector.tokens["self_attn.q_proj"] == 80
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma3"])
+def test_collect_stops_each_forward_once_its_linears_have_their_inputs_with_the_same_hessians(family):
+    model, _ = models.load(models.ModelSpec(family))
+    arch = arch_of(model)
+    block = arch.layers(model)[0]
+    places = arch.block_linears(block)
+    linears = {name: getattr(*places[name]) for name in places}
+    inputs, kwargs = capture_block_inputs(model, _windows(3), batch_size=2)
+    inputs = type(inputs)(hidden=inputs.hidden, kwargs=kwargs[0])
+    full = HessianCollector(linears, shared_input_owner(arch))
+    run_block(block, inputs)  # every linear runs: the reference Hessians
+    full.remove()
+    reached = []
+    counters = [linears[name].register_forward_pre_hook(lambda m, a, n=name: reached.append(n)) for name in linears]
+    qkv = {name: linears[name] for name in linears if name.startswith("self_attn.") and "o_proj" not in name}
+    early = HessianCollector(qkv, shared_input_owner(arch))
+    early.collect(block, inputs)  # q/k/v read the first norm's output: nothing after q_proj runs
+    early.remove()
+    assert reached == ["self_attn.q_proj"] * 2
+    reached.clear()
+    late = HessianCollector({"mlp.down_proj": linears["mlp.down_proj"]}, shared_input_owner(arch))
+    late.collect(block, inputs)  # stops at down_proj's input: its matmul never runs
+    late.remove()
+    for handle in counters:
+        handle.remove()
+    assert reached.count("mlp.down_proj") == 2 and reached[-1] == "mlp.down_proj"
+    torch.testing.assert_close(early.hessian("self_attn.k_proj"), full.hessian("self_attn.q_proj"), rtol=0, atol=0)
+    torch.testing.assert_close(late.hessian("mlp.down_proj"), full.hessian("mlp.down_proj"), rtol=0, atol=0)

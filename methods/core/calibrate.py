@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from methods.core.arch import ArchAdapter, arch_of
+from methods.core.cpu_gemm import gram
 
 
 class _StopForward(Exception):
@@ -87,18 +88,24 @@ class HessianCollector:
     The input seen is the one the weight multiplies: after the module's online transform, if it has one.
     `sink_weight` ≠ 1 weights the rows of each sequence's first position (the attention sink) by that factor:
     H = 2/N Σ w_t x_t x_tᵀ (an option of `methods.core.gptq`; 1 is GPTQ's Eq. 2).
+    Inputs are read by forward *pre*-hooks; `collect` runs a block over its calibration inputs and stops each
+    forward as soon as every collected linear has seen its input (the rest of the block would be discarded:
+    after down_proj's input nothing is needed; true-sequential's q/k/v group needs only the first norm).
     """
 
     def __init__(self, linears: dict[str, nn.Module], shared: dict[str, str], sink_weight: float = 1.0):
         self.shared, self.sink_weight = shared, sink_weight
         self.hessians: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+        self._owners = [name for name in linears if name not in shared]
+        self._seen: set[str] = set()
+        self._stop_when_done = False
         self._handles = [
-            module.register_forward_hook(self._hook(name)) for name, module in linears.items() if name not in shared
+            module.register_forward_pre_hook(self._hook(name)) for name, module in linears.items() if name not in shared
         ]
 
     def _hook(self, name: str):
-        def hook(module, inputs, output):
+        def hook(module, inputs):
             x = inputs[0]
             transform = getattr(module, "input_transform", None)
             if transform is not None:
@@ -110,10 +117,30 @@ class HessianCollector:
             if name not in self.hessians:
                 self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                 self.tokens[name] = 0
-            self.hessians[name] += (x.T @ x).double()
+            self.hessians[name] += gram(x).double()
             self.tokens[name] += x.shape[0]
+            self._seen.add(name)
+            if self._stop_when_done and len(self._seen) == len(self._owners):
+                raise _StopForward
 
         return hook
+
+    @torch.no_grad()
+    def collect(self, block: nn.Module, inputs: BlockInputs) -> None:
+        """Run `block` on every calibration batch, each only as far as the collected linears' inputs."""
+        self._stop_when_done = True
+        try:
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+                self._seen.clear()
+                try:
+                    block(hidden, **kwargs)
+                except _StopForward:
+                    pass
+                missing = set(self._owners) - self._seen
+                if missing:
+                    raise RuntimeError(f"the block's forward never reached {', '.join(sorted(missing))}")
+        finally:
+            self._stop_when_done = False
 
     def hessian(self, name: str) -> torch.Tensor:
         name = self.shared.get(name, name)

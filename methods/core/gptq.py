@@ -186,10 +186,10 @@ def quantize_layerwise(
         for position, group in enumerate(groups):
             linears = {name: getattr(*places[name]) for name in group}
             collector = HessianCollector(linears, shared, sink_weight=settings.sink_weight)
-            with torch.no_grad():
-                for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-                    block(hidden, **kwargs)
-            collector.remove()
+            try:
+                collector.collect(block, inputs)
+            finally:
+                collector.remove()
             for name in group:
                 parent, attr = places[name]
                 module = getattr(parent, attr)

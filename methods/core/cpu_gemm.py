@@ -1,0 +1,70 @@
+"""Which library multiplies fp32 matrices on CPU: PyTorch's default (MKL's sgemm) or oneDNN's inner product.
+
+PyTorch's CPU wheels call MKL for every fp32 `linear`/`matmul`. On AMD CPUs MKL does not take its fastest
+AVX-512 code path, while oneDNN (also inside every PyTorch CPU wheel, `torch._C._nn.mkldnn_linear`) picks its
+kernels by CPU features. `python -m harness bench gemm` measures both on a model (DEVELOPERS.md has the table
+for this project's 2-core AMD EPYC). The libraries sum in different orders, so an FP forward agrees to fp32
+rounding (~1e-6 relative), not bit for bit; behind a fake quantizer such a difference can move a value across a
+rounding boundary, so quantized runs agree only statistically (the bench prints the PPL drift).
+
+`use_cpu_gemm("onednn")` is a context manager that routes `torch.nn.functional.linear` on fp32 CPU tensors to
+oneDNN while no gradient is being taken (evaluation, calibration forwards, Hessian accumulation). Anything else
+(other dtypes, CUDA, autograd, fewer than `MIN_ROWS` rows as in decoding) goes to PyTorch's own `linear`. It is
+a `TorchFunctionMode`, so module hooks, `QLinear` and Hugging Face models need no change.
+`use_cpu_gemm("mkl")` changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+CPU_GEMMS = ("onednn", "mkl")
+# Below this many rows (tokens) oneDNN's per-call weight reorder dominates: at 1 row it is ~100x slower than MKL
+# for a 576x1536 weight, at 8+ rows faster (measured on the 2-core AMD EPYC, 2 threads).
+MIN_ROWS = 16
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    if x.dim() < 2 or x.numel() < MIN_ROWS * x.shape[-1] or weight.dim() != 2:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` computed by oneDNN's fp32 inner product (x: [..., in], weight: [out, in])."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
+    bias = None if bias is None else bias.contiguous()
+    out = torch._C._nn.mkldnn_linear(rows, weight.contiguous(), bias).to_dense()
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _OneDNNLinears(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(x, torch.Tensor) and _eligible(x, weight):
+                return onednn_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx for x [tokens, features], written as `linear(xᵀ, xᵀ)` so that `use_cpu_gemm` routes it too."""
+    xt = x.T
+    return torch.nn.functional.linear(xt, xt)
+
+
+def use_cpu_gemm(name: str):
+    """Context manager: fp32 CPU linears on `name` ("onednn" or "mkl", PyTorch's default)."""
+    if name not in CPU_GEMMS:
+        raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {name!r}")
+    if name == "mkl":
+        return contextlib.nullcontext()
+    return _OneDNNLinears()

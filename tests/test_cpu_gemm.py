@@ -1,0 +1,90 @@
+"""methods/core/cpu_gemm.py: fp32 CPU linears on oneDNN agree with PyTorch's to fp32 rounding, are used only
+where no gradient is taken, and a bad `cpu_gemm` is a one-line error."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from methods.core import cpu_gemm
+from methods.core.cpu_gemm import gram, onednn_linear, use_cpu_gemm
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_onednn_linear_equals_torch_linear_to_fp32_rounding():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 37, 96), torch.randn(80, 96), torch.randn(80)
+    out = onednn_linear(x, weight, bias)
+    assert out.shape == (2, 37, 80)
+    assert _relative(out, torch.nn.functional.linear(x, weight, bias)) < 1e-5
+    assert _relative(onednn_linear(x.transpose(0, 1), weight), x.transpose(0, 1) @ weight.T) < 1e-5
+
+
+def test_the_mode_routes_inference_linears_and_leaves_autograd_and_other_dtypes_alone():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 10, 64)
+    calls = []
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return onednn_linear(*args)
+
+    with mock.patch.object(cpu_gemm, "onednn_linear", counting):
+        with torch.no_grad(), use_cpu_gemm("onednn"):
+            routed = layer(x)
+        assert len(calls) == 1
+        assert _relative(routed, layer(x).detach()) < 1e-5
+        with use_cpu_gemm("onednn"):  # a gradient is taken: PyTorch's own linear, so backward works
+            layer(x.requires_grad_()).sum().backward()
+            layer.to(torch.bfloat16)(x.detach().bfloat16())
+        with torch.no_grad(), use_cpu_gemm("mkl"):
+            layer.float()(x)
+    assert len(calls) == 1
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_gram_is_x_transpose_x_under_either_library():
+    x = torch.randn(300, 40, generator=torch.Generator().manual_seed(1))
+    for name in ("onednn", "mkl"):
+        with use_cpu_gemm(name):
+            assert _relative(gram(x), x.T @ x) < 1e-5
+
+
+def test_a_bad_library_name_is_a_one_line_error_naming_the_choices():
+    from harness.runner import _cpu_gemm
+    from harness.spec import SpecError
+
+    with pytest.raises(ValueError, match="onednn, mkl"):
+        use_cpu_gemm("openblas")
+    with pytest.raises(SpecError, match="cpu_gemm must be one of onednn, mkl, got 'openblas'"):
+        _cpu_gemm("openblas")
+    assert _cpu_gemm("mkl") == "mkl"
+
+
+def test_runs_default_to_onednn_and_the_library_is_not_in_the_run_key():
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli_sweep import CONF_DIR
+    from harness.runner import spec_from_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        default = spec_from_config(compose("config", overrides=["model=tiny-llama"]))
+        mkl = spec_from_config(compose("config", overrides=["model=tiny-llama", "cpu_gemm=mkl"]))
+    assert (default.cpu_gemm, mkl.cpu_gemm) == ("onednn", "mkl")
+    assert default.run_key == mkl.run_key
+
+
+def test_a_few_rows_stay_on_torch_where_onednn_reorders_more_than_it_multiplies():
+    layer = torch.nn.Linear(32, 16)
+    calls = []
+    with mock.patch.object(cpu_gemm, "onednn_linear", lambda *args: calls.append(1) or onednn_linear(*args)):
+        with torch.no_grad(), use_cpu_gemm("onednn"):
+            layer(torch.randn(1, 1, 32))
+            layer(torch.randn(1, cpu_gemm.MIN_ROWS - 1, 32))
+            assert not calls
+            layer(torch.randn(1, cpu_gemm.MIN_ROWS, 32))
+    assert len(calls) == 1
