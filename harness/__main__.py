@@ -14,6 +14,7 @@ python -m harness sensitivity [--windows N] key=value ...   per-block KL/PPL of 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -91,18 +92,47 @@ def _default(field) -> object:
     return field.default
 
 
+# MLflow (>= 3.15) restores a runs-table view from the experiment tag `mlflow.sharedViewState.<key>` when the page
+# is opened with `?viewStateShareKey=<key>` (its "share view" feature): the columns a person compares methods by
+# come first, sorted by perplexity. Column keys are MLflow's `metrics.`name`` / `tags.`name`` sort keys.
+LEADERBOARD_VIEW_KEY = "quantbench-leaderboard"
+_LEADERBOARD_COLUMNS = [
+    "metrics.`wikitext2_ppl`",
+    "metrics.`kl_vs_fp`",
+    "metrics.`top1_vs_fp`",
+    "metrics.`bits_per_weight`",
+    "metrics.`kv_bytes_per_token`",
+    "metrics.`quantize_seconds`",
+    "tags.`model`",
+    "tags.`budget`",
+]
+LEADERBOARD_VIEW = {
+    "selectedColumns": _LEADERBOARD_COLUMNS,
+    "columnOrder": _LEADERBOARD_COLUMNS,
+    "orderByKey": "metrics.`wikitext2_ppl`",
+    "orderByAsc": True,
+}
+
+
 def _runs_table(tracking_uri: str) -> str:
-    """The URL fragment of the quantbench experiment's runs table (MLflow 3 otherwise opens on its GenAI overview,
-    empty for our runs); the experiment page if the store has no quantbench experiment yet."""
+    """The URL fragment of the quantbench experiment's runs table with the leaderboard view (MLflow 3 otherwise
+    opens on its GenAI overview, empty for our runs, and shows no metric columns); the experiment page if the
+    store has no quantbench experiment yet."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).exists():
         return "#/experiments"  # no store yet (and asking would create one)
     try:
         import mlflow
 
-        found = mlflow.MlflowClient(tracking_uri).get_experiment_by_name(DEFAULT_EXPERIMENT)
+        client = mlflow.MlflowClient(tracking_uri)
+        found = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+        if found is not None:
+            view = json.dumps(LEADERBOARD_VIEW, separators=(",", ":"))
+            client.set_experiment_tag(found.experiment_id, f"mlflow.sharedViewState.{LEADERBOARD_VIEW_KEY}", view)
     except Exception:  # an unreachable store: the UI will say so itself
         found = None
-    return f"#/experiments/{found.experiment_id}/runs" if found else "#/experiments"
+    if found is None:
+        return "#/experiments"
+    return f"#/experiments/{found.experiment_id}/runs?viewStateShareKey={LEADERBOARD_VIEW_KEY}"
 
 
 def _sync(argv: list[str]) -> int:

@@ -374,11 +374,16 @@ def test_parallel_workers_log_to_a_tracking_server(tmp_path, data_dir):
 
 def test_the_ui_command_points_at_the_runs_table(tmp_path):
     """MLflow 3 opens an experiment on its GenAI overview; `harness ui` names the runs table's address instead,
-    and does not create a store by asking about one that does not exist."""
+    with a saved view whose first column is perplexity, and does not create a store by asking about one that
+    does not exist."""
     from harness.__main__ import _runs_table
     from harness.tracking import Tracker
 
     missing = f"sqlite:///{tmp_path}/none.db"
     assert _runs_table(missing) == "#/experiments" and not (tmp_path / "none.db").exists()
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
-    assert _runs_table(f"sqlite:///{tmp_path}/mlflow.db") == f"#/experiments/{tracker.experiment_id}/runs"
+    view = "runs?viewStateShareKey=quantbench-leaderboard"
+    assert _runs_table(f"sqlite:///{tmp_path}/mlflow.db") == f"#/experiments/{tracker.experiment_id}/{view}"
+    tags = tracker.mlflow.get_experiment(tracker.experiment_id).tags
+    state = json.loads(tags["mlflow.sharedViewState.quantbench-leaderboard"])  # the view the link opens
+    assert state["selectedColumns"][0] == state["orderByKey"] == "metrics.`wikitext2_ppl`" and state["orderByAsc"]
