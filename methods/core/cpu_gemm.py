@@ -22,9 +22,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 CPU_GEMMS = ("onednn", "mkl")
-# Below this many rows (tokens) oneDNN's per-call weight reorder dominates: at 1 row it is ~100x slower than MKL
-# for a 576x1536 weight, at 8+ rows faster (measured on the 2-core AMD EPYC, 2 threads).
+# Below this many rows (tokens) oneDNN's per-call weight reorder dominates: at 1 row it is 2-10x slower than MKL
+# for SmolLM2's 576x1536 / 1536x576 weights, at 8 rows even, at 32 rows 1.5-1.9x faster (2-core AMD EPYC,
+# 2 threads).
 MIN_ROWS = 16
+_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -36,10 +38,16 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` computed by oneDNN's fp32 inner product (x: [..., in], weight: [out, in])."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
+    """`F.linear(x, weight, bias)` computed by oneDNN's fp32 inner product (x: [..., in], weight: [out, in]).
+    `torch.ops.mkldnn._linear_pointwise` (the op torch.compile's CPU backend lowers linears to) takes dense
+    tensors; where a build lacks it, `mkldnn_linear` on oneDNN-layout copies (measured ~2x slower here)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    out = torch._C._nn.mkldnn_linear(rows, weight.contiguous(), bias).to_dense()
+    if _POINTWISE is not None:
+        out = _POINTWISE(rows, weight, bias, "none", [], "")
+    else:
+        out = torch._C._nn.mkldnn_linear(rows.to_mkldnn(), weight, bias).to_dense()
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
