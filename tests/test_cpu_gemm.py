@@ -14,7 +14,10 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_onednn_linear_equals_torch_linear_to_fp32_rounding():
+@pytest.mark.parametrize("pointwise", [True, False])
+def test_onednn_linear_equals_torch_linear_to_fp32_rounding(pointwise, monkeypatch):
+    if not pointwise:  # a build without the dense-tensor op: oneDNN-layout copies
+        monkeypatch.setattr(cpu_gemm, "_POINTWISE", None)
     torch.manual_seed(0)
     x, weight, bias = torch.randn(2, 37, 96), torch.randn(80, 96), torch.randn(80)
     out = onednn_linear(x, weight, bias)
