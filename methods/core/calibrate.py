@@ -164,10 +164,12 @@ def walk_blocks(
     model: nn.Module, windows: list[torch.Tensor], batch_size: int = 4, desc: str = "calibrate"
 ) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
     """Yield (index, block, inputs) for each decoder block, with a progress bar; after the caller's work on
-    a block, its outputs (computed with the possibly-modified block) become the next block's inputs."""
+    a block, its outputs (computed with the possibly-modified block) become the next block's inputs (not
+    computed after the last block)."""
     inputs, block_kwargs = capture_block_inputs(model, windows, batch_size)
     layers = arch_of(model).layers(model)
     for index, block in enumerate(tqdm(layers, desc=desc, unit="block")):
         inputs = BlockInputs(hidden=inputs.hidden, kwargs=block_kwargs[index])
         yield index, block, inputs
-        inputs = BlockInputs(hidden=run_block(block, inputs), kwargs=block_kwargs[index])
+        if index < len(layers) - 1:  # the last block's outputs would feed nothing
+            inputs = BlockInputs(hidden=run_block(block, inputs), kwargs=block_kwargs[index])

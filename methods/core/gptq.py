@@ -106,34 +106,41 @@ def gptq_quantize(
         perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_cholesky(h, damp)
-    codes = torch.zeros(rows, cols, dtype=dtype)
-    col_group = perm // group  # group of each visited column (original index // group)
+    # The loop works on transposed copies (one visited column = one contiguous row) with the visiting order and
+    # groups as Python ints: the same arithmetic as column slices, ~1.4x faster on CPU (per-column ops are tiny).
+    wt = w.T.contiguous()
+    codes_t = torch.zeros(cols, rows, dtype=dtype)
+    scales_t, zeros_t = scales.T.contiguous(), zeros.T.contiguous()  # [groups, rows]
+    group_of = (perm // group).tolist()  # group of each visited column (original index // group)
+    index_of = perm.tolist()
+    bits, sym = quantizer.bits, quantizer.sym
 
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        w_block = w[:, start:end].clone()
+        w_block = wt[start:end].clone()
         err_block = torch.zeros_like(w_block)
         hinv_block = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
-            g = int(col_group[col])
-            if not static and int(perm[col]) % group == 0:
+            g = group_of[col]
+            if not static and index_of[col] % group == 0:
                 # First column of a group (no act-order: visiting order = index order): fit its grid on the
                 # current, error-compensated weights of the whole group.
-                span = torch.cat([w_block[:, i:], w[:, end:]], dim=1)[:, :group]
+                span = torch.cat([w_block[i:], wt[end:]], dim=0)[:group].T
                 s, z = quantizer.group_params(span.unsqueeze(1))
-                scales[:, g], zeros[:, g] = s.reshape(-1), z.reshape(-1)
-            scale, zero = scales[:, g], zeros[:, g]
-            q = quantize_codes(w_block[:, i], scale, zero, quantizer.bits, quantizer.sym)
-            codes[:, col] = q
+                scales_t[g], zeros_t[g] = s.reshape(-1), z.reshape(-1)
+            scale, zero = scales_t[g], zeros_t[g]
+            column = w_block[i]
+            q = quantize_codes(column, scale, zero, bits, sym)
+            codes_t[col] = q
             deq = scale * (q - zero)
-            err = (w_block[:, i] - deq) / hinv_block[i, i]
-            w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            err_block[:, i] = err
-        w[:, end:] -= err_block @ hinv[start:end, end:]
+            err = (column - deq) / hinv_block[i, i]
+            w_block[i:] -= hinv_block[i, i:].unsqueeze(1) * err.unsqueeze(0)
+            err_block[i] = err
+        wt[end:] -= hinv[start:end, end:].T @ err_block
 
-    inverse_perm = torch.argsort(perm)
-    codes = codes[:, inverse_perm]
+    codes = codes_t.T[:, torch.argsort(perm)]
+    scales, zeros = scales_t.T.contiguous(), zeros_t.T.contiguous()
     return QuantizedWeight(
         codes=codes.to(torch.int8 if quantizer.sym else torch.uint8),
         scales=scales.float(),
