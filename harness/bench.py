@@ -296,7 +296,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--windows", type=int, default=4, help="eval: WikiText-2 windows timed per repetition")
-    parser.add_argument("--eager", action="store_true", help="forward: act/KV quantizers without torch.compile")
+    parser.add_argument("--eager", action="store_true", help="forward, gemm: act/KV quantizers without torch.compile")
     parser.add_argument(
         "--ppl-windows", type=int, default=0, help="quantize, gemm: PPL on the first windows afterwards"
     )
@@ -369,6 +369,9 @@ def main(argv: list[str]) -> int:
         )
         return 0
     if args.what == "gemm":
+        from methods.core.quantizers import compile_quantizers
+
+        compile_quantizers(not args.eager)  # as evaluation runs them
         rows = gemm_comparison(args.model, args.method, args.bits, args.ppl_windows, args.seqlen, args.reps)
         print(
             f"fp32 CPU matmuls, {args.model}: forward of 1 x {args.seqlen} tokens ({torch.get_num_threads()} threads, "
