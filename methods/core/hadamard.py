@@ -86,10 +86,8 @@ def small_factor(n: int) -> tuple[torch.Tensor, bool]:
     return q * torch.sign(torch.diagonal(r)), False
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized fast Walsh–Hadamard transform over the last dim (a power of two): x H_{2^k}."""
+def _fwht_butterflies(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
-    assert n & (n - 1) == 0, f"fwht needs a power of two, got {n}"
     shape = x.shape
     h = 1
     while h < n:
@@ -97,6 +95,28 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
         x = torch.cat((x[:, :, 0] + x[:, :, 1], x[:, :, 0] - x[:, :, 1]), dim=-1)
         h *= 2
     return x.reshape(shape)
+
+
+@functools.lru_cache(maxsize=32)
+def _sylvester(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """The unnormalized Sylvester Hadamard H_n (±1 entries, symmetric), built exactly by the butterflies."""
+    return _fwht_butterflies(torch.eye(n, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized Walsh–Hadamard transform over the last dim (a power of two): x H_{2^k}.
+
+    One `linear` with the cached ±1 matrix (so `methods.core.cpu_gemm` routes it too) instead of log₂n butterfly
+    passes, each a full read and write of x plus a concatenation: on this CPU (1 thread) 2.5x faster for the
+    12·128-wide down_proj inputs and 8x for 64-wide heads. The two sum in different orders, so they agree to
+    rounding (~5e-7 relative), not bit for bit."""
+    n = x.shape[-1]
+    assert n & (n - 1) == 0, f"fwht needs a power of two, got {n}"
+    if n == 1:
+        return x
+    if not x.dtype.is_floating_point:
+        return _fwht_butterflies(x)
+    return torch.nn.functional.linear(x, _sylvester(n, x.dtype, str(x.device)))  # H symmetric: x Hᵀ = x H
 
 
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
