@@ -126,7 +126,8 @@ class RunSpec:
     deploy: DeploySpec = field(default_factory=DeploySpec, compare=False)
     compile_quantizers: bool = field(default=False, compare=False)  # bit-identical; speed only
     fidelity: bool = field(default=False, compare=False)  # KL / top-1 vs FP in the PPL pass; a measurement
-    cpu_gemm: str = field(default="mkl", compare=False)  # fp32 CPU matmul library (methods/core/cpu_gemm.py)
+    cpu_gemm: str = field(default="mkl", compare=False)  # fp32 CPU matmuls (methods/core/cpu_gemm.py); mkl =
+    # PyTorch's own; runs take `cpu_gemm` from the config (onednn by default)
 
     def _legacy_plugins(self) -> dict[str, Any] | None:
         """The plug-ins as pre-plug-in method parameters, or None if they cannot be written that way."""

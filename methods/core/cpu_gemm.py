@@ -1,10 +1,10 @@
 """Which library multiplies fp32 matrices on CPU: PyTorch's default (MKL's sgemm) or oneDNN's inner product.
 
-PyTorch's CPU wheels call MKL for every fp32 `linear`/`matmul`. On AMD CPUs MKL does not take its fastest
-AVX-512 code path, while oneDNN (also inside every PyTorch CPU wheel, `torch._C._nn.mkldnn_linear`) picks its
-kernels by CPU features. `python -m harness bench gemm` measures both on a model (DEVELOPERS.md has the table
-for this project's 2-core AMD EPYC). The libraries sum in different orders, so an FP forward agrees to fp32
-rounding (~1e-6 relative), not bit for bit; behind a fake quantizer such a difference can move a value across a
+PyTorch's CPU wheels call MKL for every fp32 `linear`/`matmul`; they also carry oneDNN, which picks its kernels by
+CPU features. On this project's 2-core AMD EPYC, MKL's sgemm measured 1.2-3x slower than oneDNN on SmolLM2's
+linear shapes (MKL is tuned for Intel CPUs); `python -m harness bench gemm` measures both on a model
+(DEVELOPERS.md has the numbers). The libraries sum in different orders, so an FP forward agrees to fp32 rounding
+(~1e-7 relative in PPL), not bit for bit; behind a fake quantizer such a difference can move a value across a
 rounding boundary, so quantized runs agree only statistically (the bench prints the PPL drift).
 
 `use_cpu_gemm("onednn")` is a context manager that routes `torch.nn.functional.linear` on fp32 CPU tensors to
