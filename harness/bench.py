@@ -1,5 +1,6 @@
-"""`python -m harness bench forward|eval|quantize|load|kernels|runs`: model load time; fake-quantized vs FP forward
-time; the perplexity evaluator vs the bare forward (`eval`); a method's quantization time (`quantize`);
+"""`python -m harness bench forward|eval|quantize|deploy|load|kernels|runs|gemm`: model load time; fake-quantized vs
+FP forward time; the perplexity evaluator vs the bare forward (`eval`); a method's quantization time (`quantize`);
+MKL vs oneDNN fp32 matmuls on the FP and a quantized model, speed and PPL (`gemm`);
 packed-format kernels against dense matmuls (kernels/bench.py); `runs` measures the per-run latency
 (harness/evaluate/latency.py) of finished runs in the tracking store that were logged without it.
 
