@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from harness.report import _frame, _whole_split
@@ -79,6 +80,7 @@ def plot_pareto(records: list[dict], path: Path) -> None:
     legend_rows = max(len(g.method.unique()) for _, g in frame.groupby(["model", "panel"]))
     row_height = 4.2 + 0.2 * legend_rows
     fig, axes = plt.subplots(len(models), 3, figsize=(19, row_height * len(models)), squeeze=False)
+    labels: dict = {}
     for row, model in enumerate(models):
         for panel, (title, xcol, xlabel) in enumerate(PANELS):
             ax = axes[row][panel]
@@ -86,24 +88,92 @@ def plot_pareto(records: list[dict], path: Path) -> None:
             if group.empty:
                 ax.set_visible(False)
                 continue
-            _draw_panel(ax, group, xcol, colours, annotate=panel == 1)
+            labels[ax] = _draw_panel(ax, group, xcol, colours, annotate=panel == 1)
             ax.set_title(
                 f"{model}: {title}\nFP PPL {group.fp_ppl.iloc[0]:.2f} (whole WikiText-2 test split)", fontsize=10
             )
             ax.set_xlabel(xlabel, fontsize=9)
             ax.set_ylabel("PPL / FP PPL (log)", fontsize=9)
     fig.tight_layout(h_pad=2.0)
+    for ax, pending in labels.items():
+        _place_labels(ax, pending)
     _save(fig, path)
 
 
-def _draw_panel(ax, group, xcol: str, colours, annotate: bool) -> None:
+def spread_labels(wanted: list[float], gap: float, low: float = 0.0, high: float = 1.0) -> list[float]:
+    """Label positions on one axis (axes fraction) at least `gap` apart, in the order of `wanted`, inside
+    [low, high], each as close to where it is wanted as the others allow (least squares: overlapping labels
+    are merged into blocks centred on their members' mean, pool-adjacent-violators style)."""
+    order = sorted(range(len(wanted)), key=lambda i: wanted[i])
+    n = len(order)
+    if n == 0:
+        return []
+    gap = min(gap, (high - low) / max(n - 1, 1))
+    # the i-th label of a block sits at block start + i * gap; clip so every label fits inside [low, high]
+    starts = [min(max(wanted[i], low + k * gap), high - (n - 1 - k) * gap) - k * gap for k, i in enumerate(order)]
+    blocks: list[list[float]] = []  # [sum of member starts, member count]
+    for start in starts:
+        blocks.append([start, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    placed = [0.0] * n
+    k = 0
+    for total, count in blocks:
+        for _ in range(count):
+            placed[order[k]] = total / count + k * gap
+            k += 1
+    return placed
+
+
+def _place_labels(ax, pending: list[tuple[float, float, str, tuple]]) -> None:
+    """Each pending (x, y, text, colour) label beside its point with a leader line: labels of points whose x lie
+    close (W4A8 and W4A4 settings share ~4 bits/weight) stacked left of them, spread apart vertically."""
+    if not pending:
+        return
+    from matplotlib.transforms import blended_transform_factory, offset_copy
+
+    fontsize = 7
+    ymin, ymax = (float(v) for v in ax.get_ylim())
+    xmin, xmax = (float(v) for v in ax.get_xlim())
+
+    def frac(y: float) -> float:
+        return (math.log(y) - math.log(ymin)) / (math.log(ymax) - math.log(ymin))
+
+    height_pt = ax.get_window_extent().height * 72 / ax.figure.dpi
+    gap = 1.3 * fontsize / height_pt
+    clusters: list[list[int]] = []
+    for i in sorted(range(len(pending)), key=lambda i: pending[i][0]):
+        if clusters and pending[i][0] - pending[clusters[-1][-1]][0] < 0.08 * (xmax - xmin):
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    frame = blended_transform_factory(ax.transData, ax.transAxes)
+    for members in clusters:
+        xs = [pending[i][0] for i in members]
+        # a stack of labels goes left of its points (open space below 4 bits), so do labels near the right edge
+        left = len(members) > 1 or max(xs) > xmin + 0.85 * (xmax - xmin)
+        anchor_x = min(xs) if left else max(xs)
+        text_at = offset_copy(frame, fig=ax.figure, x=-12 if left else 12, units="points")
+        ys = spread_labels([frac(pending[i][1]) for i in members], gap, low=0.02, high=0.98)
+        for i, y in zip(members, ys, strict=True):
+            x, value, text, colour = pending[i]
+            ink = tuple(0.65 * c for c in colour[:3])  # darker than the marker: light tab20 colours stay legible
+            leader = {"arrowstyle": "-", "color": colour, "linewidth": 0.5, "shrinkA": 0, "shrinkB": 2}
+            ax.annotate(text, (x, value), xytext=(anchor_x, y), textcoords=text_at, fontsize=fontsize, color=ink,
+                        va="center", ha="right" if left else "left", arrowprops=leader)  # fmt: skip
+
+
+def _draw_panel(ax, group, xcol: str, colours, annotate: bool) -> list[tuple[float, float, str, tuple]]:
     """One panel: each method's runs (its Pareto-optimal ones filled and joined), collapsed runs as triangles
     on the ceiling with their PPL in the legend, bit settings named on the top axis — or, where settings share
-    an x (`annotate`: W4A8 and W4A4 have the same bits per weight), next to every point, with one front per
-    activation/KV setting."""
+    an x (`annotate`: W4A8 and W4A4 have the same bits per weight), next to every point (the labels returned for
+    `_place_labels` once the layout is final), with one front per activation/KV setting."""
     import textwrap
 
     ax.axhline(1.0, color="black", linewidth=1, linestyle=":")
+    labels = []
     for method, rows in sorted(group.groupby("method")):
         colour = colours[method]
         shown = rows[rows.rel <= CEILING]
@@ -119,7 +189,7 @@ def _draw_panel(ax, group, xcol: str, colours, annotate: bool) -> None:
             x, best = getattr(r, xcol), (getattr(r, xcol), r.rel) in on_front
             ax.scatter(x, r.rel, s=30, color=colour if best else "none", edgecolors=colour, zorder=3)
             if annotate:
-                ax.annotate(_short_bits(r.bits), (x, r.rel), fontsize=7, xytext=(4, 2), textcoords="offset points")
+                labels.append((float(x), float(r.rel), _short_bits(r.bits), colour))
         down = rows[rows.rel > CEILING].sort_values(xcol)
         ax.scatter(down[xcol], [CEILING] * len(down), marker="^", s=45, color=colour, zorder=3)
         label = method + ("".join(f"; {_short_bits(r.bits)} collapsed: PPL {r.ppl:,.0f}" for r in down.itertuples()))
@@ -135,6 +205,7 @@ def _draw_panel(ax, group, xcol: str, colours, annotate: bool) -> None:
             va="top", color="0.35")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, frameon=False, ncol=1)
+    return labels
 
 
 def _short_bits(bits: str) -> str:

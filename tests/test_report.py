@@ -1,5 +1,7 @@
 """Leaderboard rendering from run records: deterministic, grouped, Δ against FP, failures shown."""
 
+import pytest
+
 from harness.labels import method_label
 from harness.records import select_latest
 from harness.report import render_leaderboard
@@ -179,6 +181,20 @@ def test_pareto_front_keeps_only_undominated_points():
 
     points = [(4.1, 1.2), (3.1, 1.5), (2.2, 3.0), (3.2, 2.0), (4.2, 1.3), (2.2, 2.5)]
     assert pareto_front(points) == [(2.2, 2.5), (3.1, 1.5), (4.1, 1.2)]
+
+
+def test_spread_labels_keeps_order_gap_and_bounds():
+    """Labels already apart stay where wanted; three wanted at one place are spread `gap` apart around it (the
+    least-squares placement keeps their mean); labels wanted past the top edge are pushed inside it."""
+    from harness.plots import spread_labels
+
+    assert spread_labels([0.1, 0.5, 0.9], 0.1) == pytest.approx([0.1, 0.5, 0.9])
+    assert spread_labels([0.5, 0.5, 0.5], 0.1) == pytest.approx([0.4, 0.5, 0.6])
+    placed = spread_labels([0.30, 0.20, 0.25], 0.1)  # order of the input kept: 0.20 lowest, 0.30 highest
+    assert placed == pytest.approx([0.35, 0.15, 0.25])
+    top = spread_labels([0.99, 0.99, 0.99], 0.1, low=0.0, high=0.98)
+    assert max(top) <= 0.98 + 1e-12 and sorted(top)[1] - sorted(top)[0] == pytest.approx(0.1)
+    assert spread_labels([], 0.1) == []
 
 
 def test_pareto_panels_relative_ppl_and_kv_bits(tmp_path):
