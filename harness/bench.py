@@ -36,6 +36,19 @@ def _time_forward(model, ids, reps: int) -> list[float]:
     return times
 
 
+def _time_input_gradient_step(model, ids, reps: int) -> list[float]:
+    """Forward + backward of the language-model loss to the input embeddings with every weight frozen: the cost
+    shape of a step that learns only transforms of the activations (SpinQuant's rotations)."""
+    model.requires_grad_(False)
+    times = []
+    for _ in range(reps):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        start = time.perf_counter()
+        model(inputs_embeds=embeds, labels=ids, use_cache=False).loss.backward()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def forward_overhead(model_name: str, method: str, bits: str, seqlen: int, reps: int, overrides: list[str]) -> dict:
     """The method with its act/KV plug-ins, composed exactly as a run composes them (`runner.apply`)."""
     from hydra import compose, initialize_config_dir
@@ -180,7 +193,8 @@ def eval_overhead(model_name: str, windows: int, seqlen: int, reps: int) -> dict
 def gemm_comparison(model_name: str, method: str, bits: str, windows: int, seqlen: int, reps: int) -> list[dict]:
     """The FP model and `method` at `bits` (RTN weights for QuaRot, as `bench forward`), each run with every
     fp32 CPU matmul library (methods/core/cpu_gemm.py): forward seconds on one random 1 x `seqlen` batch,
-    alternated `reps` times after a warm-up, and WikiText-2 PPL on the first `windows` windows."""
+    alternated `reps` times after a warm-up, and WikiText-2 PPL on the first `windows` windows; for the FP model
+    also a frozen-weight gradient step (`train_times`: forward + backward to the input embeddings)."""
     from harness import data
     from harness.evaluate.perplexity import perplexity
     from harness.runner import apply, build_plugins
@@ -207,14 +221,20 @@ def gemm_comparison(model_name: str, method: str, bits: str, windows: int, seqle
         for gemm in CPU_GEMMS:  # warm-up
             with use_cpu_gemm(gemm):
                 _time_forward(model, batch, 1)
+        train_times: dict[str, list[float]] = {gemm: [] for gemm in CPU_GEMMS}
         for _ in range(reps):
             for gemm in CPU_GEMMS:
                 with use_cpu_gemm(gemm):
                     times[gemm] += _time_forward(model, batch, 1)
+                    if bits_now != bits:  # warm-up step at the first repetition, not timed
+                        train_times[gemm] += _time_input_gradient_step(model, batch, 2 if not train_times[gemm] else 1)
         for gemm in CPU_GEMMS:
             with use_cpu_gemm(gemm):
                 ppl = perplexity(model, ids, seqlen, 1, windows, progress=False).ppl if windows else float("nan")
-            rows.append({"model": name, "gemm": gemm, "times": times[gemm], "ppl": ppl, "tokens": seqlen})
+            rows.append(
+                {"model": name, "gemm": gemm, "times": times[gemm], "ppl": ppl, "tokens": seqlen,
+                 "train_times": train_times[gemm][1:]}
+            )  # fmt: skip
     return rows
 
 
@@ -391,6 +411,11 @@ def main(argv: list[str]) -> int:
             speed = statistics.median(mkl["times"]) / statistics.median(onednn["times"])
             drift = abs(onednn["ppl"] - mkl["ppl"]) / mkl["ppl"]
             print(f"{mkl['model']}: onednn {speed:.2f}x mkl's speed; PPL differs by {drift:.2e} (relative)")
+        fp = {entry["gemm"]: entry["train_times"] for entry in rows[:2]}
+        print("FP frozen-weight gradient step (forward + backward to the input embeddings, SpinQuant's shape):")
+        for gemm in CPU_GEMMS:
+            print(f"{row('FP | ' + gemm, fp[gemm])}")
+        print(f"onednn {statistics.median(fp['mkl']) / statistics.median(fp['onednn']):.2f}x mkl's speed")
         return 0
     if args.what == "eval":
         with use_cpu_gemm(args.cpu_gemm):

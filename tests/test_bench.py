@@ -30,4 +30,5 @@ def test_bench_gemm_times_and_scores_both_matmul_libraries_on_the_same_models(da
         ("rtn w4a8kv8", "mkl"),
     ]
     assert all(len(r["times"]) == 2 and r["ppl"] > 1 for r in rows)
+    assert [len(r["train_times"]) for r in rows] == [2, 2, 0, 0]  # FP's frozen-weight gradient step, per library
     assert abs(rows[0]["ppl"] - rows[1]["ppl"]) <= 1e-4 * rows[1]["ppl"]  # FP: the same up to fp32 rounding

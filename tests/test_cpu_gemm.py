@@ -50,6 +50,33 @@ def test_the_mode_routes_inference_linears_and_leaves_autograd_and_other_dtypes_
     assert x.grad is not None and layer.weight.grad is not None
 
 
+def test_a_frozen_weight_with_a_trainable_input_runs_both_directions_on_onednn():
+    """SpinQuant's case: the network frozen, the gradient flows to the (rotated) input only — forward and
+    d input = d out · W both on oneDNN, equal to PyTorch's to fp32 rounding; a trainable bias is left alone."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48).requires_grad_(False)
+    x = torch.randn(3, 20, 64)
+    upstream = torch.randn(3, 20, 48)
+    calls = []
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return onednn_linear(*args)
+
+    reference = x.clone().requires_grad_()
+    (layer(reference) * upstream).sum().backward()
+    routed = x.clone().requires_grad_()
+    with mock.patch.object(cpu_gemm, "onednn_linear", counting), use_cpu_gemm("onednn"):
+        out = layer(routed)
+        (out * upstream).sum().backward()
+        assert len(calls) == 2  # forward, and the input gradient
+        layer.bias.requires_grad_(True)
+        layer(x.clone().requires_grad_()).sum().backward()
+    assert len(calls) == 2 and layer.bias.grad is not None
+    assert _relative(out.detach(), layer(x).detach()) < 1e-5
+    assert _relative(routed.grad, reference.grad) < 1e-5
+
+
 def test_gram_is_x_transpose_x_under_either_library():
     x = torch.randn(300, 40, generator=torch.Generator().manual_seed(1))
     for name in ("onednn", "mkl"):

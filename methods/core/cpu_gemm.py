@@ -8,9 +8,11 @@ linear shapes (MKL is tuned for Intel CPUs); `python -m harness bench gemm` meas
 rounding boundary, so quantized runs agree only statistically (the bench prints the PPL drift).
 
 `use_cpu_gemm("onednn")` is a context manager that routes `torch.nn.functional.linear` on fp32 CPU tensors to
-oneDNN while no gradient is being taken (evaluation, calibration forwards, Hessian accumulation). Anything else
-(other dtypes, CUDA, autograd, fewer than `MIN_ROWS` rows as in decoding) goes to PyTorch's own `linear`. It is
-a `TorchFunctionMode`, so module hooks, `QLinear` and Hugging Face models need no change.
+oneDNN while no gradient is being taken (evaluation, calibration forwards, Hessian accumulation), and also
+where a gradient flows only to the input through a frozen weight (SpinQuant learning rotations of a frozen
+network): forward and the input gradient (grad_out · W) both on oneDNN. Anything else (a weight or bias that
+trains, other dtypes, CUDA, fewer than `MIN_ROWS` rows as in decoding) goes to PyTorch's own `linear`. It is a
+`TorchFunctionMode`, so module hooks, `QLinear` and Hugging Face models need no change.
 `use_cpu_gemm("mkl")` changes nothing.
 """
 
@@ -29,12 +31,28 @@ MIN_ROWS = 16
 _POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
-def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
         return False
     if x.dim() < 2 or x.numel() < MIN_ROWS * x.shape[-1] or weight.dim() != 2:
         return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    trains = weight.requires_grad or (bias is not None and bias.requires_grad)
+    return not (torch.is_grad_enabled() and trains)
+
+
+class _FrozenWeightLinear(torch.autograd.Function):
+    """`linear(x, weight, bias)` with a gradient for x only (weight and bias frozen), both directions on oneDNN:
+    d x = d out · weight, i.e. a linear with weightᵀ."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        return onednn_linear(grad_out, weight.t()), None, None
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +76,9 @@ class _OneDNNLinears(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if isinstance(x, torch.Tensor) and _eligible(x, weight):
+            if isinstance(x, torch.Tensor) and _eligible(x, weight, bias):
+                if torch.is_grad_enabled() and x.requires_grad:
+                    return _FrozenWeightLinear.apply(x, weight, bias)
                 return onednn_linear(x, weight, bias)
         return func(*args, **kwargs)
 
