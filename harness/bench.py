@@ -50,22 +50,16 @@ def _time_input_gradient_step(model, ids, reps: int) -> list[float]:
 
 
 def forward_overhead(model_name: str, method: str, bits: str, seqlen: int, reps: int, overrides: list[str]) -> dict:
-    """The method with its act/KV plug-ins, composed exactly as a run composes them (`runner.apply`)."""
-    from hydra import compose, initialize_config_dir
+    """The method with its act/KV plug-ins, composed exactly as a run composes them (`runner.apply`), given no
+    calibration windows (pass `method.weights=rtn` to GPTQ-based methods)."""
+    from harness.runner import apply
 
-    from harness.cli_sweep import CONF_DIR
-    from harness.runner import apply, build_plugins, check_supported, spec_from_config
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model_name}", f"method={method}", f"bits={bits}", *overrides])
-    run = spec_from_config(cfg)
-    check_supported(run)
+    run = _compose_run(model_name, method, bits, overrides)
     fp_model, _ = models.load(run.model)
-    q_model, _ = models.load(run.model)
+    q_model, tokenizer = models.load(run.model)
     entry = METHODS[method]
-    act, kv = build_plugins(run)
     config = entry.make_config(f"method {method!r}", run.method_params)
-    apply(q_model, entry, config, run.bits, QuantContext(0, lambda: [], act=act, kv=kv))
+    apply(q_model, entry, config, run.bits, _bench_context(run, tokenizer, lambda: []))
     ids = torch.randint(0, fp_model.config.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
     _time_forward(fp_model, ids, 1)
     _time_forward(q_model, ids, 1)
@@ -81,6 +75,13 @@ def forward_overhead(model_name: str, method: str, bits: str, seqlen: int, reps:
     }
 
 
+def _timing_overrides(method: str) -> list[str]:
+    """A forward's cost does not depend on the weight values: rotation methods get RTN weights (no calibration)
+    and SpinQuant its starting rotation (no learning steps) when only their forward is timed."""
+    rotation_only = {"quarot": ["method.weights=rtn"], "spinquant": ["method.weights=rtn", "method.loop.steps=0"]}
+    return rotation_only.get(method, [])
+
+
 def _compose_run(model_name: str, method: str, bits: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
@@ -94,13 +95,24 @@ def _compose_run(model_name: str, method: str, bits: str, overrides: list[str]):
     return run
 
 
+def _bench_context(run, tokenizer, calibration=None) -> QuantContext:
+    """The context a run gives its method (`runner.make_context`: calibration, training windows, act/KV
+    plug-ins), without the run's checkpoint directory: a bench neither resumes nor leaves a training checkpoint."""
+    import dataclasses
+
+    from harness.runner import make_context
+
+    ctx = make_context(run, tokenizer)
+    return dataclasses.replace(ctx, calibration=calibration or ctx.calibration, checkpoint_dir=None)
+
+
 def bench_quantize(model_name: str, method: str, bits: str, overrides: list[str], ppl_windows: int) -> dict:
     """One method's quantization exactly as a run does it (`runner.apply`), timed: drawing the calibration
     windows, then the method (calibration forwards, statistics, solve); the layer objective it reports; and,
     if `ppl_windows` > 0, WikiText-2 PPL on the first windows (a quick check that speed did not cost accuracy)."""
     from harness import data
     from harness.evaluate.perplexity import perplexity
-    from harness.runner import apply, build_plugins
+    from harness.runner import apply
 
     run = _compose_run(model_name, method, bits, overrides)
     model, tokenizer = models.load(run.model)
@@ -108,11 +120,11 @@ def bench_quantize(model_name: str, method: str, bits: str, overrides: list[str]
     windows = data.calibration_windows(run.calib, tokenizer, run.seed, run.data_dir)
     data_seconds = time.perf_counter() - start
     entry = METHODS[method]
-    act, kv = build_plugins(run)
     config = entry.make_config(f"method {method!r}", run.method_params)
+    ctx = _bench_context(run, tokenizer, lambda: windows)
     start = time.perf_counter()
     with use_cpu_gemm(run.cpu_gemm):
-        summary = apply(model, entry, config, run.bits, QuantContext(run.seed, lambda: windows, act=act, kv=kv))
+        summary = apply(model, entry, config, run.bits, ctx)
     result = {
         "calib": f"{len(windows)} x {run.calib.seqlen}",
         "data_seconds": data_seconds,
@@ -137,18 +149,14 @@ def bench_deploy(model_name: str, method: str, bits: str, overrides: list[str], 
 
     from harness import data
     from harness.evaluate.deploy import evaluate_deployed
-    from harness.runner import apply, build_plugins
+    from harness.runner import apply
 
     run = _compose_run(model_name, method, bits, overrides)
     model, tokenizer = models.load(run.model)
     entry = METHODS[method]
-    act, kv = build_plugins(run)
     config = entry.make_config(f"method {method!r}", run.method_params)
-
-    def calibration():
-        return data.calibration_windows(run.calib, tokenizer, run.seed, run.data_dir)
-
-    apply(model, entry, config, run.bits, QuantContext(run.seed, calibration, act=act, kv=kv))
+    with use_cpu_gemm(run.cpu_gemm):
+        apply(model, entry, config, run.bits, _bench_context(run, tokenizer))
     token_ids = data.ppl_token_ids(run.ppl.dataset, tokenizer, run.data_dir)
     sixteen_bit, _ = models.load(run.model)
     settings = dataclasses.replace(run.deploy, windows=windows, reps=reps)
@@ -199,7 +207,7 @@ def gemm_comparison(model_name: str, method: str, bits: str, windows: int, seqle
     from harness.evaluate.perplexity import perplexity
     from harness.runner import apply, build_plugins
 
-    overrides = ["method.weights=rtn"] if method == "quarot" else []
+    overrides = _timing_overrides(method)
     rows = []
     for name, bits_now in (("FP", "w16a16kv16"), (f"{method} {bits}", bits)):
         run = _compose_run(
@@ -325,7 +333,9 @@ def main(argv: list[str]) -> int:
         "--cpu-gemm", default="onednn", choices=CPU_GEMMS, help="forward, eval: fp32 CPU matmul library (as runs)"
     )
     parser.add_argument(
-        "overrides", nargs="*", help="quantize: config overrides as a run takes them (calib.nsamples=128 ...)"
+        "overrides",
+        nargs="*",
+        help="quantize, deploy, forward: config overrides as a run takes them (calib.seqlen=512 ...)",
     )
     args = parser.parse_intermixed_args(argv)
     if args.method not in METHODS:
@@ -433,7 +443,7 @@ def main(argv: list[str]) -> int:
     from methods.core.quantizers import compile_quantizers
 
     compile_quantizers(not args.eager)  # as evaluation runs them (eval.compile_quantizers)
-    overrides = ["method.weights=rtn"] if args.method == "quarot" else []
+    overrides = [*_timing_overrides(args.method), *args.overrides]
     with use_cpu_gemm(args.cpu_gemm):
         result = forward_overhead(args.model, args.method, args.bits, args.seqlen, args.reps, overrides)
 

@@ -77,6 +77,28 @@ def test_a_frozen_weight_with_a_trainable_input_runs_both_directions_on_onednn()
     assert _relative(routed.grad, reference.grad) < 1e-5
 
 
+def test_a_checkpointed_loss_recomputes_on_the_library_of_its_forward(tiny):
+    """The chunked cross-entropy checkpoints its lm_head chunks; the backward recomputes them outside the
+    `use_cpu_gemm` block, so it must re-enter oneDNN (else checkpoint's saved-tensor check fails). A frozen
+    network, gradient to the input embeddings (SpinQuant's case): equal to MKL's to fp32 rounding."""
+    from methods.core.losses import LossSettings, cross_entropy
+
+    tiny, _ = tiny
+    tiny.requires_grad_(False)
+    gain = torch.ones(tiny.config.hidden_size, requires_grad=True)  # the only trainable tensor, on the input side
+    tiny.model.embed_tokens.register_forward_hook(lambda module, args, out: out * gain)
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for name in ("onednn", "mkl"):
+        gain.grad = None
+        with use_cpu_gemm(name):
+            assert cpu_gemm.current_cpu_gemm() == name
+            cross_entropy(tiny, ids, settings=LossSettings(chunk=16)).backward()
+        grads[name] = gain.grad.clone()
+    assert cpu_gemm.current_cpu_gemm() == "mkl"
+    assert _relative(grads["onednn"], grads["mkl"]) < 1e-4
+
+
 def test_gram_is_x_transpose_x_under_either_library():
     x = torch.randn(300, 40, generator=torch.Generator().manual_seed(1))
     for name in ("onednn", "mkl"):

@@ -19,6 +19,7 @@ trains, other dtypes, CUDA, fewer than `MIN_ROWS` rows as in decoding) goes to P
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -70,6 +71,14 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class _OneDNNLinears(TorchFunctionMode):
+    def __enter__(self):
+        _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.depth -= 1
+        return super().__exit__(*exc)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.linear:
@@ -81,6 +90,21 @@ class _OneDNNLinears(TorchFunctionMode):
                     return _FrozenWeightLinear.apply(x, weight, bias)
                 return onednn_linear(x, weight, bias)
         return func(*args, **kwargs)
+
+
+_ACTIVE = threading.local()  # how many `use_cpu_gemm("onednn")` blocks this thread is inside
+
+
+def current_cpu_gemm() -> str:
+    """The library fp32 CPU linears go to here and now: "onednn" inside `use_cpu_gemm("onednn")`, else "mkl"."""
+    return "onednn" if getattr(_ACTIVE, "depth", 0) > 0 else "mkl"
+
+
+def checkpoint_contexts() -> tuple:
+    """`context_fn` for `torch.utils.checkpoint`: the backward pass recomputes a checkpointed function outside
+    the `use_cpu_gemm` block it ran in, so the recomputation re-enters the library of the forward (otherwise its
+    linears go to another library, save other tensors, and checkpoint's metadata check fails)."""
+    return contextlib.nullcontext(), use_cpu_gemm(current_cpu_gemm())
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from methods.core.arch import arch_of
+from methods.core.cpu_gemm import checkpoint_contexts
 
 IGNORE = -100
 KL_KINDS = ("forward", "reverse", "cakld")
@@ -88,7 +89,7 @@ def cross_entropy(
         return flat.reshape(y.shape).sum(-1)
 
     total = sum(
-        checkpoint(chunk_loss, hidden[:, part], targets[:, part], use_reentrant=False)
+        checkpoint(chunk_loss, hidden[:, part], targets[:, part], use_reentrant=False, context_fn=checkpoint_contexts)
         for part in _chunks(hidden.shape[1], settings.chunk)
     )
     return _reduce(total, (targets != IGNORE).sum(-1), settings.reduction)
@@ -120,7 +121,14 @@ def distillation(
         return (_token_kl(s_arch.logits(student, h), teacher_logits, kind, gamma) * mask).sum(-1)
 
     total = sum(
-        checkpoint(chunk_loss, student_hidden[:, part], teacher_hidden[:, part], scored[:, part], use_reentrant=False)
+        checkpoint(
+            chunk_loss,
+            student_hidden[:, part],
+            teacher_hidden[:, part],
+            scored[:, part],
+            use_reentrant=False,
+            context_fn=checkpoint_contexts,
+        )
         for part in _chunks(input_ids.shape[1], settings.chunk)
     )
     return _reduce(total, scored.sum(-1), settings.reduction)
