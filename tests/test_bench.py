@@ -11,6 +11,16 @@ def test_bench_quantize_runs_the_method_as_a_run_does(data_dir, monkeypatch):
     assert result["ppl_windows"] == 1 and result["ppl"] > 1
 
 
+def test_bench_quantize_gives_a_training_method_its_training_windows(data_dir, monkeypatch):
+    """SpinQuant reads `ctx.training()` as in a run (the bench once passed a context without it: TypeError), and
+    learns its rotations on oneDNN under a checkpointed loss."""
+    monkeypatch.setenv("QUANTBENCH_DATA", data_dir)
+    overrides = ["method.loop.steps=2", "method.weights=rtn", "train.windows=2", "train.seqlen=64"]
+    result = bench_quantize("tiny-llama", "spinquant", "w4a4kv4", overrides, 0)
+    assert result["cpu_gemm"] == "onednn" and result["train_steps"] == 2
+    assert result["train_loss_first"] > 0 and result["rotation_orthogonality_error"] < 1e-4
+
+
 def test_bench_eval_times_the_evaluator_against_the_bare_forward_on_the_same_windows(data_dir, monkeypatch):
     monkeypatch.setenv("QUANTBENCH_DATA", data_dir)
     result = eval_overhead("tiny-llama", windows=1, seqlen=256, reps=2)
