@@ -306,7 +306,7 @@ def render_leaderboard(records: list[dict]) -> str:
             for row in table.itertuples():
                 delta = "–"
                 if fp_ppl is not None and row.ppl is not None and row.ppl == row.ppl and not row.failed:
-                    delta = f"{row.ppl - fp_ppl:+.2f} ({100 * (row.ppl / fp_ppl - 1):+.1f}%)"
+                    delta = f"{row.ppl - fp_ppl:+,.2f} ({100 * (row.ppl / fp_ppl - 1):+,.1f}%)"
                 status = row.status if not row.error else f"{row.status}: {row.error[:120]}"
                 zs_cells = "".join(f" {_zs_cell(row.metrics, task, metric)} |" for task, metric in task_metrics)
                 if tasks:
