@@ -386,8 +386,13 @@ def main(argv: list[str]) -> int:
             f"{metrics['deploy.fake_bf16_ppl']:.4f}, deployed {metrics['deploy.ppl']:.4f} "
             f"({100 * metrics['deploy.ppl_rel_diff']:.4f}% off)"
         )
+        print(
+            f"per linear, first window: worst {metrics['deploy.linear_max_ulps']:.2f} bf16 ulps "
+            f"({tags['deploy.linear_worst']}, {metrics['deploy.linears_checked']:.0f} linears); "
+            f"the check that gates: {tags['deploy.gate']}"
+        )
         if "deploy.error" in tags:
-            print("error: deployed PPL differs from the fake-quant PPL by more than the tolerance", file=sys.stderr)
+            print(f"error: {tags['deploy.error']}", file=sys.stderr)
             return 1
         print("| model | prefill tok/s | decode tok/s |\n|---|---:|---:|")
         for name in ("bf16", "deploy"):

@@ -79,13 +79,15 @@ class LatencySpec:
 
 @dataclass(frozen=True)
 class DeploySpec:
-    """Deployed mode (harness/evaluate/deploy.py): packed kernels, a perplexity check on the first `windows`
-    windows (relative `tolerance` to the fake-quant model in the same dtype), generation speed at batch 1.
-    Measurements and a check, so not in the run key."""
+    """Deployed mode (harness/evaluate/deploy.py): packed kernels, the check — every deployed linear within
+    `linear_ulps` bf16 ulps of its fake-quant linear on the same input (gates formats that quantize activations),
+    PPL on the first `windows` windows within relative `tolerance` of the fake-quant model in the same dtype (gates
+    weight-only formats) — and generation speed at batch 1. Measurements and a check, so not in the run key."""
 
     enabled: bool = False
     windows: int = 2
     tolerance: float = 0.001
+    linear_ulps: float = 1.0
     prompt_tokens: int = 128
     new_tokens: int = 32
     reps: int = 3

@@ -5,7 +5,16 @@ import copy
 import pytest
 import torch
 
-from harness.evaluate.deploy import DeploymentMismatch, bf16_copy, check_perplexity, deploy
+from harness.evaluate.deploy import (
+    DeploymentMismatch,
+    bf16_copy,
+    bf16_ulp,
+    check_linears,
+    check_perplexity,
+    deploy,
+    mismatch,
+)
+from harness.spec import DeploySpec
 from kernels.cpu_packed import Int4CPUWeight, Int8CPUWeight, IntGemmCPUWeight, int4_kernel_group
 from methods import METHODS
 from methods.core.quantizers import DynamicQuantizer, WeightQuantizer
@@ -101,3 +110,63 @@ def test_a_format_without_a_kernel_keeps_its_fake_quant_path(tiny):
 def test_a_perplexity_mismatch_fails_with_a_message_naming_the_cause():
     with pytest.raises(DeploymentMismatch, match="packed format or kernel"):
         check_perplexity(10.1, 10.0, 0.001)
+
+
+def test_bf16_ulp_is_the_spacing_of_bfloat16_numbers():
+    values = torch.tensor([1.0, 1.9, 2.0, -3.0, 0.0, 2.0**-10])
+    expected = torch.tensor([2.0**-7, 2.0**-7, 2.0**-6, 2.0**-6, 0.0, 2.0**-17])
+    assert torch.equal(bf16_ulp(values), expected)
+    one = torch.tensor([1.0], dtype=torch.bfloat16)
+    assert (torch.nextafter(one, one + 1) - one).item() == bf16_ulp(one).item()
+
+
+def _ids(model, tokens=256):
+    return torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "method, bits, params",
+    [("rtn", "w4a4kv16", {}), ("rtn", "w8a8kv16", {"w_sym": True}), ("quarot", "w4a4kv4", {"weights": "rtn"})],
+)
+def test_every_integer_gemm_linear_is_its_fake_quant_linear_rounded_once_to_bf16(tiny, method, bits, params):
+    """Integer arithmetic then one fp32 rescale: each output is the reference rounded to bf16, ≤ ½ ulp (measured
+    0.497–0.498 here), whatever the model's PPL does downstream."""
+    model, _ = tiny
+    quantize(model, method, METHODS[method].make_config(method, params), bits)
+    summary = deploy(model)
+    assert summary.quantizes_activations
+    check = check_linears(model, summary.swapped, _ids(model))
+    assert check.linears == summary.linears_total == 14
+    assert check.max_ulps <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("bug", ["scale 1% high", "zero offset off by one", "activation clip 0.9 vs 1.0"])
+def test_the_per_linear_check_catches_a_kernel_that_does_not_match_its_format(tiny, bug):
+    model, _ = tiny
+    quantize(model, "rtn", METHODS["rtn"].make_config("rtn", {}), "w4a4kv16")
+    summary = deploy(model)
+    name, (deployed, _) = next(iter(summary.swapped.items()))
+    if bug == "scale 1% high":
+        deployed.kernel.scales = deployed.kernel.scales * 1.01
+    elif bug == "zero offset off by one":
+        deployed.kernel.zero_offsets = deployed.kernel.zero_offsets + 1
+    else:
+        deployed.kernel.act_clip = 0.9
+    check = check_linears(model, summary.swapped, _ids(model))
+    assert check.worst == name and check.max_ulps > 1.0
+    metrics = {"deploy.linear_max_ulps": check.max_ulps, "deploy.ppl": 10.0, "deploy.fake_bf16_ppl": 10.0}
+    tags = {"deploy.linear_worst": check.worst, "deploy.gate": "per-linear"}
+    assert name in mismatch(metrics, tags, DeploySpec())
+
+
+def test_the_perplexity_gates_weight_only_formats_and_not_activation_quantized_ones():
+    """Weight-only kernels compute in bf16 with bf16 scales and offsets (tiny-llama int4 g32: up to 76 ulps off per
+    linear; SmolLM2 int4 g128: 0.016% in PPL), so PPL is their gate. A 0.5% PPL gap with every linear within ½ ulp
+    is the cascade of flipped activation codes measured on SmolLM2 for correct W8A8 kernels: a failure for a
+    weight-only format (no codes to flip), not for W8A8."""
+    metrics = {"deploy.linear_max_ulps": 0.5, "deploy.ppl": 20.1, "deploy.fake_bf16_ppl": 20.0}
+    assert mismatch(metrics, {"deploy.gate": "per-linear", "deploy.linear_worst": "x"}, DeploySpec()) is None
+    reason = mismatch(metrics, {"deploy.gate": "perplexity", "deploy.linear_worst": "x"}, DeploySpec())
+    assert "packed format or kernel" in reason and "0.500%" in reason
+    metrics.update({"deploy.ppl": 20.01, "deploy.linear_max_ulps": 76.0})  # int4 g32's bf16 offsets, measured
+    assert mismatch(metrics, {"deploy.gate": "perplexity", "deploy.linear_worst": "x"}, DeploySpec()) is None
