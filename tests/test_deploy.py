@@ -170,3 +170,17 @@ def test_the_perplexity_gates_weight_only_formats_and_not_activation_quantized_o
     assert "packed format or kernel" in reason and "0.500%" in reason
     metrics.update({"deploy.ppl": 20.01, "deploy.linear_max_ulps": 76.0})  # int4 g32's bf16 offsets, measured
     assert mismatch(metrics, {"deploy.gate": "perplexity", "deploy.linear_worst": "x"}, DeploySpec()) is None
+
+
+def test_a_model_mixing_both_kinds_is_checked_per_linear_on_its_activation_quantized_linears(tiny):
+    """A linear without an activation quantizer goes to a weight-only kernel (bf16 arithmetic, many ulps): it must
+    not fail the per-linear gate that its activation-quantized neighbours pass."""
+    model, _ = tiny
+    quantize(model, "rtn", METHODS["rtn"].make_config("rtn", {"w_sym": True}), "w4a4kv16")
+    first = next(m for m in model.modules() if getattr(m, "act_quant", None) is not None)
+    first.act_quant = None
+    summary = deploy(model)
+    assert summary.on_kernel == {"int-gemm-cpu": 13, "int4pack-cpu": 1}
+    gated = summary.activation_quantized
+    assert len(gated) == 13 and summary.quantizes_activations
+    assert check_linears(model, gated, _ids(model)).max_ulps <= 0.5 + 1e-3
