@@ -1,8 +1,8 @@
 """`python -m harness bench forward|eval|quantize|deploy|load|kernels|runs|gemm`: model load time; fake-quantized vs
 FP forward time; the perplexity evaluator vs the bare forward (`eval`); a method's quantization time (`quantize`);
 MKL vs oneDNN fp32 matmuls on the FP and a quantized model, speed and PPL (`gemm`);
-packed-format kernels against dense matmuls (kernels/bench.py); `runs` measures the per-run latency
-(harness/evaluate/latency.py) of finished runs in the tracking store that were logged without it.
+packed-format kernels against dense matmuls (kernels/bench.py); `runs` backfills the per-run latency into finished
+runs of the tracking store logged without it (harness/latency_backfill.py).
 
 Both models are built in the same process and timed alternately (warm-up first) on the same random
 2048-token batch; min / median / max over repetitions and the median ratio are printed. The forward's
@@ -20,7 +20,7 @@ import time
 import torch
 
 from harness import models
-from harness.spec import BitSpec, ModelSpec
+from harness.spec import ModelSpec
 from methods import METHODS
 from methods.base import QuantContext
 from methods.core.cpu_gemm import CPU_GEMMS, use_cpu_gemm
@@ -260,59 +260,6 @@ def _bench_load(model_name: str, reps: int) -> int:
     return 0
 
 
-def _bench_runs(tracking_uri: str, experiment: str, reps: int, device: str) -> int:
-    """Log latency metrics (and packed bytes per weight) into finished runs logged before these existed.
-    Both depend only on the model's shapes and the run's format (bits, group, weight symmetry), so this is
-    the measurement the run would have made; such runs are tagged `latency.measured_after_run`."""
-    from mlflow import MlflowClient
-
-    from harness.evaluate import latency
-    from harness.evaluate.memory import packed_bits_per_weight
-    from harness.spec import LatencySpec
-
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        print(f"error: no experiment {experiment!r} in {tracking_uri}; run a sweep first", file=sys.stderr)
-        return 2
-    spec = LatencySpec(reps=reps, device=device)
-    shapes_by_model: dict[tuple, object] = {}
-    measured = 0
-    for run in client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=50000):
-        tags, params = run.data.tags, run.data.params
-        if "run_key" not in tags:
-            continue
-        method = tags["method"]
-        default_sym = getattr(METHODS[method].config_cls(), "w_sym", False) if method in METHODS else False
-        w_sym = params.get("method.w_sym", str(default_sym)) == "True"
-        fmt = latency.run_format(BitSpec.parse(tags["bits"]), w_sym)
-        if fmt is None:
-            continue
-        model_key = (params.get("model.name"), params.get("model.id", "None"))
-        if model_key not in shapes_by_model:
-            model_id = None if model_key[1] in ("None", "null") else model_key[1]
-            model, _ = models.load(ModelSpec(model_key[0], id=model_id))
-            shapes_by_model[model_key] = latency.block_shapes(model)
-        shapes = shapes_by_model[model_key]
-        if "packed_bits_per_weight" not in run.data.metrics:  # packed bytes depend on shapes and format only
-            packed = packed_bits_per_weight(shapes, fmt.w_bits, fmt.group_size, w_sym)
-            client.log_metric(run.info.run_id, "packed_bits_per_weight", packed)
-        if "latency.format" in tags:
-            continue
-        metrics, lat_tags = latency.measure(shapes, fmt, spec)
-        for name, value in metrics.items():
-            client.log_metric(run.info.run_id, name, value)
-        for name, value in {**lat_tags, "latency.measured_after_run": "true"}.items():
-            client.set_tag(run.info.run_id, name, value)
-        measured += 1
-        print(
-            f"{tags.get('model')}/{method}/{tags['bits']} ({run.info.run_id[:8]}): {fmt.name} "
-            f"prefill {metrics['latency.prefill.speedup']:.2f}x, decode {metrics['latency.decode.speedup']:.2f}x"
-        )
-    print(f"measured {measured} run(s); `python -m harness report` to refresh the leaderboard")
-    return 0
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness bench")
     parser.add_argument("what", choices=["forward", "eval", "quantize", "deploy", "load", "kernels", "runs", "gemm"])
@@ -356,7 +303,9 @@ def main(argv: list[str]) -> int:
         from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 
         uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-        return _bench_runs(uri, DEFAULT_EXPERIMENT, args.reps, args.device)
+        from harness.latency_backfill import backfill_latency
+
+        return backfill_latency(uri, DEFAULT_EXPERIMENT, args.reps, args.device)
     if args.what == "load":
         return _bench_load(args.model, args.reps)
 
