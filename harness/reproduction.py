@@ -7,7 +7,7 @@ paper: "QuaRot (Ashkboos et al., arXiv 2404.00456)"
 headline: {model: LLaMA2-7B, setting: W4A4KV4, wikitext2_ppl: null, source: "not quoted: …"}
 claims:
   - text: "QuaRot rescues W4A4KV4 where RTN collapses"
-    run: {method: quarot, bits: w4a4kv4}          # the run the claim is about (best matching run)
+    run: {method: quarot, bits: w4a4kv4}          # the runs the claim is about (best matching configuration)
     below: {method: rtn, bits: w4a4kv4}           # holds if PPL(run) * factor < PPL(below)
     factor: 10
   - text: "KVQuant nuq3-1% is close to FP"
@@ -15,17 +15,23 @@ claims:
     within_fp: 0.10                                # holds if PPL(run) <= (1 + 0.10) * PPL(FP)
 ```
 
-A run matches a selector when its method, bits and every given method/plug-in parameter equal the selector's
-(as logged, compared as text); among matches, the lowest PPL counts (the method at its best). Only whole-split
-FINISHED runs count. Everything is rendered from `reports/runs.jsonl` alone, and `report --check` compares it, so a
-change that breaks a reproduced claim shows in the diff of the generated file.
+A run matches a selector when its method, bits and every given method, protocol (e.g. `budget`) or plug-in
+parameter equal the selector's (as logged, compared as text). Matching runs that differ only in their seed are one
+configuration; the configuration with the lowest mean PPL counts (the method at its best, without picking its
+luckiest seed). When both sides of a claim have two or more seeds, the numbers say whether the gap exceeds the seed
+spread (Welch's t-test over the seeds' PPL, p < 0.05). Only whole-split FINISHED runs count. Everything is rendered
+from `reports/runs.jsonl` alone, and `report --check` compares it, so a change that breaks a reproduced claim shows
+in the diff of the generated file.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from harness.stats import SIGNIFICANCE, mean_ci, welch_p_value
 
 FP = {"method": "rtn", "bits": "w16a16kv16"}
 
@@ -39,7 +45,8 @@ def _matches(rec: dict, selector: dict) -> bool:
     if rec["method"] != selector["method"] or rec["bits"] != selector["bits"]:
         return False
     for key, value in selector.get("params", {}).items():
-        if str(rec["method_params"].get(key)) != str(value):
+        logged = rec["method_params"].get(key, rec["protocol"].get(key))  # a method parameter or the budget's
+        if str(logged) != str(value):
             return False
     for group in ("act", "kv"):
         wanted = selector.get(group)
@@ -51,8 +58,17 @@ def _matches(rec: dict, selector: dict) -> bool:
     return True
 
 
-def best_run(records: list[dict], model: str, selector: dict) -> dict | None:
-    """The lowest-PPL whole-split FINISHED run of `model` that matches the selector."""
+def _configuration(rec: dict) -> tuple:
+    """What a run was, but for its seed: runs with equal configurations are seeds of one result."""
+    protocol = {k: v for k, v in rec["protocol"].items() if k != "seed"}
+    params = tuple(sorted((k, str(v)) for k, v in {**rec["method_params"], **protocol}.items()))
+    plugins = tuple(tuple(sorted((k, str(v)) for k, v in (rec.get(group) or {}).items())) for group in ("act", "kv"))
+    return rec["model"], rec["method"], rec["bits"], params, plugins
+
+
+def best_configuration(records: list[dict], model: str, selector: dict) -> list[dict]:
+    """The whole-split FINISHED runs of `model` matching the selector that share the configuration with the lowest
+    mean PPL, one per seed (the latest); [] when none matches."""
     found = [
         r
         for r in records
@@ -62,7 +78,25 @@ def best_run(records: list[dict], model: str, selector: dict) -> dict | None:
         and r["metrics"].get("wikitext2_ppl") is not None
         and _matches(r, selector)
     ]
-    return min(found, key=lambda r: r["metrics"]["wikitext2_ppl"], default=None)
+    groups: dict[tuple, dict[str, dict]] = {}
+    for rec in sorted(found, key=lambda r: r["end_time"] or 0):
+        groups.setdefault(_configuration(rec), {})[str(rec["protocol"].get("seed"))] = rec
+    return min((list(seeds.values()) for seeds in groups.values()), key=lambda runs: _mean(_ppls(runs)), default=[])
+
+
+def _ppls(runs: list[dict]) -> list[float]:
+    return [r["metrics"]["wikitext2_ppl"] for r in runs]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _ppl_text(runs: list[dict]) -> str:
+    if len(runs) == 1:
+        return f"{_ppls(runs)[0]:,.2f}"
+    mean, half = mean_ci(_ppls(runs))
+    return f"{mean:,.2f} ± {half:,.2f} ({len(runs)} seeds)"
 
 
 def _describe(selector: dict) -> str:
@@ -75,24 +109,31 @@ def _describe(selector: dict) -> str:
 
 
 def check_claim(claim: dict, records: list[dict], model: str) -> tuple[str, str]:
-    """(verdict, the numbers behind it) of one claim on one model."""
-    run = best_run(records, model, claim["run"])
+    """(verdict, the numbers behind it) of one claim on one model; a side with several seeds counts by its mean."""
+    runs = best_configuration(records, model, claim["run"])
     if "within_fp" in claim:
-        other, other_name = best_run(records, model, FP), "FP"
+        others, other_name = best_configuration(records, model, FP), "FP"
     else:
-        other, other_name = best_run(records, model, claim["below"]), _describe(claim["below"])
-    if run is None or other is None:
-        missing = [name for name, r in ((_describe(claim["run"]), run), (other_name, other)) if r is None]
+        others, other_name = best_configuration(records, model, claim["below"]), _describe(claim["below"])
+    if not runs or not others:
+        missing = [name for name, r in ((_describe(claim["run"]), runs), (other_name, others)) if not r]
         return "not run", "no whole-split run of " + " / ".join(missing)
-    ppl, ref = run["metrics"]["wikitext2_ppl"], other["metrics"]["wikitext2_ppl"]
+    ppl, ref = _mean(_ppls(runs)), _mean(_ppls(others))
     if "within_fp" in claim:
         limit = (1 + claim["within_fp"]) * ref
         holds = ppl <= limit
-        numbers = f"{ppl:,.2f} vs FP {ref:,.2f} ({100 * (ppl / ref - 1):+.1f}%; limit +{100 * claim['within_fp']:g}%)"
+        numbers = (
+            f"{_ppl_text(runs)} vs FP {_ppl_text(others)} ({100 * (ppl / ref - 1):+.1f}%; "
+            f"limit +{100 * claim['within_fp']:g}%)"
+        )
     else:
         factor = claim.get("factor", 1)
         holds = ppl * factor < ref
-        numbers = f"{ppl:,.2f} vs {ref:,.2f}" + (f" (needs {factor:g}x lower)" if factor != 1 else "")
+        numbers = f"{_ppl_text(runs)} vs {_ppl_text(others)}" + (f" (needs {factor:g}x lower)" if factor != 1 else "")
+        p_value = welch_p_value(_ppls(runs), _ppls(others))
+        if not math.isnan(p_value):
+            spread = "exceeds" if p_value < SIGNIFICANCE else "is within"
+            numbers += f"; the gap {spread} the seed spread (Welch p = {p_value:.2g})"
     return ("holds" if holds else "does not hold"), numbers
 
 
@@ -102,7 +143,8 @@ def render_reproduction(records: list[dict], claims: list[dict]) -> str:
         "# Paper vs ours",
         "",
         "Generated by `python -m harness report` from `reports/runs.jsonl` and `conf/claims/*.yaml`; checked by "
-        "`report --check`. Our numbers: WikiText-2 test, whole split, seqlen 2048, the best matching FINISHED run.",
+        "`report --check`. Our numbers: WikiText-2 test, whole split, seqlen 2048, the best matching FINISHED "
+        "configuration (mean ± 95% CI when it ran at several seeds).",
         "",
         "| method | paper's headline (model, setting, WikiText-2 PPL, source) | claim | " + " | ".join(models) + " |",
         "|---|---|---|" + "---|" * len(models),

@@ -1,6 +1,7 @@
-"""Statistics for the leaderboard (issue 19 item 2): mean ± 95% confidence interval over seeds (Student's t), and a
-paired test between two runs over the same evaluation windows (per-window NLL differences, paired t-test) —
-scipy's implementations, wrapped so the report reads them in one place."""
+"""Statistics for the leaderboard (issue 19 item 2): mean ± 95% confidence interval over seeds (Student's t), a
+paired test between two runs over the same evaluation windows (per-window NLL differences, paired t-test), and
+Welch's test between two methods' seed results (does a gap exceed the seed spread?) — scipy's implementations,
+wrapped so the report reads them in one place."""
 
 from __future__ import annotations
 
@@ -31,3 +32,13 @@ def paired_p_value(a: Sequence[float], b: Sequence[float]) -> float:
     if len(a) != len(b) or len(a) < 2 or all(x == y for x, y in zip(a, b, strict=True)):
         return math.nan
     return float(stats.ttest_rel(a, b).pvalue)
+
+
+def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of Welch's t-test (unequal variances) between two independent samples, e.g. one method's
+    PPL over seeds against another's; nan with fewer than two values on either side."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)

@@ -280,6 +280,37 @@ def test_claims_hold_fail_or_are_not_run_with_their_numbers():
     assert "| P | X, ?, not quoted; ? | rescue | holds — 40.00" in text
 
 
+def test_a_claim_compares_seed_means_and_says_whether_the_gap_exceeds_the_seed_spread():
+    from harness.reproduction import check_claim
+
+    def seeded(key, method, ppl, seed, start=1, **protocol):
+        rec = _record(key, method, "w4a4kv4", ppl, start=start)
+        rec["protocol"] = {**rec["protocol"], "seed": str(seed), **protocol}
+        return rec
+
+    # spinquant's luckiest seed (39) is below quarot's best seed (40), but the configurations' means are not
+    records = [seeded(f"s{i}", "spinquant", p, i) for i, p in enumerate((39.0, 45.0, 48.0))]
+    records += [seeded(f"q{i}", "quarot", p, i) for i, p in enumerate((40.0, 41.0, 42.0))]
+    records.append(seeded("q-other", "quarot", 30.0, 0, budget="other"))  # another budget: not a seed, excluded
+    claim = {
+        "text": "spinquant < quarot",
+        "run": {"method": "spinquant", "bits": "w4a4kv4"},
+        "below": {"method": "quarot", "bits": "w4a4kv4", "params": {"budget": "full"}},
+    }
+    verdict, numbers = check_claim(claim, records, "m")
+    assert verdict == "does not hold"
+    assert numbers.startswith("44.00 ± 11.38 (3 seeds) vs 41.00 ± 2.48 (3 seeds)")
+    # Welch: t = 3 / sqrt(21/3 + 1/3) = 1.108, df = 7.333² / (7²/2 + 0.333²/2) = 2.19 -> p = 0.37
+    assert "the gap is within the seed spread (Welch p = 0.37)" in numbers
+    records = [seeded(f"s{i}", "spinquant", p, i) for i, p in enumerate((30.0, 30.5, 31.0))]
+    records += [seeded(f"q{i}", "quarot", p, i) for i, p in enumerate((40.0, 41.0, 42.0))]
+    verdict, numbers = check_claim(claim, records, "m")
+    assert verdict == "holds" and "the gap exceeds the seed spread" in numbers
+    # a rerun of a seed replaces it (the latest counts), it is not a fourth seed
+    records.append(seeded("s0-rerun", "spinquant", 31.0, 0, start=9))
+    assert check_claim(claim, records, "m")[1].startswith("30.83 ± ")
+
+
 def test_every_claims_file_names_a_paper_and_checkable_claims():
     from harness.report import CLAIMS_DIR
     from harness.reproduction import load_claims

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from harness.stats import mean_ci, paired_p_value
+from harness.stats import mean_ci, paired_p_value, welch_p_value
 
 
 def test_confidence_interval_of_a_mean():
@@ -22,3 +22,12 @@ def test_paired_t_test_on_a_known_difference():
     assert paired_p_value(a, b[:4]) != paired_p_value(a, b[:4])  # nan: the windows do not pair
     noisy = [x + d for x, d in zip(b, [0.5, -0.4, 0.3, -0.6, 0.1], strict=True)]
     assert paired_p_value(noisy, b) > 0.5  # a difference that averages out is not significant
+
+
+def test_welch_test_on_a_textbook_example():
+    """Wikipedia's "Welch's t-test", example 1 (two samples of 15, unequal variances): t = -2.46, df = 25.0,
+    p = 0.021."""
+    a = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
+    b = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
+    assert welch_p_value(a, b) == pytest.approx(0.021, abs=5e-4)
+    assert math.isnan(welch_p_value(a, [3.0]))  # one seed has no spread to compare with
