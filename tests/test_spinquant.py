@@ -66,11 +66,11 @@ def test_rotating_at_the_quantizer_gives_the_gradient_of_rotating_the_weights():
     assert torch.allclose(r_a.grad, r_b.grad, atol=1e-10) and r_a.grad.abs().max() > 0
 
 
-def _quantized_logits(method: str, overrides: list[str], data_dir: str, tmp_path):
+def _quantized_logits(method: str, overrides: list[str], data_dir: str, tmp_path, bits: str = "w4a4kv4"):
     base = [
         f"method={method}",
         "model=tiny-llama",
-        "bits=w4a4kv4",
+        f"bits={bits}",
         "budget=smoke",
         "calib.seqlen=64",
         "act=rtn",
@@ -102,6 +102,14 @@ def test_a_short_training_moves_the_rotations_and_keeps_them_orthogonal(data_dir
     assert summary.metrics["rotation_orthogonality_error"] < 1e-4
 
 
+def test_a_short_weight_only_training_learns_against_rtn_weights(data_dir, tmp_path):
+    logits, summary = _quantized_logits(
+        "spinquant", ["method.loop.steps=2", "method.variant=no_had"], data_dir, tmp_path, bits="w4g32a16kv16"
+    )
+    assert torch.isfinite(logits).all() and summary.notes["loop_weights"] == "rtn"
+    assert summary.metrics["train_steps"] == 2 and summary.metrics["rotation_orthogonality_error"] < 1e-4
+
+
 def test_plugins_that_need_calibration_are_refused_before_loading():
     from methods.base import Request, UnsupportedBits
     from methods.core.arch import arch_for_model_type
@@ -114,3 +122,80 @@ def test_plugins_that_need_calibration_are_refused_before_loading():
     assert kv.needs_calibration
     with pytest.raises(UnsupportedBits, match="kv=rtn"):
         supports(Request(BitSpec.parse("w4a16kv4"), arch_for_model_type("llama"), kv=kv))
+
+
+def _random_rotations(model, seed: int):
+    """R1 and non-symmetric R2s (Haar), so a transposed R2 anywhere shows."""
+    from methods.spinquant import Rotations
+
+    gen = torch.Generator().manual_seed(seed)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+
+    def haar(n):
+        return torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0].float()
+
+    return Rotations(haar(config.hidden_size), [haar(head_dim) for _ in range(config.num_hidden_layers)])
+
+
+@pytest.mark.parametrize("variant", ["no_had", "had"])
+def test_each_linear_frame_gives_the_weight_the_fused_model_holds(tiny, variant):
+    """Frame.rotated_weight(W) = Bᵀ·W·A must be what rotate_model (+ the online transforms) store: the weights R
+    learns against in the loop are the weights that are then quantized."""
+    from methods.core.arch import decoder_linears
+    from methods.core.rotation import fold_norms, install_online_transforms, rotate_model
+    from methods.spinquant import SpinQuantConfig, linear_frames
+
+    tiny, _ = tiny
+    fold_norms(tiny)
+    rotations = _random_rotations(tiny, 4)
+    cfg = SpinQuantConfig(variant=variant)
+    names = {id(module): name for name, _, _, module in decoder_linears(tiny)}
+    with torch.no_grad():
+        frames = linear_frames(tiny, rotations, cfg)
+        expected = {names[id(lin)]: frame.rotated_weight(lin.weight) for lin, frame in frames}
+        for lin, frame in linear_frames(tiny, rotations, cfg):
+            assert torch.allclose(frame.unrotated_weight(frame.rotated_weight(lin.weight)), lin.weight, atol=1e-5)
+    assert len(expected) == 7 * tiny.config.num_hidden_layers
+    rotate_model(tiny, rotations.r1.detach().double(), [r.detach().double() for r in rotations.r2])
+    if variant == "had":
+        install_online_transforms(tiny, cross_heads=cfg.o_proj_heads)
+    for name, _, _, module in decoder_linears(tiny):
+        assert torch.allclose(module.weight, expected[name], atol=1e-5), name
+
+
+def test_weight_only_learning_puts_rtn_weights_in_the_loop(tiny):
+    """At w4g32a16kv16 nothing else depends on R: `auto` puts the weights' RTN quantizer (where the rotated model
+    holds them) in the loss, which then has a gradient in R1 and every R2; the model's function is the rotated,
+    RTN-quantized model's; unwrapping restores the weights bit for bit."""
+    from methods.core.arch import decoder_linears
+    from methods.core.bits import BitSpec
+    from methods.core.quantizers import WeightQuantizer
+    from methods.core.rotation import fold_norms, rotate_model
+    from methods.spinquant import SpinQuantConfig, loop_weights, unwrap_weights, wrap_weights
+
+    cfg = SpinQuantConfig(variant="no_had")
+    bits = BitSpec.parse("w4g32a16kv16")
+    assert loop_weights(cfg, bits) == "rtn" and loop_weights(cfg, BitSpec.parse("w4a4kv4")) == "none"
+    assert loop_weights(SpinQuantConfig(loop_weights="none"), bits) == "none"
+    with pytest.raises(ValueError, match="loop_weights must be one of"):
+        loop_weights(SpinQuantConfig(loop_weights="gptq"), bits)
+    tiny = tiny[0].double()
+    fold_norms(tiny)
+    original = {name: module.weight.detach().clone() for name, _, _, module in decoder_linears(tiny)}
+    rotations = _random_rotations(tiny, 5).double()
+    ids = torch.arange(96).reshape(2, 48) % tiny.config.vocab_size
+    wrap_weights(tiny, rotations, cfg, bits)
+    logits = tiny(ids).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    assert rotations.r1.grad.abs().max() > 0 and all(r.grad.abs().max() > 0 for r in rotations.r2)
+    unwrap_weights(tiny)
+    for name, _, _, module in decoder_linears(tiny):
+        assert torch.equal(module.weight, original[name]), name
+    quantizer = WeightQuantizer(4, 32, sym=cfg.w_sym, sym_grid=cfg.w_sym_grid)
+    with torch.no_grad():
+        rotate_model(tiny, rotations.r1.detach(), [r.detach() for r in rotations.r2])
+        for _, _, _, module in decoder_linears(tiny):
+            module.weight.copy_(quantizer.straight_through(module.weight))
+        # the two forms differ only by rounding (HF's RMSNorm computes in fp32: ~2e-7); one flipped code would not
+        assert torch.allclose(tiny(ids).logits, logits.detach(), atol=1e-5)

@@ -198,6 +198,15 @@ class WeightQuantizer:
     def effective_group(self, in_features: int) -> int:
         return self.group_size if self.group_size else in_features
 
+    def straight_through(self, weight: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized weight in the forward, the identity in the backward (the gradient passes every
+        entry, clipped ones too, as SpinQuant's in-loop weight quantizer does); scales from the detached weight."""
+        group = self.effective_group(weight.shape[1])
+        grouped, cols = _pad_to_groups(weight.detach(), group)
+        scale, zero = self.group_params(grouped)
+        fake = fake_quantize(grouped, scale, zero, self.bits, self.sym).reshape(weight.shape[0], -1)[:, :cols]
+        return weight + (fake.to(weight.dtype) - weight).detach()
+
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         w = weight.detach().float()
         group = self.effective_group(w.shape[1])
