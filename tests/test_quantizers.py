@@ -148,3 +148,19 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
         out = fake_quantize_dynamic(x, 4, True)
     assert torch.equal(out, fake_quantize(x, *scale_zero(x, 4, True), 4, True))
     assert quantizers._COMPILED_ROWS["enabled"] is False
+
+
+@pytest.mark.parametrize(
+    "sym, grid, mse",
+    [(True, "absmax", False), (False, "absmax", False), (True, "full_range", False), (True, "absmax", True)],
+)
+def test_straight_through_weight_is_the_stored_format_forward_and_identity_backward(sym, grid, mse):
+    """SpinQuant's in-loop weight quantizer: forward = what `quantize` stores, dequantized (576 wide with g128: a
+    partial group); backward passes the gradient to every entry unchanged."""
+    quantizer = WeightQuantizer(4, 128, sym=sym, sym_grid=grid, mse_clip=mse)
+    weight = torch.randn(24, 576, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    out = quantizer.straight_through(weight)
+    assert torch.equal(out.detach(), quantizer.quantize(weight).dequantize())
+    gradient = torch.randn(24, 576)
+    out.backward(gradient)
+    assert torch.equal(weight.grad, gradient)

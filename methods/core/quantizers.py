@@ -203,8 +203,11 @@ class WeightQuantizer:
         entry, clipped ones too, as SpinQuant's in-loop weight quantizer does); scales from the detached weight."""
         group = self.effective_group(weight.shape[1])
         grouped, cols = _pad_to_groups(weight.detach(), group)
-        scale, zero = self.group_params(grouped)
-        fake = fake_quantize(grouped, scale, zero, self.bits, self.sym).reshape(weight.shape[0], -1)[:, :cols]
+        if not self.mse_clip and (not self.sym or self.sym_grid == "absmax"):
+            fake = _fake_quantize_rows(grouped, self.bits, self.sym, self.clip_ratio)  # the same values, fewer passes
+        else:
+            fake = fake_quantize(grouped, *self.group_params(grouped), self.bits, self.sym)
+        fake = fake.reshape(weight.shape[0], -1)[:, :cols]
         return weight + (fake.to(weight.dtype) - weight).detach()
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
