@@ -13,6 +13,10 @@ claims:
   - text: "KVQuant nuq3-1% is close to FP"
     run: {method: rtn, bits: w16a16kv3, kv: {name: kvquant}}
     within_fp: 0.10                                # holds if PPL(run) <= (1 + 0.10) * PPL(FP)
+  - text: "QuIP and GPTQ about equal at W4"
+    run: {method: quip, bits: w4a16kv16}
+    near: {method: gptq, bits: w4a16kv16}          # holds if |PPL(run) / PPL(near) - 1| <= within
+    within: 0.05
 ```
 
 A run matches a selector when its method, bits and every given method, protocol (e.g. `budget`) or plug-in
@@ -114,7 +118,8 @@ def check_claim(claim: dict, records: list[dict], model: str) -> tuple[str, str]
     if "within_fp" in claim:
         others, other_name = best_configuration(records, model, FP), "FP"
     else:
-        others, other_name = best_configuration(records, model, claim["below"]), _describe(claim["below"])
+        other = claim.get("below", claim.get("near"))
+        others, other_name = best_configuration(records, model, other), _describe(other)
     if not runs or not others:
         missing = [name for name, r in ((_describe(claim["run"]), runs), (other_name, others)) if not r]
         return "not run", "no whole-split run of " + " / ".join(missing)
@@ -126,10 +131,17 @@ def check_claim(claim: dict, records: list[dict], model: str) -> tuple[str, str]
             f"{_ppl_text(runs)} vs FP {_ppl_text(others)} ({100 * (ppl / ref - 1):+.1f}%; "
             f"limit +{100 * claim['within_fp']:g}%)"
         )
+    elif "near" in claim:
+        holds = abs(ppl / ref - 1) <= claim["within"]
+        numbers = (
+            f"{_ppl_text(runs)} vs {_ppl_text(others)} ({100 * (ppl / ref - 1):+.1f}%; "
+            f"limit ±{100 * claim['within']:g}%)"
+        )
     else:
         factor = claim.get("factor", 1)
         holds = ppl * factor < ref
         numbers = f"{_ppl_text(runs)} vs {_ppl_text(others)}" + (f" (needs {factor:g}x lower)" if factor != 1 else "")
+    if "within_fp" not in claim:
         p_value = welch_p_value(_ppls(runs), _ppls(others))
         if not math.isnan(p_value):
             spread = "exceeds" if p_value < SIGNIFICANCE else "is within"

@@ -276,6 +276,14 @@ def test_claims_hold_fail_or_are_not_run_with_their_numbers():
     )
     kv = {"text": "kv", "run": {"method": "rtn", "bits": "w16a16kv3", "kv": {"name": "kvquant"}}, "within_fp": 0.1}
     assert check_claim(kv, records, "m") == ("not run", "no whole-split run of rtn `w16a16kv3` (kv=kvquant)")
+    near = {"text": "about equal", "run": {"method": "gptq", "bits": "w3g128a16kv16"}, "within": 0.1}
+    assert check_claim({**near, "near": {"method": "rtn", "bits": "w3g128a16kv16"}}, records, "m") == (
+        "does not hold",
+        "90.00 vs 80.00 (+12.5%; limit ±10%)",
+    )
+    assert check_claim({**near, "within": 0.15, "near": {"method": "rtn", "bits": "w3g128a16kv16"}}, records, "m")[
+        0
+    ] == ("holds")
     text = render_reproduction(records, [{"paper": "P", "headline": {"model": "X"}, "claims": [rescue, gptq]}])
     assert "| P | X, ?, not quoted; ? | rescue | holds — 40.00" in text
 
@@ -320,7 +328,9 @@ def test_every_claims_file_names_a_paper_and_checkable_claims():
     for spec in claims:
         assert spec["paper"] and spec["headline"]["source"] and spec["claims"], spec["file"]
         for claim in spec["claims"]:
-            assert {"method", "bits"} <= set(claim["run"]) and (("below" in claim) != ("within_fp" in claim))
+            assert {"method", "bits"} <= set(claim["run"])
+            assert sum(key in claim for key in ("below", "within_fp", "near")) == 1, claim["text"]
+            assert ("near" in claim) == ("within" in claim), claim["text"]
 
 
 def test_a_parameter_inert_without_its_flag_is_left_out_of_the_label():
