@@ -304,7 +304,7 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
         result.seconds,
     )
     if spec.zeroshot.tasks:
-        steps.zeroshot(spec, model, tokenizer, tracker)
+        steps.zeroshot(spec, model, tokenizer, tracker, result.window_nll)
     if spec.deploy.enabled:
         steps.deploy(spec, model, token_ids, tracker)
     return None

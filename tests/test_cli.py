@@ -225,6 +225,18 @@ def test_runs_report_kl_and_top1_against_the_fp_reference(tmp_path, data_dir):
     assert off.returncode == 2 and "eval.fidelity must be true or false, got 'maybe'" in off.stderr
 
 
+def test_a_run_scores_zero_shot_after_perplexity_and_leaves_no_task_cache(tmp_path, data_dir):
+    """eval.zeroshot on a run: lm-eval's scores become `zs.*` metrics; the per-task cache that lets a killed run
+    resume (harness/evaluate/zeroshot.py) is removed once the scores are recorded."""
+    args = ["run", "model=tiny-llama", "budget=smoke", "eval=fast", "eval.zeroshot.tasks=[winogrande]"]
+    result = _cli([*args, "eval.zeroshot.limit=4", "eval.latency.enabled=false"], tmp_path, data_dir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (run,) = _runs(tmp_path)
+    assert 0.0 <= run.data.metrics["zs.winogrande.acc"] <= 1.0 and run.data.metrics["zs.winogrande.sample_len"] == 4
+    assert run.data.metrics["zs.avg"] == run.data.metrics["zs.winogrande.acc"]
+    assert list((tmp_path / "cache" / "zeroshot").glob("*.json")) == []
+
+
 def test_bench_runs_measures_latency_of_runs_logged_without_it(tmp_path, data_dir):
     args = ["sweep", "model=tiny-llama", "budget=smoke", "bits=w16a16kv16,w4a8kv8", "eval.latency.enabled=false"]
     assert _cli(args, tmp_path, data_dir).returncode == 0

@@ -1,6 +1,7 @@
 """Zero-shot through lm-eval: the mirror's tasks build the same requests as the registered tasks."""
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,18 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks.hellaswag.utils import preprocess
 from lm_eval.utils import apply_template
 
-from harness.evaluate.zeroshot import TaskUnavailable, evaluate_zeroshot, mirror_config, registered_config
+from harness.evaluate import steps
+from harness.evaluate import zeroshot as zs
+from harness.evaluate.zeroshot import (
+    ScoreCache,
+    TaskScore,
+    TaskUnavailable,
+    evaluate_zeroshot,
+    mirror_config,
+    model_fingerprint,
+    registered_config,
+)
+from harness.spec import BitSpec, CalibSpec, ModelSpec, PerplexitySpec, RunSpec, ZeroShotSpec
 
 
 def _render(reg: dict, field: str, doc: dict):
@@ -67,3 +79,111 @@ def test_tiny_llama_one_task_through_the_full_path(tiny, data_dir):
     assert 0.0 <= score.value <= 1.0 and score.stderr is not None
     assert {"acc", "acc_norm", "acc_stderr"} <= set(score.all_metrics)
     assert len(score.config_hash) == 16
+
+
+def _score(task: str, value: float) -> TaskScore:
+    return TaskScore(task, "acc", value, 0.01, {"acc": value, "acc_stderr": 0.01}, "0" * 16, 1.5)
+
+
+def test_score_cache_keeps_tasks_only_for_the_same_fingerprint(tmp_path):
+    path = tmp_path / "zs" / "key.json"
+    cache = ScoreCache(path, "model-a")
+    assert cache.load() == {}
+    cache.save("piqa", _score("piqa", 0.61))
+    cache.save("hellaswag", _score("hellaswag_mirror", 0.42))
+    assert cache.load() == {"piqa": _score("piqa", 0.61), "hellaswag": _score("hellaswag_mirror", 0.42)}
+    assert ScoreCache(path, "model-b").load() == {}
+    path.write_text("{truncated")
+    assert cache.load() == {}
+    cache.clear()
+    assert not path.exists()
+
+
+def test_fingerprint_sees_one_window_change_in_the_last_bit():
+    nll = [3.1, 2.9, 3.05]
+    moved = [3.1, 2.9, math.nextafter(3.05, 4.0)]  # one ulp
+    assert moved != nll
+    assert model_fingerprint("k", nll) == model_fingerprint("k", list(nll))
+    assert model_fingerprint("k", nll) != model_fingerprint("k", moved)
+    assert model_fingerprint("k", nll) != model_fingerprint("other", nll)
+
+
+def test_tasks_already_done_are_not_evaluated_again(tiny, data_dir):
+    model, tok = tiny
+    kept = _score("arc_easy", -1.0)  # no real score is negative: shows it was not recomputed
+    seen = []
+    first, second = evaluate_zeroshot(
+        model,
+        tok,
+        ["arc_easy", "piqa"],
+        data_dir,
+        batch_size=4,
+        limit=4,
+        done={"arc_easy": kept},
+        on_task=lambda task, score: seen.append(task),
+    )
+    assert first == kept and second.task == "piqa" and 0.0 <= second.value <= 1.0
+    assert seen == ["piqa"]
+
+
+class _Tracker:
+    def __init__(self):
+        self.metrics, self.tags = {}, {}
+
+    def log_metrics(self, metrics):
+        self.metrics.update(metrics)
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+
+def test_killed_run_resumes_at_the_next_task_on_the_same_model(tmp_path, monkeypatch):
+    """A run killed after its first task, started again: the first task comes from the cache when the rebuilt
+    model gives the same per-window NLLs, and is evaluated again when it does not."""
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    spec = RunSpec(
+        model=ModelSpec("tiny-llama"),
+        method="rtn",
+        method_params={},
+        bits=BitSpec.parse("w4a16kv16"),
+        calib=CalibSpec(),
+        ppl=PerplexitySpec(),
+        zeroshot=ZeroShotSpec(tasks=("piqa", "winogrande")),
+    )
+    evaluated = []
+
+    def fake_evaluate(model, tokenizer, tasks, data_dir, batch_size, limit, done, on_task, kill_after=None):
+        scores = []
+        for task in tasks:
+            if task in done:
+                scores.append(done[task])
+                continue
+            if kill_after is not None and len(evaluated) == kill_after:
+                raise KeyboardInterrupt
+            evaluated.append(task)
+            scores.append(_score(task, 0.5 + 0.1 * len(evaluated)))
+            on_task(task, scores[-1])
+        return scores
+
+    monkeypatch.setattr(zs, "evaluate_zeroshot", lambda *a, **k: fake_evaluate(*a, **k, kill_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        steps.zeroshot(spec, None, None, _Tracker(), (3.0, 2.5))
+    assert evaluated == ["piqa"]
+
+    monkeypatch.setattr(zs, "evaluate_zeroshot", fake_evaluate)
+    tracker = _Tracker()
+    steps.zeroshot(spec, None, None, tracker, (3.0, 2.5))
+    assert evaluated == ["piqa", "winogrande"]
+    assert tracker.metrics["zs.piqa.acc"] == pytest.approx(0.6) and tracker.metrics[
+        "zs.winogrande.acc"
+    ] == pytest.approx(0.7)
+    assert tracker.metrics["zs.avg"] == pytest.approx(0.65)
+    assert not (tmp_path / "zeroshot" / f"{spec.run_key}.json").exists()  # recorded: the cache is gone
+
+    monkeypatch.setattr(zs, "evaluate_zeroshot", lambda *a, **k: fake_evaluate(*a, **k, kill_after=3))
+    with pytest.raises(KeyboardInterrupt):
+        steps.zeroshot(spec, None, None, _Tracker(), (3.0, 2.5))  # piqa again (cache cleared), killed before winogrande
+    assert evaluated == ["piqa", "winogrande", "piqa"]
+    monkeypatch.setattr(zs, "evaluate_zeroshot", fake_evaluate)
+    steps.zeroshot(spec, None, None, _Tracker(), (3.0, 2.5000001))  # another model: nothing reused
+    assert evaluated[3:] == ["piqa", "winogrande"]

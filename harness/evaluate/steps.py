@@ -91,11 +91,26 @@ def deploy(spec: RunSpec, model, token_ids, tracker: Tracker) -> None:
     )
 
 
-def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker) -> None:
-    from harness.evaluate.zeroshot import evaluate_zeroshot
+def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker, window_nll: tuple[float, ...]) -> None:
+    """lm-eval's tasks on the in-memory model; tasks finished by an earlier, killed attempt at this run key on the
+    same model (same per-window NLLs: `zeroshot.model_fingerprint`) are taken from the score cache."""
+    from harness.evaluate.zeroshot import ScoreCache, evaluate_zeroshot, model_fingerprint
 
+    cache = ScoreCache(
+        models.cache_dir() / "zeroshot" / f"{spec.run_key}.json", model_fingerprint(spec.run_key, window_nll)
+    )
+    done = cache.load()
+    if done:
+        log.info("%s: zero-shot tasks %s scored by an earlier attempt on the same model", run_name(spec), sorted(done))
     scores = evaluate_zeroshot(
-        model, tokenizer, list(spec.zeroshot.tasks), spec.data_dir, spec.zeroshot.batch_size, spec.zeroshot.limit
+        model,
+        tokenizer,
+        list(spec.zeroshot.tasks),
+        spec.data_dir,
+        spec.zeroshot.batch_size,
+        spec.zeroshot.limit,
+        done=done,
+        on_task=cache.save,
     )
     metrics, tags = {}, {}
     for score in scores:
@@ -108,6 +123,7 @@ def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker) -> None:
     metrics["zs.avg"] = sum(s.value for s in scores) / len(scores)
     tracker.log_metrics(metrics)
     tracker.set_tags(tags)
+    cache.clear()  # recorded in the run: a forced rerun evaluates afresh
 
 
 def _is_fp_run(spec: RunSpec) -> bool:

@@ -8,6 +8,11 @@ hooks resolved) and only its data source changes: `dataset_path: json` with the 
 lm-eval's. The mirror's HellaSwag lacks `ctx_a`/`ctx_b` (only their join `ctx`), so its offline task is
 named `hellaswag_mirror` and builds the query from `activity_label + ": " + ctx` with lm-eval's own
 `preprocess`: ctx_b's first letter is not capitalised, so scores are close to, not equal to, lm-eval's.
+
+Whole splits take hours on a CPU (HellaSwag's 10,042 documents alone ~1 h for a 135M model), so each finished
+task's score is kept on disk (`ScoreCache`) and a killed run, started again, skips the tasks already scored —
+only when the model it rebuilt is the same one: the cache entry carries a fingerprint of the run's exact
+per-window perplexity NLLs (and lm-eval's version), and any difference discards it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import functools
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,15 +167,22 @@ def evaluate_zeroshot(
     batch_size: int = 8,
     limit: int | None = None,
     bootstrap_iters: int = 1000,
+    done: dict[str, TaskScore] | None = None,
+    on_task=None,
 ) -> list[TaskScore]:
-    """Score `tasks` zero-shot on the in-memory model; one TaskScore per task, in the given order."""
+    """Score `tasks` zero-shot on the in-memory model; one TaskScore per task, in the given order. Tasks in `done`
+    (requested name -> score) are not evaluated again; `on_task(task, score)` is called as each new task ends."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     specs = task_specs(tasks, data_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=2048)
     scores = []
+    done = done or {}
     for task, spec in zip(tasks, specs, strict=True):
+        if task in done:
+            scores.append(done[task])
+            continue
         start = time.perf_counter()
         try:
             out = lm_eval.simple_evaluate(
@@ -196,15 +208,54 @@ def evaluate_zeroshot(
         }
         metric = PAPER_METRIC.get(name, "acc")
         task_config = out["configs"][name]
-        scores.append(
-            TaskScore(
-                task=name,
-                metric=metric,
-                value=metrics[metric],
-                stderr=metrics.get(f"{metric}_stderr"),
-                all_metrics=metrics,
-                config_hash=config_hash(task_config),
-                seconds=seconds,
-            )
+        score = TaskScore(
+            task=name,
+            metric=metric,
+            value=metrics[metric],
+            stderr=metrics.get(f"{metric}_stderr"),
+            all_metrics=metrics,
+            config_hash=config_hash(task_config),
+            seconds=seconds,
         )
+        scores.append(score)
+        if on_task is not None:
+            on_task(task, score)
     return scores
+
+
+def model_fingerprint(run_key: str, window_nll) -> str:
+    """Identifies the evaluated model by what it computed: the run key, lm-eval's version and the exact (bit for
+    bit) NLL of every perplexity window. A re-quantized model that differs anywhere that matters differs here."""
+    from importlib.metadata import version
+
+    blob = json.dumps([run_key, version("lm_eval"), [float(x).hex() for x in window_nll]])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ScoreCache:
+    """Finished tasks of one run on disk (JSON: the fingerprint and requested task -> TaskScore fields)."""
+
+    path: Path
+    fingerprint: str
+
+    def load(self) -> dict[str, TaskScore]:
+        """The scores kept for this fingerprint; {} when there are none or they belong to another model."""
+        try:
+            kept = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if kept.get("fingerprint") != self.fingerprint:
+            return {}
+        return {task: TaskScore(**fields) for task, fields in kept["scores"].items()}
+
+    def save(self, task: str, score: TaskScore) -> None:
+        scores = {name: asdict(kept) for name, kept in self.load().items()}
+        scores[task] = asdict(score)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".tmp")
+        partial.write_text(json.dumps({"fingerprint": self.fingerprint, "scores": scores}, indent=1))
+        partial.replace(self.path)  # atomic: a kill mid-write leaves the previous file
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
