@@ -160,9 +160,22 @@ def _section_header(group: pd.DataFrame) -> list[str]:
             f"- Zero-shot: lm-eval, 0-shot, {scope}; accuracy in % ± stderr ({metrics}). `hellaswag_mirror` is "
             "HellaSwag from the offline mirror (no ctx_a/ctx_b: close to, not equal to, lm-eval's hellaswag)"
         )
+        lines += _zs_wall_time_lines(group, tasks)
     lines += _contamination_lines(group)
     lines += [f"- Latest run: {date}", ""]
     return lines
+
+
+def _zs_wall_time_lines(group: pd.DataFrame, tasks: list[str]) -> list[str]:
+    """Each run's zero-shot wall time (sum over its tasks, on the machine that ran it), longest task named."""
+    parts = []
+    for row in group[group.status == "FINISHED"].sort_values(["bits", "method"]).itertuples():
+        seconds = {task: row.metrics[f"zs.{task}.seconds"] for task in tasks if f"zs.{task}.seconds" in row.metrics}
+        if seconds:
+            longest = max(seconds, key=seconds.get)
+            total = sum(seconds.values()) / 60
+            parts.append(f"{row.method} · {row.bits} {total:,.1f} min ({longest} {seconds[longest] / 60:,.1f})")
+    return ["- Zero-shot wall time per run, all tasks (longest task): " + "; ".join(parts)] if parts else []
 
 
 def _contamination_lines(group: pd.DataFrame) -> list[str]:

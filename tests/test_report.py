@@ -341,3 +341,28 @@ def test_a_parameter_inert_without_its_flag_is_left_out_of_the_label():
     assert method_label("bcq", {"uniform": "True"}) == "bcq (uniform=True, uniform_grid=midrise)"
     assert method_label("bcq", {"uniform": "True", "uniform_grid": "int4"}) == "bcq (uniform=True)"
     assert method_label("bcq", {"uniform": "False", "uniform_grid": "midrise"}) == "bcq"
+
+
+def test_zero_shot_columns_and_each_runs_wall_time_are_shown():
+    zs = {"zs_tasks": "['piqa', 'hellaswag']", "zs_limit": "null"}
+    fp = _record("fp", "rtn", "w16a16kv16", 10.0)
+    q = _record("q", "gptq", "w4g128a16kv16", 11.0)
+    for rec, (piqa, hs) in ((fp, (0.70, 0.40)), (q, (0.66, 0.38))):
+        rec["protocol"] |= zs
+        rec["metrics"] |= {
+            "zs.piqa.acc_norm": piqa,
+            "zs.piqa.acc_norm_stderr": 0.01,
+            "zs.piqa.seconds": 300.0,
+            "zs.hellaswag_mirror.acc_norm": hs,
+            "zs.hellaswag_mirror.acc_norm_stderr": 0.005,
+            "zs.hellaswag_mirror.seconds": 3600.0 + 60 * (rec is q),
+            "zs.avg": (piqa + hs) / 2,
+        }
+    board = render_leaderboard([fp, q])
+    assert "whole test split, with zero-shot" in board and "lm-eval, 0-shot, whole splits" in board
+    assert (
+        "- Zero-shot wall time per run, all tasks (longest task): rtn · w16a16kv16 65.0 min (hellaswag_mirror 60.0); "
+        "gptq · w4g128a16kv16 66.0 min (hellaswag_mirror 61.0)"
+    ) in board
+    row = next(line for line in board.splitlines() if line.startswith("| gptq |"))
+    assert "| 66.0 ± 1.0 | 38.0 ± 0.5 | 52.0 |" in row
