@@ -178,6 +178,7 @@ def test_killed_run_resumes_at_the_next_task_on_the_same_model(tmp_path, monkeyp
         "zs.winogrande.acc"
     ] == pytest.approx(0.7)
     assert tracker.metrics["zs.avg"] == pytest.approx(0.65)
+    assert tracker.tags["zs.from_earlier_attempt"] == "piqa"
     assert not (tmp_path / "zeroshot" / f"{spec.run_key}.json").exists()  # recorded: the cache is gone
 
     monkeypatch.setattr(zs, "evaluate_zeroshot", lambda *a, **k: fake_evaluate(*a, **k, kill_after=3))
@@ -185,5 +186,6 @@ def test_killed_run_resumes_at_the_next_task_on_the_same_model(tmp_path, monkeyp
         steps.zeroshot(spec, None, None, _Tracker(), (3.0, 2.5))  # piqa again (cache cleared), killed before winogrande
     assert evaluated == ["piqa", "winogrande", "piqa"]
     monkeypatch.setattr(zs, "evaluate_zeroshot", fake_evaluate)
-    steps.zeroshot(spec, None, None, _Tracker(), (3.0, 2.5000001))  # another model: nothing reused
-    assert evaluated[3:] == ["piqa", "winogrande"]
+    tracker = _Tracker()
+    steps.zeroshot(spec, None, None, tracker, (3.0, 2.5000001))  # another model: nothing reused
+    assert evaluated[3:] == ["piqa", "winogrande"] and "zs.from_earlier_attempt" not in tracker.tags

@@ -121,6 +121,8 @@ def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker, window_nll: tupl
         tags[f"zs.{score.task}.metric"] = score.metric
         log.info("%s: %s %s %.4f", run_name(spec), score.task, score.metric, score.value)
     metrics["zs.avg"] = sum(s.value for s in scores) / len(scores)
+    if done:  # the record says which scores an earlier attempt on the same model measured
+        tags["zs.from_earlier_attempt"] = ", ".join(sorted(done))
     tracker.log_metrics(metrics)
     tracker.set_tags(tags)
     cache.clear()  # recorded in the run: a forced rerun evaluates afresh
