@@ -1,7 +1,9 @@
 """Zero-shot through lm-eval: the mirror's tasks build the same requests as the registered tasks."""
 
 import ast
+import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -86,17 +88,35 @@ def _score(task: str, value: float) -> TaskScore:
 
 
 def test_score_cache_keeps_tasks_only_for_the_same_fingerprint(tmp_path):
-    path = tmp_path / "zs" / "key.json"
-    cache = ScoreCache(path, "model-a")
+    cache = ScoreCache(tmp_path / "zs", "key", "model-a")
     assert cache.load() == {}
     cache.save("piqa", _score("piqa", 0.61))
     cache.save("hellaswag", _score("hellaswag_mirror", 0.42))
     assert cache.load() == {"piqa": _score("piqa", 0.61), "hellaswag": _score("hellaswag_mirror", 0.42)}
-    assert ScoreCache(path, "model-b").load() == {}
-    path.write_text("{truncated")
+    assert ScoreCache(tmp_path / "zs", "key", "model-b").load() == {}
+    assert ScoreCache(tmp_path / "zs", "other-key", "model-a").load() == {}
+    cache.path.write_text("{truncated")
     assert cache.load() == {}
+    Path(f"{cache.request_prefix}_rank0.db").write_bytes(b"")
     cache.clear()
-    assert not path.exists()
+    assert list((tmp_path / "zs").iterdir()) == []
+
+
+def test_a_task_in_flight_carries_its_earlier_attempts_time(tmp_path):
+    """Seconds of an interrupted task = from each attempt's start to the response cache's last write."""
+    cache = ScoreCache(tmp_path, "key", "model-a")
+    assert cache.start("hellaswag") == 0.0
+    started = json.loads(cache.path.read_text())["in_flight"]["started_at"]
+    db = Path(f"{cache.request_prefix}_rank0.db")
+    db.write_bytes(b"")
+    os.utime(db, (started + 600.0, started + 600.0))  # the killed attempt wrote its last response 600 s in
+    assert cache.start("hellaswag") == pytest.approx(600.0)  # started again: carried
+    second = json.loads(cache.path.read_text())["in_flight"]["started_at"]
+    os.utime(db, (second + 30.0, second + 30.0))
+    assert cache.start("hellaswag") == pytest.approx(630.0)  # killed twice: both attempts count
+    assert cache.start("arc_easy") == 0.0  # another task in flight: nothing carried
+    cache.save("arc_easy", _score("arc_easy", 0.5))
+    assert "in_flight" not in json.loads(cache.path.read_text())
 
 
 def test_fingerprint_sees_one_window_change_in_the_last_bit():
@@ -108,22 +128,32 @@ def test_fingerprint_sees_one_window_change_in_the_last_bit():
     assert model_fingerprint("k", nll) != model_fingerprint("other", nll)
 
 
-def test_tasks_already_done_are_not_evaluated_again(tiny, data_dir):
+def test_finished_tasks_are_reused_and_the_task_in_flight_resumes_from_cached_responses(tiny, data_dir, tmp_path):
     model, tok = tiny
-    kept = _score("arc_easy", -1.0)  # no real score is negative: shows it was not recomputed
-    seen = []
-    first, second = evaluate_zeroshot(
-        model,
-        tok,
-        ["arc_easy", "piqa"],
-        data_dir,
-        batch_size=4,
-        limit=4,
-        done={"arc_easy": kept},
-        on_task=lambda task, score: seen.append(task),
-    )
-    assert first == kept and second.task == "piqa" and 0.0 <= second.value <= 1.0
-    assert seen == ["piqa"]
+    cache = ScoreCache(tmp_path, "key", "model-a")
+    cache.save("arc_easy", _score("arc_easy", -1.0))  # no real score is negative: shows it was not recomputed
+    first, piqa = evaluate_zeroshot(model, tok, ["arc_easy", "piqa"], data_dir, batch_size=4, limit=4, cache=cache)
+    assert first == _score("arc_easy", -1.0) and piqa.task == "piqa" and 0.0 <= piqa.value <= 1.0
+    assert cache.load() == {"arc_easy": first, "piqa": piqa}
+    # piqa killed after its last response was written: its score is not kept, its responses are
+    kept = json.loads(cache.path.read_text())
+    cache.path.write_text(json.dumps({**kept, "scores": {"arc_easy": kept["scores"]["arc_easy"]}}))
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cached request reached the model")
+
+    from lm_eval.models.huggingface import HFLM
+
+    original = HFLM._model_call
+    HFLM._model_call = no_forward
+    try:
+        (again,) = evaluate_zeroshot(model, tok, ["piqa"], data_dir, batch_size=4, limit=4, cache=cache)
+        other_model = ScoreCache(tmp_path, "key", "model-b")  # another fingerprint: nothing cached, the model runs
+        with pytest.raises(AssertionError, match="reached the model"):
+            evaluate_zeroshot(model, tok, ["piqa"], data_dir, batch_size=4, limit=4, cache=other_model)
+    finally:
+        HFLM._model_call = original
+    assert again.all_metrics == piqa.all_metrics
 
 
 class _Tracker:
@@ -152,8 +182,8 @@ def test_killed_run_resumes_at_the_next_task_on_the_same_model(tmp_path, monkeyp
     )
     evaluated = []
 
-    def fake_evaluate(model, tokenizer, tasks, data_dir, batch_size, limit, done, on_task, kill_after=None):
-        scores = []
+    def fake_evaluate(model, tokenizer, tasks, data_dir, batch_size, limit, cache, kill_after=None):
+        done, scores = cache.load(), []
         for task in tasks:
             if task in done:
                 scores.append(done[task])
@@ -162,7 +192,7 @@ def test_killed_run_resumes_at_the_next_task_on_the_same_model(tmp_path, monkeyp
                 raise KeyboardInterrupt
             evaluated.append(task)
             scores.append(_score(task, 0.5 + 0.1 * len(evaluated)))
-            on_task(task, scores[-1])
+            cache.save(task, scores[-1])
         return scores
 
     monkeypatch.setattr(zs, "evaluate_zeroshot", lambda *a, **k: fake_evaluate(*a, **k, kill_after=1))

@@ -92,13 +92,11 @@ def deploy(spec: RunSpec, model, token_ids, tracker: Tracker) -> None:
 
 
 def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker, window_nll: tuple[float, ...]) -> None:
-    """lm-eval's tasks on the in-memory model; tasks finished by an earlier, killed attempt at this run key on the
-    same model (same per-window NLLs: `zeroshot.model_fingerprint`) are taken from the score cache."""
+    """lm-eval's tasks on the in-memory model, resumable: a killed attempt at this run key on the same model (same
+    per-window NLLs: `zeroshot.model_fingerprint`) left its finished tasks and cached responses, which are used."""
     from harness.evaluate.zeroshot import ScoreCache, evaluate_zeroshot, model_fingerprint
 
-    cache = ScoreCache(
-        models.cache_dir() / "zeroshot" / f"{spec.run_key}.json", model_fingerprint(spec.run_key, window_nll)
-    )
+    cache = ScoreCache(models.cache_dir() / "zeroshot", spec.run_key, model_fingerprint(spec.run_key, window_nll))
     done = cache.load()
     if done:
         log.info("%s: zero-shot tasks %s scored by an earlier attempt on the same model", run_name(spec), sorted(done))
@@ -109,8 +107,7 @@ def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker, window_nll: tupl
         spec.data_dir,
         spec.zeroshot.batch_size,
         spec.zeroshot.limit,
-        done=done,
-        on_task=cache.save,
+        cache=cache,
     )
     metrics, tags = {}, {}
     for score in scores:

@@ -9,10 +9,12 @@ lm-eval's. The mirror's HellaSwag lacks `ctx_a`/`ctx_b` (only their join `ctx`),
 named `hellaswag_mirror` and builds the query from `activity_label + ": " + ctx` with lm-eval's own
 `preprocess`: ctx_b's first letter is not capitalised, so scores are close to, not equal to, lm-eval's.
 
-Whole splits take hours on a CPU (HellaSwag's 10,042 documents alone ~1 h for a 135M model), so each finished
-task's score is kept on disk (`ScoreCache`) and a killed run, started again, skips the tasks already scored —
-only when the model it rebuilt is the same one: the cache entry carries a fingerprint of the run's exact
-per-window perplexity NLLs (and lm-eval's version), and any difference discards it.
+Whole splits take hours on a CPU (HellaSwag's 10,042 documents alone ~1.5 h for a 135M model), so a killed run
+started again resumes where it stopped (`ScoreCache`): finished tasks' scores (with their wall time) are kept in a
+JSON file, and the task in flight resumes request by request from lm-eval's own response cache (`use_cache`, a
+SQLite file that HFLM writes as each request is scored). Both are used only when the model the run rebuilt is the
+same one: they are named by a fingerprint of the run's exact per-window perplexity NLLs (and lm-eval's version),
+and any difference starts afresh.
 """
 
 from __future__ import annotations
@@ -167,22 +169,23 @@ def evaluate_zeroshot(
     batch_size: int = 8,
     limit: int | None = None,
     bootstrap_iters: int = 1000,
-    done: dict[str, TaskScore] | None = None,
-    on_task=None,
+    cache: ScoreCache | None = None,
 ) -> list[TaskScore]:
-    """Score `tasks` zero-shot on the in-memory model; one TaskScore per task, in the given order. Tasks in `done`
-    (requested name -> score) are not evaluated again; `on_task(task, score)` is called as each new task ends."""
+    """Score `tasks` zero-shot on the in-memory model; one TaskScore per task, in the given order. With a `cache`,
+    tasks it holds are not evaluated again, each new score is saved as its task ends, and the task in flight is
+    resumed from the cached responses (its `seconds` include the earlier attempts' time on it)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     specs = task_specs(tasks, data_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=2048)
     scores = []
-    done = done or {}
+    done = cache.load() if cache is not None else {}
     for task, spec in zip(tasks, specs, strict=True):
         if task in done:
             scores.append(done[task])
             continue
+        carried = cache.start(task) if cache is not None else 0.0
         start = time.perf_counter()
         try:
             out = lm_eval.simple_evaluate(
@@ -193,13 +196,14 @@ def evaluate_zeroshot(
                 bootstrap_iters=bootstrap_iters,
                 log_samples=False,
                 task_manager=task_manager(),
+                use_cache=None if cache is None else str(cache.request_prefix),
             )
         except (ConnectionError, OSError) as err:
             raise TaskUnavailable(
                 f"task {task!r} could not be loaded ({type(err).__name__}): set {DATA_ENV}=/path/to/data-mirror "
                 f"(tasks/{task}/<split>.jsonl) or give this machine access to the Hugging Face hub"
             ) from err
-        seconds = time.perf_counter() - start
+        seconds = carried + time.perf_counter() - start
         name, result = next(iter(out["results"].items()))
         metrics = {
             k.split(",")[0]: float(v)
@@ -218,8 +222,8 @@ def evaluate_zeroshot(
             seconds=seconds,
         )
         scores.append(score)
-        if on_task is not None:
-            on_task(task, score)
+        if cache is not None:
+            cache.save(task, score)
     return scores
 
 
@@ -234,28 +238,60 @@ def model_fingerprint(run_key: str, window_nll) -> str:
 
 @dataclass(frozen=True)
 class ScoreCache:
-    """Finished tasks of one run on disk (JSON: the fingerprint and requested task -> TaskScore fields)."""
+    """One run's zero-shot progress in `directory`: `<run_key>.json` (the fingerprint, finished tasks' TaskScore
+    fields, the task in flight with its start time) and lm-eval's response cache `<run_key>-<fingerprint>_rank0.db`.
+    """
 
-    path: Path
+    directory: Path
+    run_key: str
     fingerprint: str
 
-    def load(self) -> dict[str, TaskScore]:
-        """The scores kept for this fingerprint; {} when there are none or they belong to another model."""
+    @property
+    def path(self) -> Path:
+        return self.directory / f"{self.run_key}.json"
+
+    @property
+    def request_prefix(self) -> Path:
+        """What lm-eval's `use_cache` takes (it appends `_rank<r>.db`)."""
+        return self.directory / f"{self.run_key}-{self.fingerprint[:16]}"
+
+    def _read(self) -> dict:
         try:
             kept = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        if kept.get("fingerprint") != self.fingerprint:
-            return {}
-        return {task: TaskScore(**fields) for task, fields in kept["scores"].items()}
+        return kept if kept.get("fingerprint") == self.fingerprint else {}
 
-    def save(self, task: str, score: TaskScore) -> None:
-        scores = {name: asdict(kept) for name, kept in self.load().items()}
-        scores[task] = asdict(score)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _write(self, kept: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".tmp")
-        partial.write_text(json.dumps({"fingerprint": self.fingerprint, "scores": scores}, indent=1))
+        partial.write_text(json.dumps({**kept, "fingerprint": self.fingerprint}, indent=1))
         partial.replace(self.path)  # atomic: a kill mid-write leaves the previous file
 
+    def load(self) -> dict[str, TaskScore]:
+        """The finished tasks kept for this fingerprint; {} when there are none or they belong to another model."""
+        return {task: TaskScore(**fields) for task, fields in self._read().get("scores", {}).items()}
+
+    def start(self, task: str) -> float:
+        """Mark `task` in flight; return the seconds earlier attempts spent on it (each from its start to the
+        response cache's last write), 0 for a fresh task."""
+        kept = self._read()
+        carried = 0.0
+        previous = kept.get("in_flight")
+        if previous and previous["task"] == task:
+            databases = list(self.directory.glob(f"{self.request_prefix.name}_rank*.db"))
+            last_write = max((db.stat().st_mtime for db in databases), default=previous["started_at"])
+            carried = previous["carried"] + max(0.0, last_write - previous["started_at"])
+        self._write({**kept, "in_flight": {"task": task, "started_at": time.time(), "carried": carried}})
+        return carried
+
+    def save(self, task: str, score: TaskScore) -> None:
+        kept = self._read()
+        scores = {**kept.get("scores", {}), task: asdict(score)}
+        self._write({"scores": scores})
+
     def clear(self) -> None:
+        """Remove the run's progress (its scores are recorded), for every fingerprint."""
         self.path.unlink(missing_ok=True)
+        for leftover in self.directory.glob(f"{self.run_key}-*"):
+            leftover.unlink()
