@@ -19,10 +19,11 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from harness.labels import row_label
+from harness.overview import bits_order as _bits_order
+from harness.overview import fmt as _fmt
+from harness.overview import ppl_overview, seed_spread
 from harness.records import export_records, merge_records, read_records, write_records
 from harness.reproduction import load_claims, render_reproduction
-from harness.spec import BitSpec
-from harness.stats import SIGNIFICANCE, mean_ci, paired_p_value
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 from methods.core.atomic import atomic_write
 
@@ -34,17 +35,6 @@ CALIB_PARAMS = ("calib_dataset", "calib_nsamples", "calib_seqlen", "budget")
 SECTION_FREE = (*CALIB_PARAMS, "seed")  # runs that differ only in these share a section (seeds: one cell, mean ± CI)
 TASK_ORDER = ("piqa", "hellaswag", "hellaswag_mirror", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
 FP_BITS = "w16a16kv16"
-
-
-def _bits_order(bits: str) -> tuple:
-    spec = BitSpec.parse(bits)
-    return (-spec.w, -spec.a, -spec.kv, -(spec.group or 10**9))
-
-
-def _fmt(value, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "–"
-    return f"{value:,.{digits}f}"
 
 
 def _calib_cell(rec: dict) -> str:
@@ -219,65 +209,6 @@ def _zs_cell(metrics: dict, task: str, metric: str) -> str:
     return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
 
 
-def ppl_overview(group: pd.DataFrame) -> list[str]:
-    """One protocol section at a glance: bit settings × methods, WikiText-2 PPL of FINISHED runs, the lowest
-    per setting in bold. A method with runs at two calibration budgets gets a column per budget; runs of one
-    method at several seeds are one cell, mean ± 95% CI; a cell marked ≈ is not significantly different from
-    the setting's best (paired t-test over the evaluation windows' NLL, p ≥ 0.05)."""
-    done = group[(group.status == "FINISHED") & group.ppl.notna()].copy()
-    if done.empty:
-        return []
-    budgets = done.groupby(["method", "bits"]).calib.nunique()
-    two_budgets = set(budgets[budgets > 1].index.get_level_values(0))
-    done["column"] = [f"{m} [{c}]" if m in two_budgets else m for m, c in zip(done.method, done.calib, strict=True)]
-    columns = sorted(done.column.unique())
-    lines = [
-        "### Perplexity at a glance",
-        "",
-        "| bits | " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * len(columns),
-    ]
-    seeds_shown = ties_shown = False
-    for bits in sorted(done.bits.unique(), key=_bits_order):
-        cells = {column: _overview_cell(runs) for column, runs in done[done.bits == bits].groupby("column")}
-        best = min(cells, key=lambda column: cells[column][0]) if len(cells) > 1 else None
-        texts = []
-        for column in columns:
-            if column not in cells:
-                texts.append("–")
-                continue
-            mean, text, nll = cells[column]
-            seeds_shown |= "±" in text
-            if best is not None and _fmt(mean) == _fmt(cells[best][0]):
-                text = f"**{text}**"  # ties at the shown precision are all bold
-            elif best is not None and paired_p_value(nll, cells[best][2]) >= SIGNIFICANCE:
-                text, ties_shown = f"{text} ≈", True
-            texts.append(text)
-        lines.append(f"| `{bits}` | " + " | ".join(texts) + " |")
-    notes = []
-    if seeds_shown:
-        notes.append("± = 95% confidence interval of the mean over seeds (Student's t), number of seeds in brackets")
-    if ties_shown:
-        notes.append(
-            f"≈ = not significantly different from the row's best (paired t-test over windows, p ≥ {SIGNIFICANCE})"
-        )
-    return lines + [""] + ([f"*{'; '.join(notes)}.*", ""] if notes else [])
-
-
-def _overview_cell(runs: pd.DataFrame) -> tuple[float, str, list[float]]:
-    """(mean PPL, cell text, per-window NLL averaged over the runs' seeds — [] when not logged)."""
-    ppls = [float(p) for p in runs.ppl]
-    mean, half = mean_ci(ppls)
-    text = _fmt(mean) if len(ppls) == 1 else f"{_fmt(mean)} ± {_fmt(half)} ({len(ppls)})"
-    series = [s for s in runs.window_nll if isinstance(s, list) and s]
-    nll = (
-        [sum(values) / len(values) for values in zip(*series, strict=True)]
-        if series and len(series) == len(ppls) and len({len(s) for s in series}) == 1
-        else []
-    )
-    return mean, text, nll
-
-
 def render_leaderboard(records: list[dict]) -> str:
     lines = [
         "# quantbench leaderboard",
@@ -297,6 +228,7 @@ def render_leaderboard(records: list[dict]) -> str:
     for (_, _), group in sorted(frame.groupby(["model", "protocol"], sort=True), key=_section_order):
         lines += _section_header(group)
         lines += ppl_overview(group)
+        lines += seed_spread(group)
         fp = group[(group.bits == FP_BITS) & (group.status == "FINISHED")].sort_values("method")
         fp_ppl = float(fp.ppl.iloc[0]) if len(fp) else None
         tasks = zeroshot_tasks(group)

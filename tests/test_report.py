@@ -245,6 +245,23 @@ def test_seeds_are_one_cell_with_a_confidence_interval_and_ties_are_marked():
     assert "| quarot (seed 1) |" in text  # the per-setting table keeps every seed's row
 
 
+def test_seed_spread_is_set_against_the_nearest_other_method_not_a_variant_of_the_same_one():
+    """quarot at seeds 0-2 (30, 32, 34: spread 4, mean 32); its own variant at 32.5 is not another method; gptq at
+    35 is the nearest other method (gap 3, 0.75 of the spread: within seed noise), rtn at 60 is farther."""
+    records = [_record("fp", "rtn", "w16a16kv16", 20.0)]
+    for seed, ppl in enumerate((30.0, 32.0, 34.0)):
+        rec = _record(f"q{seed}", "quarot", "w4a4kv4", ppl, start=seed + 2)
+        rec["protocol"] = {**PROTOCOL, "seed": str(seed)}
+        records.append(rec)
+    records.append(_record("qv", "quarot", "w4a4kv4", 32.5, params={**QUAROT_NOW, "weights": "rtn"}))
+    records += [_record("g", "gptq", "w4a4kv4", 35.0), _record("r", "rtn", "w4a4kv4", 60.0)]
+    text = render_leaderboard(records)
+    assert "### Seed spread against the gaps between methods" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `w4a4kv4` | quarot |")]
+    assert rows == ["| `w4a4kv4` | quarot | 3 | 30.00 – 34.00 | 4.00 | gptq (35.00) | 3.00 | 0.75× |"]
+    assert "Seed spread" not in render_leaderboard(records[:1] + records[4:])  # one seed per column: no table
+
+
 def test_claims_hold_fail_or_are_not_run_with_their_numbers():
     from harness.reproduction import check_claim, render_reproduction
 
