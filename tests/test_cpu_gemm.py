@@ -50,6 +50,19 @@ def test_the_mode_routes_inference_linears_and_leaves_autograd_and_other_dtypes_
     assert x.grad is not None and layer.weight.grad is not None
 
 
+def test_a_graph_torch_compile_traces_keeps_the_compilers_own_linear():
+    """auto-round compiles each block it tunes inside a run's `use_cpu_gemm("onednn")`: a traced weight handed to
+    oneDNN's op failed in the compiler's CPU lowering (InductorError), so a compiled frozen linear must compile,
+    run and agree with the eager one."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32).requires_grad_(False)
+    x = torch.randn(4, 16, 64)
+    compiled = torch.compile(layer)
+    with use_cpu_gemm("onednn"):
+        out = compiled(x)
+    assert _relative(out, torch.nn.functional.linear(x, layer.weight, layer.bias)) < 1e-5
+
+
 def test_a_frozen_weight_with_a_trainable_input_runs_both_directions_on_onednn():
     """SpinQuant's case: the network frozen, the gradient flows to the (rotated) input only — forward and
     d input = d out · W both on oneDNN, equal to PyTorch's to fp32 rounding; a trainable bias is left alone."""

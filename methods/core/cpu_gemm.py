@@ -11,8 +11,9 @@ rounding boundary, so quantized runs agree only statistically (the bench prints 
 oneDNN while no gradient is being taken (evaluation, calibration forwards, Hessian accumulation), and also
 where a gradient flows only to the input through a frozen weight (SpinQuant learning rotations of a frozen
 network): forward and the input gradient (grad_out · W) both on oneDNN. Anything else (a weight or bias that
-trains, other dtypes, CUDA, fewer than `MIN_ROWS` rows as in decoding) goes to PyTorch's own `linear`. It is a
-`TorchFunctionMode`, so module hooks, `QLinear` and Hugging Face models need no change.
+trains, other dtypes, CUDA, fewer than `MIN_ROWS` rows as in decoding, a graph torch.compile is tracing) goes to
+PyTorch's own `linear`. It is a `TorchFunctionMode`, so module hooks, `QLinear` and Hugging Face models need no
+change.
 `use_cpu_gemm("mkl")` changes nothing.
 """
 
@@ -81,7 +82,9 @@ class _OneDNNLinears(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.linear:
+        # Inside a graph torch.compile traces (auto-round compiles each block it tunes), the compiler picks the
+        # kernels: its CPU lowering takes `_linear_pointwise` only with a constant weight and fails on a traced one.
+        if func is torch.nn.functional.linear and not torch.compiler.is_compiling():
             x = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
