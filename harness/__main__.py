@@ -9,6 +9,7 @@ python -m harness ui                         MLflow UI on 127.0.0.1 against the 
 python -m harness list                       models, methods, act/kv plug-ins, budgets, bit grammar
 python -m harness bench  forward|load|kernels|runs   timings (bench --help)
 python -m harness sensitivity [--windows N] key=value ...   per-block KL/PPL of one setting (sensitivity --help)
+python -m harness rerun  [KEY ...] [--missing METRIC] [--print]   re-run recorded runs under today's code
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 
-COMMANDS = ("run", "sweep", "report", "sync", "contamination", "ui", "list", "bench", "sensitivity")
+COMMANDS = ("run", "sweep", "report", "sync", "contamination", "ui", "list", "bench", "sensitivity", "rerun")
 
 
 def _tracking_uri(value: str | None) -> str:
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         from harness import sensitivity
 
         return sensitivity.main(rest)
+    if command == "rerun":
+        from harness import data, rerun
+
+        data.absolute_mirror_env()
+        return rerun.main(rest)
     if command == "sync":
         return _sync(rest)
     if command == "contamination":
