@@ -122,8 +122,10 @@ def select(records: list[dict], keys: list[str], missing: str | None, filters: d
     chosen = []
     for key in keys:
         found = [r for r in records if r["run_key"].startswith(key)]
-        if len(found) != 1:
-            raise SpecError(f"run key {key!r} matches {len(found)} records in {RECORDS.name}; give a longer prefix")
+        if not found:
+            raise SpecError(f"no record has run key {key!r}; the keys are in reports/runs.jsonl (field run_key)")
+        if len(found) > 1:
+            raise SpecError(f"run key {key!r} matches {len(found)} records; give a longer prefix")
         chosen += found
     if missing:
         chosen += [

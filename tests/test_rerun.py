@@ -59,6 +59,8 @@ def test_missing_kl_selects_quantized_rows_only_and_prefixes_must_be_unique():
     assert paretoq and rerun.select(RECORDS, [], "kl_vs_fp", {"method": "paretoq"}) == paretoq
     with pytest.raises(SpecError, match="give a longer prefix"):
         rerun.select(RECORDS, [""], None, {})
+    with pytest.raises(SpecError, match="no record has run key 'zzzz'"):
+        rerun.select(RECORDS, ["zzzz"], None, {})
 
 
 def test_cli_prints_the_commands_and_refuses_no_selection(capsys):
