@@ -3,6 +3,8 @@ ties by a paired test) and the seed spread set against the gaps between methods 
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 
 from harness.spec import BitSpec
@@ -33,38 +35,51 @@ def _finished_cells(group: pd.DataFrame) -> pd.DataFrame:
 
 
 def ppl_overview(group: pd.DataFrame) -> list[str]:
-    """One protocol section at a glance: bit settings × methods, WikiText-2 PPL of FINISHED runs, the lowest
-    per setting in bold. A method with runs at two calibration budgets gets a column per budget; runs of one
-    method at several seeds are one cell, mean ± 95% CI; a cell marked ≈ is not significantly different from
-    the setting's best (paired t-test over the evaluation windows' NLL, p ≥ 0.05)."""
+    """One protocol section at a glance: bit settings × methods (a method with its act/KV plug-ins is one column),
+    WikiText-2 PPL of FINISHED runs, the lowest per setting in bold. A cell shows the method's best variant at that
+    setting (lowest mean PPL over its options and calibration budgets); a superscript names it when it is not the
+    plain method, and the setting's own table lists every run. Runs of one variant at several seeds are one value,
+    mean ± 95% CI; a cell marked ≈ is not significantly different from the setting's best (paired t-test over
+    the evaluation windows' NLL, p ≥ 0.05)."""
     done = _finished_cells(group)
     if done.empty:
         return []
-    columns = sorted(done.column.unique())
+    methods = sorted({_method_of(column) for column in done.column})
     lines = [
         "### Perplexity at a glance",
         "",
-        "| bits | " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * len(columns),
+        "| bits | " + " | ".join(methods) + " |",
+        "|---|" + "---:|" * len(methods),
     ]
     seeds_shown = ties_shown = False
+    variants: dict[str, int] = {}  # variant label -> its footnote number, in order of first appearance
     for bits in sorted(done.bits.unique(), key=bits_order):
         cells = {column: _overview_cell(runs) for column, runs in done[done.bits == bits].groupby("column")}
-        best = min(cells, key=lambda column: cells[column][0]) if len(cells) > 1 else None
+        shown: dict[str, str] = {}  # method -> its best variant's column
+        for column in sorted(cells, key=lambda column: (cells[column][0], column)):
+            shown.setdefault(_method_of(column), column)
+        best = min(shown.values(), key=lambda column: (cells[column][0], column)) if len(shown) > 1 else None
         texts = []
-        for column in columns:
-            if column not in cells:
+        for method in methods:
+            if method not in shown:
                 texts.append("–")
                 continue
+            column = shown[method]
             mean, text, nll = cells[column]
             seeds_shown |= "±" in text
+            tie = False
             if best is not None and fmt(mean) == fmt(cells[best][0]):
                 text = f"**{text}**"  # ties at the shown precision are all bold
             elif best is not None and paired_p_value(nll, cells[best][2]) >= SIGNIFICANCE:
-                text, ties_shown = f"{text} ≈", True
-            texts.append(text)
+                tie = ties_shown = True
+            if column != method:
+                text += _superscript(variants.setdefault(column, len(variants) + 1))
+            texts.append(text + (" ≈" if tie else ""))
         lines.append(f"| `{bits}` | " + " | ".join(texts) + " |")
     notes = []
+    if variants:
+        named = "; ".join(f"{_superscript(number)} {column}" for column, number in variants.items())
+        notes.append(f"Each cell is the method's best variant at that setting: {named}")
     if seeds_shown:
         notes.append("± = 95% confidence interval of the mean over seeds (Student's t), number of seeds in brackets")
     if ties_shown:
@@ -72,6 +87,10 @@ def ppl_overview(group: pd.DataFrame) -> list[str]:
             f"≈ = not significantly different from the row's best (paired t-test over windows, p ≥ {SIGNIFICANCE})"
         )
     return lines + [""] + ([f"*{'; '.join(notes)}.*", ""] if notes else [])
+
+
+def _superscript(number: int) -> str:
+    return str(number).translate(str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹"))
 
 
 def _overview_cell(runs: pd.DataFrame) -> tuple[float, str, list[float]]:
@@ -126,5 +145,6 @@ def seed_spread(group: pd.DataFrame) -> list[str]:
 
 
 def _method_of(column: str) -> str:
-    """The method (with its act/KV plug-ins) of an overview column, without options or calibration budget."""
-    return column.split(" (")[0].split(" [")[0]
+    """The method (with its act/KV plug-ins) of an overview column, without options or calibration budget:
+    "bcq (n_codebooks=1) + act=bcq (n_codebooks=1) [16 × 2048]" -> "bcq + act=bcq"."""
+    return re.sub(r" \([^)]*\)", "", column).split(" [")[0]

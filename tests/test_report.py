@@ -114,18 +114,31 @@ def test_overview_pivots_settings_by_method_and_bolds_the_best():
     board = render_leaderboard(records)
     overview = board[board.index("### Perplexity at a glance") : board.index("### `w16a16kv16`")]
     lines = overview.splitlines()
-    assert lines[2] == "| bits | gptq | quarot (weights=rtn) | rtn |"
+    assert lines[2] == "| bits | gptq | quarot | rtn |"
     assert "| `w16a16kv16` | – | – | 10.00 |" in lines
-    assert "| `w3g128a16kv16` | 12.00 | **11.00** | 15.00 |" in lines
+    assert "| `w3g128a16kv16` | 12.00 | **11.00**¹ | 15.00 |" in lines  # a variant: footnoted
+    assert "¹ quarot (weights=rtn)" in overview
     assert "| `w2a4kv4` | – | – | 900.00 |" in lines  # the failed GPTQ run is not a number
 
 
-def test_overview_splits_a_method_run_at_two_calibration_budgets():
+def test_overview_shows_a_methods_best_variant_in_one_column_and_names_it():
+    """Two calibration budgets and an option of one method, and a plug-in method with and without options: one
+    column per method (with its plug-ins), the best variant's value, a footnote naming it."""
     small, big = _record("g16", "gptq", "w4g128a16kv16", 31.0), _record("g128", "gptq", "w4g128a16kv16", 30.0)
     small["metrics"]["calib_windows"], big["metrics"]["calib_windows"] = 16.0, 128.0
-    board = render_leaderboard([small, big])
-    assert "| bits | gptq [128 × 2048] | gptq [16 × 2048] |" in board
-    assert "| `w4g128a16kv16` | **30.00** | 31.00 |" in board
+    option = _record("gd", "gptq", "w4g128a16kv16", 29.0, params={"damp": "0.1"})
+    option["metrics"]["calib_windows"] = 16.0
+    bcq = _record("b", "bcq", "w4a4kv16", 40.0)
+    bcq_one = _record("b1", "bcq", "w4a4kv16", 39.0, params={"n_codebooks": "1"})
+    for rec in (bcq, bcq_one):
+        rec["act"] = {"name": "bcq", "n_codebooks": rec["method_params"].get("n_codebooks", "2")}
+    board = render_leaderboard([small, big, option, bcq, bcq_one])
+    overview = board[board.index("### Perplexity at a glance") : board.index("### `w4g128a16kv16`")]
+    assert "| bits | bcq + act=bcq | gptq |" in overview
+    assert "| `w4g128a16kv16` | – | 29.00¹ |" in overview
+    assert "| `w4a4kv16` | 39.00² | – |" in overview
+    assert "¹ gptq (damp=0.1, " in overview and "; ² bcq (n_codebooks=1) + act=bcq (n_codebooks=1)." in overview
+    assert "| gptq [128 × 2048] |" not in overview and "31.00" not in overview  # in the setting's table only
 
 
 def test_a_record_made_before_a_parameter_existed_is_labelled_with_its_legacy_value():
