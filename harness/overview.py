@@ -8,7 +8,7 @@ import re
 import pandas as pd
 
 from harness.spec import BitSpec
-from harness.stats import SIGNIFICANCE, mean_ci, paired_p_value
+from harness.stats import SIGNIFICANCE, mean_ci, paired_p_value, welch_p_value
 
 
 def bits_order(bits: str) -> tuple:
@@ -111,7 +111,8 @@ def seed_spread(group: pd.DataFrame) -> list[str]:
     """Each cell of the overview that holds several seeds, set against the nearest other method: the spread of its
     PPL over seeds (max − min) and the gap between its mean and the closest mean PPL of another method's column at
     the same bit setting (variants of the same method — options, calibration budgets — are not other methods). A
-    gap smaller than the spread means the order of those two methods is within seed noise."""
+    gap smaller than the spread means the order of those two methods is within seed noise. Where the nearest other
+    method has several seeds too, Welch's t-test between the two seed sets gives the p-value of that gap."""
     done = _finished_cells(group)
     if done.empty or done.groupby(["bits", "column"]).p_seed.nunique().max() < 2:
         return []
@@ -119,8 +120,8 @@ def seed_spread(group: pd.DataFrame) -> list[str]:
         "### Seed spread against the gaps between methods",
         "",
         "| bits | method | seeds | PPL over seeds (min – max) | spread | nearest other method | gap in mean PPL "
-        "| gap ÷ spread |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "| gap ÷ spread | Welch p |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for bits in sorted(done.bits.unique(), key=bits_order):
         means = {column: float(runs.ppl.mean()) for column, runs in done[done.bits == bits].groupby("column")}
@@ -135,13 +136,20 @@ def seed_spread(group: pd.DataFrame) -> list[str]:
                 gap = abs(others[nearest] - means[column])
                 ratio = "–" if spread == 0 else f"{gap / spread:,.2f}×"
                 neighbour, gap_text = f"{nearest} ({fmt(others[nearest])})", fmt(gap)
+                other_ppls = done[(done.bits == bits) & (done.column == nearest)].ppl
+                p_value = welch_p_value([float(p) for p in runs.ppl], [float(p) for p in other_ppls])
+                welch = "–" if p_value != p_value else f"{p_value:.3f}"
             else:
-                neighbour, gap_text, ratio = "–", "–", "–"
+                neighbour, gap_text, ratio, welch = "–", "–", "–", "–"
             lines.append(
                 f"| `{bits}` | {column} | {runs.p_seed.nunique()} | {fmt(low)} – {fmt(high)} | {fmt(spread)} | "
-                f"{neighbour} | {gap_text} | {ratio} |"
+                f"{neighbour} | {gap_text} | {ratio} | {welch} |"
             )
-    return lines + ["", "*Below 1× the two methods' order is within the seed spread.*", ""]
+    note = (
+        "*Below 1× the two methods' order is within the seed spread. Welch p: Welch's t-test between the two "
+        f"methods' PPL over seeds (– where the other method has one run); p ≥ {SIGNIFICANCE} = no significant gap.*"
+    )
+    return lines + ["", note, ""]
 
 
 def _method_of(column: str) -> str:

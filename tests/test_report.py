@@ -271,8 +271,16 @@ def test_seed_spread_is_set_against_the_nearest_other_method_not_a_variant_of_th
     text = render_leaderboard(records)
     assert "### Seed spread against the gaps between methods" in text
     rows = [line for line in text.splitlines() if line.startswith("| `w4a4kv4` | quarot |")]
-    assert rows == ["| `w4a4kv4` | quarot | 3 | 30.00 – 34.00 | 4.00 | gptq (35.00) | 3.00 | 0.75× |"]
+    assert rows == ["| `w4a4kv4` | quarot | 3 | 30.00 – 34.00 | 4.00 | gptq (35.00) | 3.00 | 0.75× | – |"]
     assert "Seed spread" not in render_leaderboard(records[:1] + records[4:])  # one seed per column: no table
+    for seed, ppl in enumerate((35.0, 36.0, 37.0)):  # gptq at three seeds: Welch's t between the seed sets
+        rec = _record(f"g{seed}", "gptq", "w4a4kv4", ppl, start=seed + 20)
+        rec["protocol"] = {**PROTOCOL, "seed": str(seed)}
+        records.append(rec)
+    text = render_leaderboard([r for r in records if r["run_key"] != "g"])
+    row = next(line for line in text.splitlines() if line.startswith("| `w4a4kv4` | quarot |"))
+    # means 32 vs 36, variances 4 and 1: t = 4 / sqrt(5/3) = 3.10, Welch-Satterthwaite df = 2.94, p = 0.055
+    assert row.endswith("| gptq (36.00) | 4.00 | 1.00× | 0.055 |")
 
 
 def test_claims_hold_fail_or_are_not_run_with_their_numbers():
