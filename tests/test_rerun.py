@@ -65,7 +65,9 @@ def test_missing_kl_selects_quantized_rows_only_and_prefixes_must_be_unique():
 
 def test_cli_prints_the_commands_and_refuses_no_selection(capsys):
     key = _record(method="rtn", bits="w16a16kv3", run_key="12c0c5f2fa51bdcb")["run_key"]
-    assert rerun.main([key[:8], "--print"]) == 0
+    from harness.__main__ import main
+
+    assert main(["rerun", key[:8], "--print"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"# {key}") and "python -m harness run model=smollm2-135m method=rtn" in printed
     assert printed.rstrip().endswith("force=true")
