@@ -152,6 +152,7 @@ def _section_header(group: pd.DataFrame) -> list[str]:
         )
         lines += _zs_wall_time_lines(group, tasks)
     lines += _contamination_lines(group)
+    lines += _fidelity_coverage_lines(group)
     lines += [f"- Latest run: {date}", ""]
     return lines
 
@@ -181,6 +182,18 @@ def _contamination_lines(group: pd.DataFrame) -> list[str]:
     return [
         "- Contamination guard: share of the test split's distinct 13-grams (lowercased words) found in the "
         "corpus a run read: " + "; ".join(parts)
+    ]
+
+
+def _fidelity_coverage_lines(group: pd.DataFrame) -> list[str]:
+    """How many finished quantized runs of a section lack KL/top-1 vs FP (logged before the fidelity pass existed)."""
+    quantized = group[(group.status == "FINISHED") & (group.bits != "w16a16kv16")]
+    missing = sum("kl_vs_fp" not in metrics for metrics in quantized.metrics)
+    if not missing:
+        return []
+    return [
+        f"- KL/top-1 vs FP: {missing} of {len(quantized)} quantized runs were logged before the fidelity pass "
+        "and show –; `python -m harness rerun --missing kl_vs_fp` re-runs them under the same run keys"
     ]
 
 

@@ -267,3 +267,15 @@ def test_zero_shot_columns_and_each_runs_wall_time_are_shown():
     ) in board
     row = next(line for line in board.splitlines() if line.startswith("| gptq |"))
     assert "| 66.0 ± 1.0 | 38.0 ± 0.5 | 52.0 |" in row
+
+
+def test_the_header_counts_quantized_runs_without_kl_and_names_the_command_that_fills_them():
+    fp = _record("fp", "rtn", "w16a16kv16", 10.0)
+    old = _record("old", "rtn", "w4g128a16kv16", 12.0)
+    new = _record("new", "gptq", "w4g128a16kv16", 11.0)
+    new["metrics"] |= {"kl_vs_fp": 0.05, "top1_vs_fp": 0.9}
+    board = render_leaderboard([fp, old, new])
+    assert "- KL/top-1 vs FP: 1 of 2 quantized runs were logged before the fidelity pass" in board
+    assert "python -m harness rerun --missing kl_vs_fp" in board
+    old["metrics"] |= {"kl_vs_fp": 0.2, "top1_vs_fp": 0.7}
+    assert "KL/top-1 vs FP:" not in render_leaderboard([fp, old, new])
