@@ -112,6 +112,8 @@ def read_records(path: Path) -> list[dict]:
 
 
 def merge_records(kept: list[dict], fresh: list[dict]) -> list[dict]:
-    """Records of `kept` whose run key is not in `fresh`, plus all of `fresh` (one per key, sorted)."""
-    fresh_keys = {rec["run_key"] for rec in fresh}
-    return select_latest([rec for rec in kept if rec["run_key"] not in fresh_keys] + fresh)
+    """One record per run key (sorted) from the file's records and the store's: a run in both is taken from the
+    store; then `select_latest`, so a re-run still in progress, killed or failed never hides the key's earlier
+    result, and a newer result replaces it."""
+    fresh_ids = {rec["run_id"] for rec in fresh}
+    return select_latest([rec for rec in kept if rec["run_id"] not in fresh_ids] + fresh)

@@ -325,6 +325,8 @@ def main(argv: list[str]) -> int:
     fresh = export_records(args.tracking_uri, args.experiment)
     kept = read_records(out / "runs.jsonl") if (out / "runs.jsonl").exists() else []
     records = merge_records(kept, fresh)
+    fresh_ids = {rec["run_id"] for rec in fresh}
+    from_file = sum(rec["run_id"] not in fresh_ids for rec in records)
     write_records(records, out / "runs.jsonl")
     board = render_leaderboard(records)
     atomic_write(out / "leaderboard.md", lambda tmp: tmp.write_text(board, encoding="utf-8"))
@@ -335,8 +337,8 @@ def main(argv: list[str]) -> int:
     if plot_paretoq(records, claims, out / "paretoq.png"):
         print(f"wrote {out / 'paretoq.png'}")
     print(
-        f"wrote {out / 'runs.jsonl'} ({len(records)} runs: {len(fresh)} from {args.tracking_uri}, "
-        f"{len(records) - len(fresh)} kept from the file), {out / 'leaderboard.md'}, {out / 'reproduction.md'}, "
+        f"wrote {out / 'runs.jsonl'} ({len(records)} runs: {len(records) - from_file} from {args.tracking_uri}, "
+        f"{from_file} kept from the file), {out / 'leaderboard.md'}, {out / 'reproduction.md'}, "
         f"{out / 'pareto.png'}"
     )
     return 0

@@ -3,7 +3,7 @@
 import pytest
 
 from harness.labels import method_label
-from harness.records import select_latest
+from harness.records import merge_records, select_latest
 from harness.report import render_leaderboard
 from tests.records_fixture import PROTOCOL, QUAROT_NOW, _record
 
@@ -16,6 +16,20 @@ def test_latest_finished_run_wins():
     ]
     chosen = select_latest(records)
     assert [(r["run_key"], r["status"]) for r in chosen] == [("b", "FAILED"), ("a", "FINISHED")]
+
+
+def test_a_rerun_in_progress_or_killed_does_not_hide_the_files_result_and_a_newer_result_replaces_it():
+    kept = [_record("a", "rtn", "w4a16kv16", 12.0, start=1), _record("b", "rtn", "w3a16kv16", 20.0, start=1)]
+    fresh = [
+        _record("a", "rtn", "w4a16kv16", None, status="KILLED", start=2),
+        _record("a", "rtn", "w4a16kv16", None, status="RUNNING", start=3),
+        _record("b", "rtn", "w3a16kv16", 19.0, start=2),
+    ]
+    merged = {r["run_key"]: r for r in merge_records(kept, fresh)}
+    assert (merged["a"]["status"], merged["a"]["metrics"]["wikitext2_ppl"]) == ("FINISHED", 12.0)
+    assert merged["b"]["metrics"]["wikitext2_ppl"] == 19.0 and len(merged) == 2
+    updated = _record("b", "rtn", "w3a16kv16", 18.0, start=1)  # the file's run, exported again with a new metric
+    assert {r["run_key"]: r for r in merge_records(kept, [updated])}["b"]["metrics"]["wikitext2_ppl"] == 18.0
 
 
 def test_leaderboard_is_deterministic_and_sorted():
