@@ -208,5 +208,17 @@ def _list() -> int:
     return 0
 
 
+def _closed_stdout_ends_quietly(entry) -> int:
+    """`python -m harness rerun --print | head` closes stdout early: stop there without a traceback (the Python
+    docs' SIGPIPE recipe: point stdout at devnull so the interpreter's final flush does not raise again)."""
+    try:
+        code = entry()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_closed_stdout_ends_quietly(main))

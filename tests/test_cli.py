@@ -186,6 +186,19 @@ def test_list_names_models_methods_and_grammar(capsys):
     assert "valid: run, sweep, report" in capsys.readouterr().err
 
 
+def test_output_piped_into_a_closed_reader_ends_without_a_traceback():
+    """`python -m harness rerun --print | head -1`: the reader is gone before the command writes."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "harness", "list"], cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == ""
+
+
 def test_bench_unknown_method_lists_valid(capsys):
     from harness.__main__ import main
 
