@@ -1,9 +1,8 @@
-"""`reports/pareto.png` (PPL relative to FP against true bits, per model and kind of setting) and
+"""`reports/pareto.png` (PPL relative to FP against true bits or bit setting, per model and kind of setting) and
 `reports/paretoq.png` (ParetoQ's size-vs-quality curve beside the paper's)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from harness.report import _frame, _whole_split
@@ -13,7 +12,11 @@ from methods.core.bits import BitSpec
 CEILING = 10.0  # PPL relative to FP above which a run counts as collapsed and is drawn on the ceiling
 PANELS = (
     ("weights only (a16 kv16)", "bpw", "true bits per weight (quantized linears, incl. scales)"),
-    ("weights + activations and/or KV cache", "bpw", "true bits per weight (quantized linears, incl. scales)"),
+    (
+        "weights + activations and/or KV cache",
+        "setting",
+        "bit setting (true bits per weight below it); methods left to right in legend order",
+    ),
     ("KV cache only (16-bit weights)", "kv_bits", "true KV-cache bits per element (codes, scales, outliers)"),
 )
 
@@ -57,10 +60,11 @@ def pareto_frame(records: list[dict]):
 
 
 def plot_pareto(records: list[dict], path: Path) -> None:
-    """PPL relative to FP against true bits, whole test split only (budget subsets stay in the tables): one row
-    per model, panels for weight-only, weight+activation/KV and KV-only settings; one colour per method, a line
-    through its Pareto-optimal points (dominated runs hollow); runs above CEILING x FP drawn on the ceiling with
-    their PPL; the FP line at 1."""
+    """PPL relative to FP, whole test split only (budget subsets stay in the tables): one row per model, panels
+    for weight-only and KV-only settings against true bits (per method a line through its Pareto-optimal points,
+    dominated runs hollow) and, between them, weight+activation/KV settings, which share ~4 bits per weight, one
+    slot per setting; one colour per method within a panel; runs above CEILING x FP drawn on the ceiling with
+    their PPL in the legend; the FP line at 1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,13 +78,9 @@ def plot_pareto(records: list[dict], path: Path) -> None:
         _save(fig, path)
         return
     models = sorted(frame.model.unique())
-    methods = sorted(frame.method.unique())
-    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    colours = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
     legend_rows = max(len(g.method.unique()) for _, g in frame.groupby(["model", "panel"]))
     row_height = 4.2 + 0.2 * legend_rows
     fig, axes = plt.subplots(len(models), 3, figsize=(19, row_height * len(models)), squeeze=False)
-    labels: dict = {}
     for row, model in enumerate(models):
         for panel, (title, xcol, xlabel) in enumerate(PANELS):
             ax = axes[row][panel]
@@ -88,116 +88,111 @@ def plot_pareto(records: list[dict], path: Path) -> None:
             if group.empty:
                 ax.set_visible(False)
                 continue
-            labels[ax] = _draw_panel(ax, group, xcol, colours, annotate=panel == 1)
+            colours = panel_colours(sorted(group.method.unique()))
+            if xcol == "setting":
+                _draw_settings_panel(ax, group, colours)
+            else:
+                _draw_panel(ax, group, xcol, colours)
             ax.set_title(
                 f"{model}: {title}\nFP PPL {group.fp_ppl.iloc[0]:.2f} (whole WikiText-2 test split)", fontsize=10
             )
             ax.set_xlabel(xlabel, fontsize=9)
             ax.set_ylabel("PPL / FP PPL (log)", fontsize=9)
     fig.tight_layout(h_pad=2.0)
-    for ax, pending in labels.items():
-        _place_labels(ax, pending)
     _save(fig, path)
 
 
-def spread_labels(wanted: list[float], gap: float, low: float = 0.0, high: float = 1.0) -> list[float]:
-    """Label positions on one axis (axes fraction) at least `gap` apart, in the order of `wanted`, inside
-    [low, high], each as close to where it is wanted as the others allow (least squares: overlapping labels
-    are merged into blocks centred on their members' mean, pool-adjacent-violators style)."""
-    order = sorted(range(len(wanted)), key=lambda i: wanted[i])
-    n = len(order)
-    if n == 0:
-        return []
-    gap = min(gap, (high - low) / max(n - 1, 1))
-    # the i-th label of a block sits at block start + i * gap; clip so every label fits inside [low, high]
-    starts = [min(max(wanted[i], low + k * gap), high - (n - 1 - k) * gap) - k * gap for k, i in enumerate(order)]
-    blocks: list[list[float]] = []  # [sum of member starts, member count]
-    for start in starts:
-        blocks.append([start, 1])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
-            total, count = blocks.pop()
-            blocks[-1][0] += total
-            blocks[-1][1] += count
-    placed = [0.0] * n
-    k = 0
-    for total, count in blocks:
-        for _ in range(count):
-            placed[order[k]] = total / count + k * gap
-            k += 1
-    return placed
+def panel_colours(methods: list[str]) -> dict[str, tuple]:
+    """One colour per method of a panel (each panel has its own legend), all distinct: tab10 up to ten methods,
+    tab20 up to twenty, beyond that evenly spaced hues."""
+    import matplotlib.pyplot as plt
+
+    if len(methods) <= 20:
+        cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+        return {m: cmap(i) for i, m in enumerate(methods)}
+    cmap = plt.get_cmap("hsv")
+    return {m: cmap(i / len(methods)) for i, m in enumerate(methods)}
 
 
-def _place_labels(ax, pending: list[tuple[float, float, str, tuple]]) -> None:
-    """Each pending (x, y, text, colour) label beside its point with a leader line: labels of points whose x lie
-    close (W4A8 and W4A4 settings share ~4 bits/weight) stacked left of them, spread apart vertically."""
-    if not pending:
-        return
-    from matplotlib.transforms import blended_transform_factory, offset_copy
-
-    fontsize = 7
-    ymin, ymax = (float(v) for v in ax.get_ylim())
-    xmin, xmax = (float(v) for v in ax.get_xlim())
-
-    def frac(y: float) -> float:
-        return (math.log(y) - math.log(ymin)) / (math.log(ymax) - math.log(ymin))
-
-    height_pt = ax.get_window_extent().height * 72 / ax.figure.dpi
-    gap = 1.3 * fontsize / height_pt
-    clusters: list[list[int]] = []
-    for i in sorted(range(len(pending)), key=lambda i: pending[i][0]):
-        if clusters and pending[i][0] - pending[clusters[-1][-1]][0] < 0.08 * (xmax - xmin):
-            clusters[-1].append(i)
-        else:
-            clusters.append([i])
-    frame = blended_transform_factory(ax.transData, ax.transAxes)
-    for members in clusters:
-        xs = [pending[i][0] for i in members]
-        # a stack of labels goes left of its points (open space below 4 bits), so do labels near the right edge
-        left = len(members) > 1 or max(xs) > xmin + 0.85 * (xmax - xmin)
-        anchor_x = min(xs) if left else max(xs)
-        text_at = offset_copy(frame, fig=ax.figure, x=-12 if left else 12, units="points")
-        ys = spread_labels([frac(pending[i][1]) for i in members], gap, low=0.02, high=0.98)
-        for i, y in zip(members, ys, strict=True):
-            x, value, text, colour = pending[i]
-            ink = tuple(0.65 * c for c in colour[:3])  # darker than the marker: light tab20 colours stay legible
-            leader = {"arrowstyle": "-", "color": colour, "linewidth": 0.5, "shrinkA": 0, "shrinkB": 2}
-            ax.annotate(text, (x, value), xytext=(anchor_x, y), textcoords=text_at, fontsize=fontsize, color=ink,
-                        va="center", ha="right" if left else "left", arrowprops=leader)  # fmt: skip
-
-
-def _draw_panel(ax, group, xcol: str, colours, annotate: bool) -> list[tuple[float, float, str, tuple]]:
-    """One panel: each method's runs (its Pareto-optimal ones filled and joined), collapsed runs as triangles
-    on the ceiling with their PPL in the legend, bit settings named on the top axis — or, where settings share
-    an x (`annotate`: W4A8 and W4A4 have the same bits per weight), next to every point (the labels returned for
-    `_place_labels` once the layout is final), with one front per activation/KV setting."""
-    import textwrap
-
-    ax.axhline(1.0, color="black", linewidth=1, linestyle=":")
-    labels = []
+def _draw_panel(ax, group, xcol: str, colours) -> None:
+    """One panel against true bits: each method's runs (its Pareto-optimal ones filled and joined), collapsed
+    runs as triangles on the ceiling with their PPL in the legend, bit settings named on the top axis."""
     for method, rows in sorted(group.groupby("method")):
         colour = colours[method]
         shown = rows[rows.rel <= CEILING]
-        # settings that differ in what the x axis does not show (activation/KV bits) get fronts of their own
-        kind = shown.bits.map(lambda b: f"a{BitSpec.parse(b).a}kv{BitSpec.parse(b).kv}" if annotate else "all")
-        on_front: set = set()
-        for _, same in shown.groupby(kind):
-            front = pareto_front(list(zip(same[xcol], same.rel, strict=True)))
-            on_front |= set(front)
-            if len(front) > 1:
-                ax.plot(*zip(*front, strict=True), color=colour, linewidth=1.2)
+        front = pareto_front(list(zip(shown[xcol], shown.rel, strict=True)))
+        if len(front) > 1:
+            ax.plot(*zip(*front, strict=True), color=colour, linewidth=1.2)
         for r in shown.itertuples():
-            x, best = getattr(r, xcol), (getattr(r, xcol), r.rel) in on_front
+            x = getattr(r, xcol)
+            best = (x, r.rel) in set(front)
             ax.scatter(x, r.rel, s=30, color=colour if best else "none", edgecolors=colour, zorder=3)
-            if annotate:
-                labels.append((float(x), float(r.rel), _short_bits(r.bits), colour))
-        down = rows[rows.rel > CEILING].sort_values(xcol)
+        down = rows[rows.rel > CEILING]
         ax.scatter(down[xcol], [CEILING] * len(down), marker="^", s=45, color=colour, zorder=3)
-        label = method + ("".join(f"; {_short_bits(r.bits)} collapsed: PPL {r.ppl:,.0f}" for r in down.itertuples()))
-        ax.scatter([], [], color=colour, label=textwrap.fill(label, 80))
-    if not annotate:
-        settings = group.groupby("bits")[xcol].median().sort_values()
-        top = ax.secondary_xaxis("top")
-        top.set_xticks(list(settings), [_short_bits(b) for b in settings.index], fontsize=7, rotation=45, ha="left")
+        _legend_entry(ax, method, colour, down)
+    settings = group.groupby("bits")[xcol].median().sort_values()
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(list(settings), [_short_bits(b) for b in settings.index], fontsize=7, rotation=45, ha="left")
+    _finish_axes(ax)
+
+
+def setting_positions(group) -> tuple[list[str], dict[tuple[str, str], float]]:
+    """Where the weight+activation/KV panel draws each run: the bit settings in order of (weight, activation,
+    KV) bits, one slot each at 0, 1, 2, ...; inside a slot, the methods that ran that setting side by side in
+    name order, evenly spread over 0.8 of the slot and centred on it. Returns (settings, {(bits, method): x})."""
+    settings = sorted(
+        group.bits.unique(), key=lambda b: (BitSpec.parse(b).w, BitSpec.parse(b).a, BitSpec.parse(b).kv, b)
+    )
+    positions: dict[tuple[str, str], float] = {}
+    for slot, bits in enumerate(settings):
+        methods = sorted(group[group.bits == bits].method.unique())
+        width = 0.8 / len(methods)
+        for j, method in enumerate(methods):
+            positions[bits, method] = slot + (j - (len(methods) - 1) / 2) * width
+    return settings, positions
+
+
+def _draw_settings_panel(ax, group, colours) -> None:
+    """The weight+activation/KV panel: these settings share ~4 bits per weight (W4A8KV8, W4A4KV4, W4A4KV16 …),
+    so the x axis is the setting itself (`setting_positions`), each tick naming its true bits per weight; every
+    seed and run drawn (seeds of one method share a spot), collapsed runs on the ceiling with PPL in the legend."""
+    settings, positions = setting_positions(group)
+    for method, rows in sorted(group.groupby("method")):
+        colour = colours[method]
+        xs = [positions[bits, method] for bits in rows.bits]
+        ys = [min(rel, CEILING) for rel in rows.rel]
+        markers = ["^" if rel > CEILING else "o" for rel in rows.rel]
+        for x, y, marker in zip(xs, ys, markers, strict=True):
+            ax.scatter(x, y, marker=marker, s=40 if marker == "o" else 45, color=colour, edgecolors="black",
+                       linewidths=0.4, alpha=0.9, zorder=3)  # fmt: skip
+        _legend_entry(ax, method, colour, rows[rows.rel > CEILING])
+    for slot in range(1, len(settings)):
+        ax.axvline(slot - 0.5, color="0.75", linewidth=0.8)
+    ticks = []
+    for bits in settings:
+        bpw = group[group.bits == bits].bpw
+        span = f"{bpw.min():.2f}" if bpw.max() - bpw.min() < 0.005 else f"{bpw.min():.2f}–{bpw.max():.2f}"
+        ticks.append(f"{bits}\n{span} b/w")
+    ax.set_xticks(range(len(settings)), ticks, fontsize=8)
+    ax.set_xlim(-0.5, len(settings) - 0.5)
+    ax.grid(False, axis="x")
+    _finish_axes(ax)
+    ax.grid(True, which="both", axis="y", alpha=0.3)
+
+
+def _legend_entry(ax, method: str, colour, down) -> None:
+    """The method's legend line, naming each of its collapsed runs' setting and PPL."""
+    import textwrap
+
+    label = method + "".join(
+        f"; {_short_bits(r.bits)} collapsed: PPL {r.ppl:,.0f}" for r in down.sort_values("bpw").itertuples()
+    )
+    ax.scatter([], [], color=colour, label=textwrap.fill(label, 80))
+
+
+def _finish_axes(ax) -> None:
+    """The FP line at 1, log y up to the grey collapsed band, grid and the legend below the panel."""
+    ax.axhline(1.0, color="black", linewidth=1, linestyle=":")
     ax.set_yscale("log")
     ax.set_ylim(0.9, CEILING * 1.6)
     ax.axhspan(CEILING, CEILING * 1.6, color="0.93", zorder=0)
@@ -205,7 +200,6 @@ def _draw_panel(ax, group, xcol: str, colours, annotate: bool) -> list[tuple[flo
             va="top", color="0.35")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, frameon=False, ncol=1)
-    return labels
 
 
 def _short_bits(bits: str) -> str:

@@ -123,18 +123,32 @@ def test_pareto_front_keeps_only_undominated_points():
     assert pareto_front(points) == [(2.2, 2.5), (3.1, 1.5), (4.1, 1.2)]
 
 
-def test_spread_labels_keeps_order_gap_and_bounds():
-    """Labels already apart stay where wanted; three wanted at one place are spread `gap` apart around it (the
-    least-squares placement keeps their mean); labels wanted past the top edge are pushed inside it."""
-    from harness.plots import spread_labels
+def test_settings_panel_slots_settings_by_bits_and_spreads_methods_inside():
+    """The weight+activation/KV panel's x: one slot per setting in (weight, activation, KV) bits order, the
+    methods of a slot side by side in name order, centred on it and inside +-0.4; seeds of a method share a spot."""
+    import pandas as pd
 
-    assert spread_labels([0.1, 0.5, 0.9], 0.1) == pytest.approx([0.1, 0.5, 0.9])
-    assert spread_labels([0.5, 0.5, 0.5], 0.1) == pytest.approx([0.4, 0.5, 0.6])
-    placed = spread_labels([0.30, 0.20, 0.25], 0.1)  # order of the input kept: 0.20 lowest, 0.30 highest
-    assert placed == pytest.approx([0.35, 0.15, 0.25])
-    top = spread_labels([0.99, 0.99, 0.99], 0.1, low=0.0, high=0.98)
-    assert max(top) <= 0.98 + 1e-12 and sorted(top)[1] - sorted(top)[0] == pytest.approx(0.1)
-    assert spread_labels([], 0.1) == []
+    from harness.plots import setting_positions
+
+    group = pd.DataFrame(
+        {
+            "bits": ["w4a8kv8", "w4a4kv4", "w4a4kv4", "w4a4kv4", "w2a4kv4", "w4a4kv16"],
+            "method": ["rtn", "rtn", "quarot", "quarot", "gptq", "bcq"],
+        }
+    )
+    settings, x = setting_positions(group)
+    assert settings == ["w2a4kv4", "w4a4kv4", "w4a4kv16", "w4a8kv8"]
+    assert x["w2a4kv4", "gptq"] == 0 and x["w4a4kv16", "bcq"] == 2 and x["w4a8kv8", "rtn"] == 3
+    assert x["w4a4kv4", "quarot"] == pytest.approx(0.8) and x["w4a4kv4", "rtn"] == pytest.approx(1.2)
+    assert len(x) == 5
+
+
+def test_each_panel_gets_distinct_colours():
+    from harness.plots import panel_colours
+
+    for n in (3, 14, 20, 27):
+        colours = panel_colours([f"m{i}" for i in range(n)])
+        assert len(set(colours.values())) == n
 
 
 def test_pareto_panels_relative_ppl_and_kv_bits(tmp_path):
