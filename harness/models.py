@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from harness.spec import ModelSpec, SpecError
@@ -128,13 +129,17 @@ def gemma_gguf_path() -> Path:
 def _load_cached_gguf(target: Path, gguf_path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    problem = cache_problem(target)
-    if problem:
-        if target.exists():
-            print(f"[quantbench] model cache {target}: {problem}; rebuilding it from the GGUF", file=sys.stderr)
-        _build_cache(target, gguf_path())
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(target)
+    # One process builds the cache while the others wait (parallel sweep workers, test workers): without the
+    # lock a second builder swaps its copy in while the first one reads from the directory.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        problem = cache_problem(target)
+        if problem:
+            if target.exists():
+                print(f"[quantbench] model cache {target}: {problem}; rebuilding it from the GGUF", file=sys.stderr)
+            _build_cache(target, gguf_path())
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(target)
     return model, tokenizer
 
 

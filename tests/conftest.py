@@ -1,9 +1,19 @@
 import os
+import sys
 from pathlib import Path
 
 # Triton kernels are checked on CPU under the interpreter; Triton reads this when it is first imported,
 # so it must be set before any test module (or library) imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist (`-n auto`, the default addopts) each worker gets its share of the cores for torch's
+# threads, and so do the CLI processes the tests start (they inherit the variable): two workers each running
+# torch on every core would only slow each other down.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    if "torch" in sys.modules:  # a plugin imported torch before this file: its pool is already sized
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import pytest
 

@@ -14,16 +14,42 @@ from harness.spec import BITS_GRAMMAR, SpecError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cli(args, tmp_path, data_dir):
-    env = {
-        **os.environ,
+def _env(tmp_path, data_dir):
+    return {
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
         "QUANTBENCH_DATA": data_dir,
         "QUANTBENCH_CACHE": str(tmp_path / "cache"),
     }
+
+
+def _cli(args, tmp_path, data_dir):
+    """`python -m harness ARGS` in a fresh interpreter, as a user starts it (runs and sweeps)."""
     return subprocess.run(
-        [sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "harness", *args],
+        cwd=tmp_path,
+        env={**os.environ, **_env(tmp_path, data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+
+
+@pytest.fixture()
+def harness_main(tmp_path, data_dir, monkeypatch, capsys):
+    """`python -m harness ARGS` in this process with `_cli`'s environment, for the commands that read the store
+    (report, bench runs): the same `main`, without the ~10 s of torch/transformers imports of a fresh interpreter."""
+    from harness.__main__ import main
+
+    def run(args):
+        for name, value in _env(tmp_path, data_dir).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
 
 
 def _runs(tmp_path):
@@ -97,7 +123,7 @@ def test_unsupported_pairs_are_listed_not_run():
     assert len(unsupported) == 1 and "w1.58a16kv16" in unsupported[0] and "2, 3, 4" in unsupported[0]
 
 
-def test_sweep_failures_resume_and_report(tmp_path, data_dir):
+def test_sweep_failures_resume_and_report(tmp_path, data_dir, harness_main):
     args = [
         "sweep",
         "model=tiny-llama",
@@ -127,21 +153,21 @@ def test_sweep_failures_resume_and_report(tmp_path, data_dir):
     assert len([r for r in _runs(tmp_path) if r.info.status == "FINISHED"]) == 2  # nothing duplicated
 
     reports = tmp_path / "reports"
-    assert _cli(["report", "--out", str(reports)], tmp_path, data_dir).returncode == 0
+    assert harness_main(["report", "--out", str(reports)]).returncode == 0
     records = [json.loads(line) for line in (reports / "runs.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {r["status"] for r in records} == {"FINISHED", "FAILED"}
     board = (reports / "leaderboard.md").read_text()
     assert "### `w4a4kv4`" in board and "FAILED: ValueError" in board
     assert "× / " in board  # the speedup column of the w4a4kv4 row
     assert (reports / "pareto.png").stat().st_size > 1000
-    assert _cli(["report", "--check", "--out", str(reports)], tmp_path, data_dir).returncode == 0
+    assert harness_main(["report", "--check", "--out", str(reports)]).returncode == 0
     (reports / "leaderboard.md").write_text(board.replace("| rtn |", "| rtn* |", 1))
-    check = _cli(["report", "--check", "--out", str(reports)], tmp_path, data_dir)
+    check = harness_main(["report", "--check", "--out", str(reports)])
     assert check.returncode == 1 and "does not match" in check.stderr
     (reports / "leaderboard.md").write_text(board)  # a claim's verdict edited by hand is caught the same way
     reproduction = (reports / "reproduction.md").read_text()
     (reports / "reproduction.md").write_text(reproduction + "| a verdict edited by hand | holds |\n")
-    check = _cli(["report", "--check", "--out", str(reports)], tmp_path, data_dir)
+    check = harness_main(["report", "--check", "--out", str(reports)])
     assert check.returncode == 1 and "reproduction.md does not match" in check.stderr
 
 
@@ -210,7 +236,7 @@ def test_bench_unknown_method_lists_valid(capsys):
     assert "\n" not in err
 
 
-def test_runs_report_kl_and_top1_against_the_fp_reference(tmp_path, data_dir):
+def test_runs_report_kl_and_top1_against_the_fp_reference(tmp_path, data_dir, harness_main):
     """The first run builds the FP reference before quantizing (cached per model and protocol); every run logs
     KL to FP and top-1 agreement from its perplexity pass; the FP run then agrees with it exactly."""
     args = ["sweep", "model=tiny-llama", "budget=smoke", "bits=w2a16kv16,w16a16kv16", "eval.latency.enabled=false"]
@@ -230,7 +256,7 @@ def test_runs_report_kl_and_top1_against_the_fp_reference(tmp_path, data_dir):
     experiment = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("quantbench")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
     reports = tmp_path / "reports"  # the per-window NLL series reaches the records (the report's paired tests)
-    assert _cli(["report", "--out", str(reports)], tmp_path, data_dir).returncode == 0
+    assert harness_main(["report", "--out", str(reports)]).returncode == 0
     records = [json.loads(line) for line in (reports / "runs.jsonl").read_text().splitlines()]
     assert all(len(r["window_nll"]) == r["metrics"]["ppl_windows"] for r in records) and len(records) == 2
     assert all("ppl_window_nll" not in r["metrics"] for r in records)
@@ -250,11 +276,11 @@ def test_a_run_scores_zero_shot_after_perplexity_and_leaves_no_task_cache(tmp_pa
     assert list((tmp_path / "cache" / "zeroshot").glob("*.json")) == []
 
 
-def test_bench_runs_measures_latency_of_runs_logged_without_it(tmp_path, data_dir):
+def test_bench_runs_measures_latency_of_runs_logged_without_it(tmp_path, data_dir, harness_main):
     args = ["sweep", "model=tiny-llama", "budget=smoke", "bits=w16a16kv16,w4a8kv8", "eval.latency.enabled=false"]
     assert _cli(args, tmp_path, data_dir).returncode == 0
     assert not any("latency.format" in r.data.tags for r in _runs(tmp_path))
-    bench = _cli(["bench", "runs", "--reps", "2"], tmp_path, data_dir)
+    bench = harness_main(["bench", "runs", "--reps", "2"])
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert "measured 1 run(s)" in bench.stdout  # the 16-bit baseline has no kernel
     measured = {r.data.tags["bits"]: r for r in _runs(tmp_path)}["w4a8kv8"]
@@ -262,10 +288,11 @@ def test_bench_runs_measures_latency_of_runs_logged_without_it(tmp_path, data_di
     assert measured.data.tags["latency.measured_after_run"] == "true"
     assert measured.data.metrics["latency.prefill.speedup"] > 0
     assert "packed_bits_per_weight" in measured.data.metrics  # logged by the run itself, kept as is
-    again = _cli(["bench", "runs", "--reps", "2"], tmp_path, data_dir)
+    again = harness_main(["bench", "runs", "--reps", "2"])
     assert "measured 0 run(s)" in again.stdout
 
 
+@pytest.mark.slow  # two joblib workers each import torch and transformers, twice: about two minutes of start-up
 def test_parallel_sweep_with_the_joblib_launcher(tmp_path, data_dir):
     """Hydra's joblib launcher runs the jobs in 2 worker processes on one fresh SQLite store (created once by the
     CLI, before workers could race to migrate it); the summary is read back from the store."""
@@ -344,7 +371,7 @@ def test_a_training_method_logs_its_loss_curve_and_cost(tmp_path, data_dir):
     assert "summary: 1 finished" in other.stdout  # another training spec is another run key
 
 
-def test_deployed_mode_checks_and_times_the_packed_model(tmp_path, data_dir):
+def test_deployed_mode_checks_and_times_the_packed_model(tmp_path, data_dir, harness_main):
     """eval=deploy: the run records the deployed PPL beside the fake-quant PPL in bf16 (within 0.1%), the kernel
     coverage and batch-1 generation speed; the leaderboard's speedup column shows the end-to-end figure."""
     args = ["sweep", "model=tiny-llama", "budget=smoke", "bits=w4g32a16kv16", "eval=deploy", "eval.deploy.reps=1"]
@@ -354,7 +381,7 @@ def test_deployed_mode_checks_and_times_the_packed_model(tmp_path, data_dir):
     assert metrics["deploy.linears_on_kernel"] == metrics["deploy.linears_total"] == 14
     assert abs(metrics["deploy.ppl"] - metrics["deploy.fake_bf16_ppl"]) <= 0.001 * metrics["deploy.fake_bf16_ppl"]
     assert metrics["deploy.deploy.decode_tok_s"] > 0 and metrics["deploy.bf16.decode_tok_s"] > 0
-    assert _cli(["report", "--out", str(tmp_path / "reports")], tmp_path, data_dir).returncode == 0
+    assert harness_main(["report", "--out", str(tmp_path / "reports")]).returncode == 0
     assert "e2e |" in (tmp_path / "reports" / "leaderboard.md").read_text()
 
 

@@ -43,6 +43,8 @@ FAMILIES = ("tiny-llama", "tiny-gemma3")
 BIT_CHOICES = ("w4g16a4kv4", "w4a16kv4", "w2a16kv4")
 PROBE_BITS = ("w16a16kv16", "w8a8kv8", "w4g32a16kv16", "w3a4kv4", "w2g64a16kv4", "w1.58a16kv16", "w1a16kv16")
 CASES = [(method, model) for method in METHODS for model in FAMILIES]
+# The module fixture quantizes each case once; one pytest-xdist worker runs the whole suite so it is built once.
+pytestmark = pytest.mark.xdist_group("conformance")
 
 
 def _spec(method: str, model: str, bits: str, extra: tuple[str, ...] = ()):

@@ -153,6 +153,48 @@ def test_a_truncated_model_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, 
     assert len(builds) == 3 and "no sha256sums.json" in capsys.readouterr().err
 
 
+def test_two_loaders_of_an_empty_model_cache_build_it_once(tmp_path, monkeypatch):
+    """Parallel workers (a joblib sweep, pytest -n) that find no cache: one builds it while the other waits,
+    then both load the same files (without the lock each built a copy and swapped it in under the other)."""
+    import threading
+    import time
+
+    from harness import models
+    from methods.core.atomic import atomic_directory
+
+    model, tokenizer = models.tiny_llama(seed=0)
+    builds = []
+
+    def build(target, _gguf):
+        builds.append(target)
+        time.sleep(0.5)  # a real build takes seconds: the other loader arrives while it runs
+
+        def write(tmp):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            models.write_checksums(tmp)
+
+        atomic_directory(target, write)
+
+    monkeypatch.setattr(models, "_build_cache", build)
+    target = tmp_path / "tiny-cache"
+    loaded, errors = [], []
+
+    def load():
+        try:
+            loaded.append(models._load_cached_gguf(target, lambda: tmp_path / "model.gguf", torch.float32)[0])
+        except Exception as err:  # noqa: BLE001 - reported by the assert below
+            errors.append(err)
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == [] and len(builds) == 1 and len(loaded) == 2
+    assert all(torch.equal(m.lm_head.weight, model.lm_head.weight) for m in loaded)
+
+
 def _running(tracker, key, **claim):
     """A RUNNING run of `key` as another worker leaves it, with the given claim tags."""
     run = tracker.client.create_run(tracker.experiment_id, tags={"run_key": key, **claim})
