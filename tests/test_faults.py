@@ -114,15 +114,20 @@ def test_records_written_while_the_disk_is_full_keep_the_old_file(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.jsonl"]
 
 
-def test_a_truncated_model_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, capsys):
+def _tiny_cache_builds(monkeypatch, seconds: float = 0.0):
+    """models._build_cache replaced by what it does, from tiny-llama instead of a GGUF, taking `seconds`;
+    returns (the tiny model, the list of targets built so far)."""
+    import time
+
     from harness import models
     from methods.core.atomic import atomic_directory
 
     model, tokenizer = models.tiny_llama(seed=0)
     builds = []
 
-    def build(target, _gguf):  # what _build_cache does, from the tiny model instead of a GGUF
+    def build(target, _gguf):
         builds.append(target)
+        time.sleep(seconds)
 
         def write(tmp):
             model.save_pretrained(tmp)
@@ -132,6 +137,13 @@ def test_a_truncated_model_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, 
         atomic_directory(target, write)
 
     monkeypatch.setattr(models, "_build_cache", build)
+    return model, builds
+
+
+def test_a_truncated_model_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, capsys):
+    from harness import models
+
+    model, builds = _tiny_cache_builds(monkeypatch)
     target = tmp_path / "tiny-cache"
     models._load_cached_gguf(target, lambda: tmp_path / "model.gguf", torch.float32)
     assert len(builds) == 1 and models.cache_problem(target) is None
@@ -157,26 +169,10 @@ def test_two_loaders_of_an_empty_model_cache_build_it_once(tmp_path, monkeypatch
     """Parallel workers (a joblib sweep, pytest -n) that find no cache: one builds it while the other waits,
     then both load the same files (without the lock each built a copy and swapped it in under the other)."""
     import threading
-    import time
 
     from harness import models
-    from methods.core.atomic import atomic_directory
 
-    model, tokenizer = models.tiny_llama(seed=0)
-    builds = []
-
-    def build(target, _gguf):
-        builds.append(target)
-        time.sleep(0.5)  # a real build takes seconds: the other loader arrives while it runs
-
-        def write(tmp):
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            models.write_checksums(tmp)
-
-        atomic_directory(target, write)
-
-    monkeypatch.setattr(models, "_build_cache", build)
+    model, builds = _tiny_cache_builds(monkeypatch, seconds=0.5)  # the other loader arrives while it builds
     target = tmp_path / "tiny-cache"
     loaded, errors = [], []
 
