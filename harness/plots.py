@@ -121,11 +121,12 @@ def _draw_panel(ax, group, xcol: str, colours) -> None:
         colour = colours[method]
         shown = rows[rows.rel <= CEILING]
         front = pareto_front(list(zip(shown[xcol], shown.rel, strict=True)))
+        on_front = set(front)
         if len(front) > 1:
             ax.plot(*zip(*front, strict=True), color=colour, linewidth=1.2)
         for r in shown.itertuples():
             x = getattr(r, xcol)
-            best = (x, r.rel) in set(front)
+            best = (x, r.rel) in on_front
             ax.scatter(x, r.rel, s=30, color=colour if best else "none", edgecolors=colour, zorder=3)
         down = rows[rows.rel > CEILING]
         ax.scatter(down[xcol], [CEILING] * len(down), marker="^", s=45, color=colour, zorder=3)
@@ -175,9 +176,8 @@ def _draw_settings_panel(ax, group, colours) -> None:
         ticks.append(f"{bits}\n{span} b/w")
     ax.set_xticks(range(len(settings)), ticks, fontsize=8)
     ax.set_xlim(-0.5, len(settings) - 0.5)
-    ax.grid(False, axis="x")
     _finish_axes(ax)
-    ax.grid(True, which="both", axis="y", alpha=0.3)
+    ax.grid(False, which="both", axis="x")  # the slot separators stand in for vertical grid lines
 
 
 def _legend_entry(ax, method: str, colour, down) -> None:
