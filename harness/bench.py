@@ -294,7 +294,8 @@ def main(argv: list[str]) -> int:
         results = kernel_bench.run(
             args.models.split(","), [int(t) for t in args.tokens.split(",")], args.reps, args.device
         )
-        print(f"device {args.device}, {torch.get_num_threads()} threads, {args.reps} reps after a warm-up")
+        hardware = kernel_bench.hardware_name(args.device)
+        print(f"device {args.device} ({hardware}), {torch.get_num_threads()} threads, {args.reps} reps after a warm-up")
         print(kernel_bench.table(results))
         return 0
     if args.what == "runs":

@@ -68,6 +68,7 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
                 "method_params": dict(sorted(method_params.items())),
                 "sixteen_bit_layers": tags.get("sixteen_bit_layers", ""),
                 **({"latency_format": tags["latency.format"]} if "latency.format" in tags else {}),
+                **_hardware(tags),
                 **{name: _plugin_params(params, name) for name in ("act", "kv") if f"{name}.name" in params},
                 "metrics": dict(sorted((k, v) for k, v in run.data.metrics.items() if k != WINDOW_NLL)),
                 **(
@@ -78,6 +79,12 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
             }
         )
     return select_latest(records)
+
+
+def _hardware(tags: dict) -> dict:
+    """`latency_hardware`: what timed the run's speedup cell (the deployed run's CPU where deployed mode ran)."""
+    found = tags.get("deploy.hardware") or tags.get("latency.hardware")
+    return {"latency_hardware": found} if found else {}
 
 
 WINDOW_NLL = "ppl_window_nll"  # a per-window series: the record keeps it as a list (report's paired tests)

@@ -64,6 +64,42 @@ def _speedup_cell(rec: dict) -> str:
     return " / ".join("–" if v is None else f"{v:.2f}×" for v in (prefill, decode))
 
 
+UNRECORDED = "not recorded"
+MARKS = "¹²³⁴⁵⁶⁷⁸⁹"
+
+
+def hardware_marks(group: pd.DataFrame) -> dict[str, str]:
+    """Hardware -> the mark its speedup cells carry, over a section's timed runs: none when one machine timed
+    them all (the header names it), else ¹, ², … by name, runs timed before the hardware was recorded last."""
+    timed = group[group.speedup.str.contains("×")]
+    found = sorted(set(timed.hardware), key=lambda name: (name == UNRECORDED, name))
+    if len(found) <= 1:
+        return {name: "" for name in found}
+    return {name: MARKS[i] if i < len(MARKS) else f"^{i + 1}" for i, name in enumerate(found)}
+
+
+def _hardware_lines(group: pd.DataFrame) -> list[str]:
+    marks = hardware_marks(group)
+    if not marks:
+        return []
+    timed = group[group.speedup.str.contains("×")]
+    counts = timed.hardware.value_counts()
+
+    def named(name: str) -> str:
+        runs = f"{counts[name]} run{'s' if counts[name] != 1 else ''}"
+        if name == UNRECORDED:
+            return f"not recorded ({runs} timed before the hardware was logged)"
+        return f"{name} ({runs})"
+
+    if len(marks) == 1:
+        return [f"- Speedups timed on: {named(next(iter(marks)))}"]
+    return [
+        "- Speedups timed on different hardware (a CPU without AMX/AVX512 emulates the bf16 baseline, so its ratios "
+        "differ): compare a cell only with cells of the same mark — "
+        + "; ".join(f"{mark} {named(name)}" for name, mark in marks.items())
+    ]
+
+
 def _frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for rec in records:
@@ -82,6 +118,7 @@ def _frame(records: list[dict]) -> pd.DataFrame:
                 "packed_bpw": metrics.get("packed_bits_per_weight"),
                 "calib": _calib_cell(rec),
                 "speedup": _speedup_cell(rec),
+                "hardware": rec.get("latency_hardware", UNRECORDED),
                 "kv": metrics.get("kv_bytes_per_token"),
                 "qsec": metrics.get("quantize_seconds"),
                 "tokens": metrics.get("ppl_tokens_total"),
@@ -152,6 +189,7 @@ def _section_header(group: pd.DataFrame) -> list[str]:
         )
         lines += _zs_wall_time_lines(group, tasks)
     lines += _contamination_lines(group)
+    lines += _hardware_lines(group)
     lines += _fidelity_coverage_lines(group)
     lines += [f"- Latest run: {date}", ""]
     return lines
@@ -244,6 +282,7 @@ def render_leaderboard(records: list[dict]) -> str:
         lines += seed_spread(group)
         fp = group[(group.bits == FP_BITS) & (group.status == "FINISHED")].sort_values("method")
         fp_ppl = float(fp.ppl.iloc[0]) if len(fp) else None
+        marks = hardware_marks(group)
         tasks = zeroshot_tasks(group)
         task_metrics = [(task, _zs_metric(group, task)) for task in tasks]
         zs_head = "".join(f" {task} |" for task in tasks) + (" avg |" if tasks else "")
@@ -276,7 +315,7 @@ def render_leaderboard(records: list[dict]) -> str:
                 lines.append(
                     f"| {label} | {_fmt(row.bpw)} | {_fmt(row.packed_bpw)} | {_fmt(row.ppl)} | {delta} |{fidelity}"
                     f"{zs_cells} {_fmt(row.model_mb, 1)} | {_fmt(row.kv, 0)} | {row.calib} | {_fmt(row.qsec, 1)} | "
-                    f"{row.speedup} | {status} |"
+                    f"{row.speedup}{marks.get(row.hardware, '') if '×' in row.speedup else ''} | {status} |"
                 )
             lines.append("")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ path), and `w4g128-int4pack` / `w8-int8pack` run PyTorch's packed CPU kernels (d
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -104,8 +105,36 @@ def kernel_format(w_bits: int, a_bits: int, group_size: int | None, w_sym: bool)
 
 
 def dense_dtype(device: str) -> torch.dtype:
-    """The 16-bit baseline: bf16 on CPU (fast AMX/AVX512-bf16 GEMM), fp16 on CUDA."""
+    """The 16-bit baseline: bf16 on CPU (fast with AMX/AVX512-bf16, emulated without: see `hardware_name`),
+    fp16 on CUDA."""
     return torch.bfloat16 if device == "cpu" else torch.float16
+
+
+# Widest instruction set a CPU has for the bf16 baseline, best first (x86 flags, then aarch64 features): a CPU
+# without AMX/AVX512 runs bf16 GEMMs emulated, many times slower, so every ratio against bf16 changes with it.
+CPU_ISA_ORDER = ("amx_bf16", "avx512_bf16", "avx512f", "avx2", "bf16", "asimd")
+
+
+def hardware_name(device: str, cpuinfo: str | None = None) -> str:
+    """What executed the timings: the GPU's name, or the CPU's model name and its widest `CPU_ISA_ORDER` entry,
+    e.g. "AMD EPYC (avx2)". `cpuinfo`: the text of /proc/cpuinfo (read when None; absent off Linux)."""
+    if device != "cpu":
+        return torch.cuda.get_device_name(torch.device(device))
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    isa = next((flag for flag in CPU_ISA_ORDER if flag in flags), "no avx2")
+    return f"{name} ({isa})"
 
 
 def kernel_call(fmt: KernelFormat, x: torch.Tensor, packed, device: str) -> Callable[[], object]:

@@ -11,6 +11,7 @@ import pytest
 
 from harness import cli_sweep
 from harness.spec import BITS_GRAMMAR
+from kernels.bench import hardware_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,6 +86,7 @@ def test_sweep_failures_resume_and_report(tmp_path, data_dir, harness_main):
     latency = {r.data.tags["bits"]: r.data.metrics.get("latency.prefill.speedup") for r in finished}
     assert latency["w16a16kv16"] is None and latency["w4a4kv4"] > 0  # the baseline itself has no kernel
     assert {r.data.tags.get("latency.format") for r in finished} == {None, "w4a4-asym"}
+    assert {r.data.tags.get("latency.hardware") for r in finished} == {None, hardware_name("cpu")}
 
     second = _cli(args, tmp_path, data_dir)
     assert "summary: 0 finished, 2 done-before, 2 unsupported, 2 failed" in second.stdout

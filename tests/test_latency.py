@@ -4,6 +4,7 @@ import pytest
 
 from harness.evaluate import latency
 from harness.spec import BitSpec, LatencySpec
+from kernels.bench import hardware_name
 
 
 @pytest.mark.parametrize(
@@ -48,3 +49,16 @@ def test_measure_reports_ratios_per_phase(tiny, bits, w_sym):
         assert 0 < low <= mid <= high
         assert metrics[f"latency.{phase}.dense_ms"] > 0 and metrics[f"latency.{phase}.kernel_ms"] > 0
     assert tags["latency.format"] == fmt.name and tags["latency.dense_dtype"] == "bfloat16"
+    assert tags["latency.hardware"] == hardware_name("cpu")
+
+
+X86_AMX = "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n"
+X86_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2\nprocessor\t: 1\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd crc32\nCPU implementer\t: 0x41\n"
+
+
+def test_hardware_name_says_whether_the_cpu_has_a_native_bf16_gemm():
+    assert hardware_name("cpu", X86_AMX) == "Intel(R) Xeon(R) Platinum 8480+ (amx_bf16)"
+    assert hardware_name("cpu", X86_AVX2) == "AMD EPYC (avx2)"
+    assert hardware_name("cpu", ARM).endswith(" (asimd)")  # no model name line: the machine type names it
+    assert hardware_name("cpu", "").endswith(" (no avx2)")

@@ -307,3 +307,18 @@ def test_the_header_counts_quantized_runs_without_kl_and_names_the_command_that_
     assert "python -m harness rerun --missing kl_vs_fp" in board
     old["metrics"] |= {"kl_vs_fp": 0.2, "top1_vs_fp": 0.7}
     assert "KL/top-1 vs FP:" not in render_leaderboard([fp, old, new])
+
+
+def test_speedups_timed_on_different_hardware_are_marked_and_named_in_the_header():
+    fp = _record("fp", "rtn", "w16a16kv16", 10.0)
+    runs = [_record("a", "rtn", "w4g128a16kv16", 12.0), _record("b", "gptq", "w4g128a16kv16", 11.0)]
+    for rec, prefill in zip(runs, (0.9, 0.2), strict=True):
+        rec["metrics"] |= {"latency.prefill.speedup": prefill, "latency.decode.speedup": 0.5}
+    runs[1]["latency_hardware"] = "AMD EPYC (avx2)"
+    board = render_leaderboard([fp, *runs])
+    assert "| 0.20× / 0.50×¹ |" in board and "| 0.90× / 0.50×² |" in board  # the unrecorded machine marked last
+    assert "¹ AMD EPYC (avx2) (1 run); ² not recorded (1 run timed before the hardware was logged)" in board
+    runs[0]["latency_hardware"] = "AMD EPYC (avx2)"
+    board = render_leaderboard([fp, *runs])
+    assert "- Speedups timed on: AMD EPYC (avx2) (2 runs)" in board
+    assert "| 0.90× / 0.50× |" in board and "¹" not in board

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kernels.bench import hardware_name
 from kernels.cpu_packed import DEPLOY_DTYPE, Int4CPUWeight, Int8CPUWeight, IntGemmCPUWeight
 from methods.core.arch import decoder_linears
 from methods.core.formats import QuantizedWeight
@@ -299,6 +300,7 @@ def evaluate_deployed(
         "deploy.fallback": json.dumps(summary.fallback),
         "deploy.gate": gate,
         "deploy.linear_worst": linears.worst,
+        "deploy.hardware": hardware_name("cpu"),
     }
     reason = mismatch(metrics, tags, settings)
     if reason is not None:

@@ -96,6 +96,7 @@ def measure(shapes: Counter, fmt: KernelFormat, spec: LatencySpec) -> tuple[dict
     tags = {
         "latency.format": fmt.name,
         "latency.device": spec.device,
+        "latency.hardware": kernel_bench.hardware_name(spec.device),
         "latency.dense_dtype": str(dtype).removeprefix("torch."),
         "latency.threads": str(torch.get_num_threads()),
         "latency.scope": "decoder-block linears (GEMM + activation quantization)",
