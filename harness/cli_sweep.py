@@ -130,25 +130,30 @@ def plan(overrides: list[str]) -> tuple[list[str], list[str]]:
     return [run_name(spec) for spec, _ in runnable], unsupported
 
 
-def recorded_outcomes(runnable: list[tuple[RunSpec, tuple[str, str]]], since_ms: int) -> dict[str, tuple[str, str]]:
-    """Run key -> (run name, outcome), read from the tracking store (keyed by run key: two runs may share a
-    name, e.g. when they differ only in an evaluation setting): `finished` / `failed` if a run of the key started
-    after `since_ms` ended so, `done-before` if only an earlier FINISHED run exists, else `missing` (the job
-    died before recording anything)."""
+def recorded_outcomes(
+    runnable: list[tuple[RunSpec, tuple[str, str]]], since_ms: int
+) -> dict[str, tuple[str, str, str]]:
+    """Run key -> (run name, outcome, the failed run's `error` tag or ""), read from the tracking store (keyed by
+    run key: two runs may share a name, e.g. when they differ only in an evaluation setting): `finished` /
+    `failed` if a run of the key started after `since_ms` ended so, `done-before` if only an earlier FINISHED run
+    exists, else `missing` (the job died before recording anything)."""
     outcomes, trackers = {}, {}
     for spec, (uri, experiment) in runnable:
         tracker = trackers.setdefault((uri, experiment), Tracker(uri, experiment))
         runs = tracker.runs_with_key(spec.run_key)
         new = sorted((r for r in runs if r.info.start_time >= since_ms), key=lambda r: r.info.start_time)
+        error = ""
         if new:
             outcome = {"FINISHED": "finished", "RUNNING": "missing"}.get(new[-1].info.status, "failed")
             if outcome == "finished" and new[-1].data.tags.get("outcome") == "DIVERGED":
                 outcome = "diverged"
+            if outcome == "failed":
+                error = new[-1].data.tags.get("error", "")
         elif any(r.info.status == "FINISHED" for r in runs):
             outcome = "done-before"
         else:
             outcome = "missing"
-        outcomes[spec.run_key] = (run_name(spec), outcome)
+        outcomes[spec.run_key] = (run_name(spec), outcome, error)
     return outcomes
 
 
@@ -193,10 +198,12 @@ def main(overrides: list[str], multirun: bool) -> int:
         )
         return 1
     counts = dict.fromkeys(STATUSES, 0) | {"unsupported": len(unsupported)}
-    for _, outcome in outcomes.values():
+    for _, outcome, _ in outcomes.values():
         counts[outcome] += 1
     print("[quantbench] summary: " + ", ".join(f"{v} {k}" for k, v in counts.items()), flush=True)
-    for key, (name, outcome) in outcomes.items():
+    for key, (name, outcome, error) in outcomes.items():
+        if outcome == "failed":  # a launcher (submitit, ray) keeps the job's own log elsewhere: say why here
+            print(f"[quantbench] failed   {name} (run key {key}): {error or 'no error recorded'}")
         if outcome == "missing":
             print(f"[quantbench] missing  {name} (run key {key}): no run recorded (the job died; see the log above)")
     return 1 if counts["failed"] or counts["missing"] or returncode else 0

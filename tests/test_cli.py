@@ -254,7 +254,11 @@ def test_sweep_with_the_submitit_launcher(tmp_path, data_dir):
     """SLURM's launcher (submitit) with its local executor: the same jobs, each in a submitit subprocess."""
     args = ["sweep", "model=tiny-llama", "budget=smoke", "eval.ppl.seqlen=256", "bits=w16a16kv16,w4a16kv16"]
     result = _cli([*args, "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}/multirun"], tmp_path, data_dir)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    job_logs = "".join(  # the jobs' own output stays in submitit's folder: shown when the sweep fails
+        f"\n--- {log.name}\n{log.read_text(errors='replace')[-1500:]}"
+        for log in sorted((tmp_path / "multirun" / ".submitit").glob("*/*_log.*"))
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:] + job_logs
     assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
     assert "summary: 2 finished, 0 done-before, 0 unsupported, 0 failed, 0 missing" in result.stdout
     assert sorted(r.info.status for r in _runs(tmp_path)) == ["FINISHED"] * 2

@@ -77,6 +77,13 @@ def test_out_of_memory_fails_that_run_and_the_next_goes_on(tmp_path, data_dir, m
     assert records["gptq"]["status"] == "FAILED"
     assert records["gptq"]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
     assert records["rtn"]["status"] == "FINISHED"
+    # the sweep's summary says why (a launcher such as submitit keeps the job's own log in its folder)
+    outcomes = recorded_outcomes([(failing, (uri, "quantbench")), (fine, (uri, "quantbench"))], 0)
+    assert outcomes[failing.run_key][1:] == (
+        "failed",
+        "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB",
+    )
+    assert outcomes[fine.run_key][1:] == ("finished", "")
 
 
 def test_a_write_that_fails_half_way_leaves_no_file_and_says_why(tmp_path):
