@@ -32,6 +32,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "quantbench"
 HEARTBEAT_SECONDS = 30.0
 log = logging.getLogger("quantbench")
+DATASET_ATTEMPTS = 3  # racing inserts of one dataset by parallel runs: the retry links to the winner's row
 
 
 class KeyClaimed(RuntimeError):
@@ -180,14 +181,27 @@ class Tracker:
 
     def log_datasets(self, datasets: list[tuple[str, str, str, str]]) -> None:
         """The run's data as MLflow dataset inputs (the runs table's Dataset column): (name, digest, source,
-        context) — context "evaluation", "calibration" or "training". Best effort: the record does not need them."""
+        context) — context "evaluation", "calibration" or "training". MLflow looks a dataset up, then inserts it:
+        parallel runs of one experiment (a joblib or submitit sweep) that log the same dataset at once race, and
+        the loser's insert fails its UNIQUE constraint (the FAILED run of CI's submitit sweep). A retry finds
+        the winner's row and links to it. Best effort: if every attempt fails, a warning, and the run goes on
+        (its record does not need the inputs)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         inputs = [
             DatasetInput(Dataset(name, digest, "local", source), [InputTag("mlflow.data.context", context)])
             for name, digest, source, context in datasets
         ]
-        self._send(self.client.log_inputs, self._pending["run_id"], inputs)
+        for attempt in range(1, DATASET_ATTEMPTS + 1):
+            try:
+                self._send(self.client.log_inputs, self._pending["run_id"], inputs)
+                return
+            except Exception as err:  # noqa: BLE001 - the inputs are best effort; the run must not fail on them
+                if attempt == DATASET_ATTEMPTS:
+                    reason = str(err).splitlines()[0][:200]
+                    log.warning("dataset inputs not logged after %d attempts (%s); the run goes on", attempt, reason)
+                    return
+                time.sleep(0.05 * attempt)
 
     def runs_with_key(self, run_key: str, status: str | None = None):
         query = f"tags.run_key = '{run_key}'"

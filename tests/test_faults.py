@@ -371,3 +371,38 @@ def test_an_unreachable_store_at_start_is_one_line_naming_it(tmp_path, data_dir)
             f"error: tracking store {uri}{reason}; start it, or point MLFLOW_TRACKING_URI (or tracking_uri=) at a "
             "reachable store"
         )
+
+
+def test_parallel_runs_logging_the_same_dataset_all_finish_with_it(tmp_path):
+    """Parallel runs (a joblib or submitit sweep) log the same evaluation dataset at the same moment. MLflow
+    looks the dataset up, then inserts it, so one insert loses on the UNIQUE constraint; that failed a run of
+    CI's submitit sweep. Every run must still finish, linked to the one dataset row."""
+    import threading
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker(uri)  # the CLI creates the store once, before the workers start
+    rounds, workers = 12, 2
+    barrier, errors = threading.Barrier(workers), []
+
+    def worker(index):
+        tracker = Tracker(uri)
+        for round_ in range(rounds):
+            try:
+                with tracker.run(f"k{round_}-{index}", "name", {}, {}, "config: {}\n"):
+                    barrier.wait(timeout=60)  # both runs reach the dataset insert together
+                    tracker.log_datasets([(f"wikitext2-test-{round_}", "digest", "/data/test", "evaluation")])
+            except Exception as err:  # noqa: BLE001 - reported by the assert below
+                errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    tracker = Tracker(uri)
+    runs = tracker.client.search_runs([tracker.experiment_id], max_results=100)
+    assert len(runs) == rounds * workers and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        round_ = run.data.tags["run_key"][1:].split("-")[0]
+        assert [d.dataset.name for d in run.inputs.dataset_inputs] == [f"wikitext2-test-{round_}"]
