@@ -23,3 +23,18 @@ def quantize(
     kv = kv_rtn.build(kv_config or kv_rtn.RTNKVConfig(), spec.kv) if spec.quantizes_kv else None
     ctx = QuantContext(seed=seed, calibration=calibration, act=act, kv=kv)
     return apply(model, METHODS[method], config, spec, ctx)
+
+
+SMOKE = ["model=tiny-llama", "budget=smoke", "eval.ppl.seqlen=256"]  # a tiny run of seconds
+
+
+def compose_run(overrides: list[str]):
+    """(RunSpec, config) composed from conf/ with `overrides`, as `python -m harness run` composes them."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli_sweep import CONF_DIR
+    from harness.runner import spec_from_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return spec_from_config(cfg), cfg
