@@ -1,6 +1,6 @@
 """`python -m harness bench forward|eval|quantize|deploy|load|kernels|runs|gemm`: model load time; fake-quantized vs
 FP forward time; the perplexity evaluator vs the bare forward (`eval`); a method's quantization time (`quantize`);
-MKL vs oneDNN fp32 matmuls on the FP and a quantized model, speed and PPL (`gemm`);
+MKL vs oneDNN fp32 matmuls on the FP and a quantized model, speed and PPL (`gemm`, harness/bench_gemm.py);
 packed-format kernels against dense matmuls (kernels/bench.py); `runs` backfills the per-run latency into finished
 runs of the tracking store logged without it (harness/latency_backfill.py).
 
@@ -26,7 +26,12 @@ from methods.base import QuantContext
 from methods.core.cpu_gemm import CPU_GEMMS, use_cpu_gemm
 
 
-def _time_forward(model, ids, reps: int) -> list[float]:
+def timing_row(name: str, times: list[float]) -> str:
+    """A markdown table row: `name`, then min / median / max of `times` in seconds."""
+    return f"| {name} | {min(times):.3f} | {statistics.median(times):.3f} | {max(times):.3f} |"
+
+
+def time_forward(model, ids, reps: int) -> list[float]:
     times = []
     with torch.inference_mode():
         for _ in range(reps):
@@ -36,7 +41,7 @@ def _time_forward(model, ids, reps: int) -> list[float]:
     return times
 
 
-def _time_input_gradient_step(model, ids, reps: int) -> list[float]:
+def time_input_gradient_step(model, ids, reps: int) -> list[float]:
     """Forward + backward of the language-model loss to the input embeddings with every weight frozen: the cost
     shape of a step that learns only transforms of the activations (SpinQuant's rotations)."""
     model.requires_grad_(False)
@@ -54,19 +59,19 @@ def forward_overhead(model_name: str, method: str, bits: str, seqlen: int, reps:
     calibration windows (pass `method.weights=rtn` to GPTQ-based methods)."""
     from harness.runner import apply
 
-    run = _compose_run(model_name, method, bits, overrides)
+    run = compose_run(model_name, method, bits, overrides)
     fp_model, _ = models.load(run.model)
     q_model, tokenizer = models.load(run.model)
     entry = METHODS[method]
     config = entry.make_config(f"method {method!r}", run.method_params)
     apply(q_model, entry, config, run.bits, _bench_context(run, tokenizer, lambda: []))
     ids = torch.randint(0, fp_model.config.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
-    _time_forward(fp_model, ids, 1)
-    _time_forward(q_model, ids, 1)
+    time_forward(fp_model, ids, 1)
+    time_forward(q_model, ids, 1)
     fp_times, q_times = [], []
     for _ in range(reps):
-        fp_times += _time_forward(fp_model, ids, 1)
-        q_times += _time_forward(q_model, ids, 1)
+        fp_times += time_forward(fp_model, ids, 1)
+        q_times += time_forward(q_model, ids, 1)
     return {
         "fp": fp_times,
         "quant": q_times,
@@ -75,14 +80,14 @@ def forward_overhead(model_name: str, method: str, bits: str, seqlen: int, reps:
     }
 
 
-def _timing_overrides(method: str) -> list[str]:
+def timing_overrides(method: str) -> list[str]:
     """A forward's cost does not depend on the weight values: rotation methods get RTN weights (no calibration)
     and SpinQuant its starting rotation (no learning steps) when only their forward is timed."""
     rotation_only = {"quarot": ["method.weights=rtn"], "spinquant": ["method.weights=rtn", "method.loop.steps=0"]}
     return rotation_only.get(method, [])
 
 
-def _compose_run(model_name: str, method: str, bits: str, overrides: list[str]):
+def compose_run(model_name: str, method: str, bits: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from harness.cli_sweep import CONF_DIR
@@ -114,7 +119,7 @@ def bench_quantize(model_name: str, method: str, bits: str, overrides: list[str]
     from harness.evaluate.perplexity import perplexity
     from harness.runner import apply
 
-    run = _compose_run(model_name, method, bits, overrides)
+    run = compose_run(model_name, method, bits, overrides)
     model, tokenizer = models.load(run.model)
     start = time.perf_counter()
     windows = data.calibration_windows(run.calib, tokenizer, run.seed, run.data_dir)
@@ -151,7 +156,7 @@ def bench_deploy(model_name: str, method: str, bits: str, overrides: list[str], 
     from harness.evaluate.deploy import evaluate_deployed
     from harness.runner import apply
 
-    run = _compose_run(model_name, method, bits, overrides)
+    run = compose_run(model_name, method, bits, overrides)
     model, tokenizer = models.load(run.model)
     entry = METHODS[method]
     config = entry.make_config(f"method {method!r}", run.method_params)
@@ -169,7 +174,7 @@ def eval_overhead(model_name: str, windows: int, seqlen: int, reps: int) -> dict
     from harness import data
     from harness.evaluate.perplexity import perplexity
 
-    run = _compose_run(model_name, "rtn", "w16a16kv16", [])
+    run = compose_run(model_name, "rtn", "w16a16kv16", [])
     model, tokenizer = models.load(run.model)
     ids = data.ppl_token_ids(run.ppl.dataset, tokenizer, run.data_dir)
     batches = ids[0, : windows * seqlen].reshape(windows, 1, seqlen)
@@ -196,54 +201,6 @@ def eval_overhead(model_name: str, windows: int, seqlen: int, reps: int) -> dict
         "tokens": windows * seqlen,
         "threads": torch.get_num_threads(),
     }
-
-
-def gemm_comparison(model_name: str, method: str, bits: str, windows: int, seqlen: int, reps: int) -> list[dict]:
-    """The FP model and `method` at `bits` (RTN weights for QuaRot, as `bench forward`), each run with every
-    fp32 CPU matmul library (methods/core/cpu_gemm.py): forward seconds on one random 1 x `seqlen` batch,
-    alternated `reps` times after a warm-up, and WikiText-2 PPL on the first `windows` windows; for the FP model
-    also a frozen-weight gradient step (`train_times`: forward + backward to the input embeddings)."""
-    from harness import data
-    from harness.evaluate.perplexity import perplexity
-    from harness.runner import apply, build_plugins
-
-    overrides = _timing_overrides(method)
-    rows = []
-    for name, bits_now in (("FP", "w16a16kv16"), (f"{method} {bits}", bits)):
-        run = _compose_run(
-            model_name, method if bits_now == bits else "rtn", bits_now, overrides if bits_now == bits else []
-        )
-        model, tokenizer = models.load(run.model)
-        entry = METHODS[run.method]
-        act, kv = build_plugins(run)
-        apply(
-            model,
-            entry,
-            entry.make_config("bench", run.method_params),
-            run.bits,
-            QuantContext(0, lambda: [], act=act, kv=kv),
-        )
-        ids = data.ppl_token_ids(run.ppl.dataset, tokenizer, run.data_dir)
-        batch = torch.randint(0, model.config.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
-        times: dict[str, list[float]] = {gemm: [] for gemm in CPU_GEMMS}
-        for gemm in CPU_GEMMS:  # warm-up
-            with use_cpu_gemm(gemm):
-                _time_forward(model, batch, 1)
-        train_times: dict[str, list[float]] = {gemm: [] for gemm in CPU_GEMMS}
-        for _ in range(reps):
-            for gemm in CPU_GEMMS:
-                with use_cpu_gemm(gemm):
-                    times[gemm] += _time_forward(model, batch, 1)
-                    if bits_now != bits:  # warm-up step at the first repetition, not timed
-                        train_times[gemm] += _time_input_gradient_step(model, batch, 2 if not train_times[gemm] else 1)
-        for gemm in CPU_GEMMS:
-            with use_cpu_gemm(gemm):
-                ppl = perplexity(model, ids, seqlen, 1, windows, progress=False).ppl if windows else float("nan")
-            rows.append(
-                {"model": name, "gemm": gemm, "times": times[gemm], "ppl": ppl, "tokens": seqlen,
-                 "train_times": train_times[gemm][1:]}
-            )  # fmt: skip
-    return rows
 
 
 def _bench_load(model_name: str, reps: int) -> int:
@@ -310,9 +267,6 @@ def main(argv: list[str]) -> int:
     if args.what == "load":
         return _bench_load(args.model, args.reps)
 
-    def row(name, times):
-        return f"| {name} | {min(times):.3f} | {statistics.median(times):.3f} | {max(times):.3f} |"
-
     if args.what == "quantize":
         result = bench_quantize(args.model, args.method, args.bits, args.overrides, args.ppl_windows)
         print(f"quantize {args.model} with {args.method} {args.bits} {' '.join(args.overrides)}")
@@ -355,33 +309,11 @@ def main(argv: list[str]) -> int:
         )
         return 0
     if args.what == "gemm":
-        from methods.core.quantizers import compile_quantizers
+        from harness.bench_gemm import print_gemm_comparison
 
-        compile_quantizers(not args.eager)  # as evaluation runs them
-        rows = gemm_comparison(args.model, args.method, args.bits, args.ppl_windows, args.seqlen, args.reps)
-        print(
-            f"fp32 CPU matmuls, {args.model}: forward of 1 x {args.seqlen} tokens ({torch.get_num_threads()} threads, "
-            f"{args.reps} alternated reps after a warm-up), WikiText-2 PPL on the first {args.ppl_windows} windows"
+        return print_gemm_comparison(
+            args.model, args.method, args.bits, args.ppl_windows, args.seqlen, args.reps, args.eager
         )
-        print("| model | cpu_gemm | min s | median s | max s | tokens/s | PPL |\n|---|---|---:|---:|---:|---:|---:|")
-        for entry in rows:
-            median = statistics.median(entry["times"])
-            print(
-                f"{row(entry['model'] + ' | ' + entry['gemm'], entry['times'])} {entry['tokens'] / median:.0f} | "
-                f"{entry['ppl']:.6f} |"
-            )
-        for model_rows in (rows[:2], rows[2:]):
-            by_gemm = {entry["gemm"]: entry for entry in model_rows}
-            mkl, onednn = by_gemm["mkl"], by_gemm["onednn"]
-            speed = statistics.median(mkl["times"]) / statistics.median(onednn["times"])
-            drift = abs(onednn["ppl"] - mkl["ppl"]) / mkl["ppl"]
-            print(f"{mkl['model']}: onednn {speed:.2f}x mkl's speed; PPL differs by {drift:.2e} (relative)")
-        fp = {entry["gemm"]: entry["train_times"] for entry in rows[:2]}
-        print("FP frozen-weight gradient step (forward + backward to the input embeddings, SpinQuant's shape):")
-        for gemm in CPU_GEMMS:
-            print(f"{row('FP | ' + gemm, fp[gemm])}")
-        print(f"onednn {statistics.median(fp['mkl']) / statistics.median(fp['onednn']):.2f}x mkl's speed")
-        return 0
     if args.what == "eval":
         with use_cpu_gemm(args.cpu_gemm):
             result = eval_overhead(args.model, args.windows, args.seqlen, args.reps)
@@ -390,15 +322,15 @@ def main(argv: list[str]) -> int:
             f"{result['threads']} threads, {args.reps} reps"
         )
         print("| pass | min s | median s | max s |\n|---|---:|---:|---:|")
-        print(row("bare forward (logits)", result["bare"]))
-        print(row("perplexity evaluator", result["eval"]))
+        print(timing_row("bare forward (logits)", result["bare"]))
+        print(timing_row("perplexity evaluator", result["eval"]))
         tok_s = result["tokens"] / statistics.median(result["eval"])
         print(f"median ratio: {result['ratio_median']:.3f}x the bare forward; evaluator {tok_s:.0f} tokens/s")
         return 0
     from methods.core.quantizers import compile_quantizers
 
     compile_quantizers(not args.eager)  # as evaluation runs them (eval.compile_quantizers)
-    overrides = [*_timing_overrides(args.method), *args.overrides]
+    overrides = [*timing_overrides(args.method), *args.overrides]
     with use_cpu_gemm(args.cpu_gemm):
         result = forward_overhead(args.model, args.method, args.bits, args.seqlen, args.reps, overrides)
 
@@ -407,8 +339,8 @@ def main(argv: list[str]) -> int:
         f"{args.reps} reps"
     )
     print("| model | min s | median s | max s |\n|---|---:|---:|---:|")
-    print(row("FP", result["fp"]))
+    print(timing_row("FP", result["fp"]))
     quantizers = "eager" if args.eager else "compiled"
-    print(row(f"{args.method} {args.bits} (fake-quant, {quantizers} act/KV quantizers)", result["quant"]))
+    print(timing_row(f"{args.method} {args.bits} (fake-quant, {quantizers} act/KV quantizers)", result["quant"]))
     print(f"median ratio: {result['ratio_median']:.2f}x FP")
     return 0

@@ -29,7 +29,7 @@ def test_bench_eval_times_the_evaluator_against_the_bare_forward_on_the_same_win
 
 
 def test_bench_gemm_times_and_scores_both_matmul_libraries_on_the_same_models(data_dir, monkeypatch):
-    from harness.bench import gemm_comparison
+    from harness.bench_gemm import gemm_comparison
 
     monkeypatch.setenv("QUANTBENCH_DATA", data_dir)
     rows = gemm_comparison("tiny-llama", "rtn", "w4a8kv8", windows=1, seqlen=128, reps=2)
