@@ -52,11 +52,20 @@ def test_zero_shot_and_plugin_protocols_become_overrides():
 
 
 def test_missing_kl_selects_quantized_rows_only_and_prefixes_must_be_unique():
-    chosen = rerun.select(RECORDS, [], "kl_vs_fp", {})
-    assert chosen and all("kl_vs_fp" not in r["metrics"] for r in chosen)
-    assert all(r["bits"] != "w16a16kv16" for r in chosen)  # FP's KL is 0 by definition, not worth a pass
+    # Every quantized row of the leaderboard has KL now: take it away from two ParetoQ rows and an FP row.
+    records = copy.deepcopy(RECORDS)
+    finished = [r for r in records if r["status"] == "FINISHED"]
+    stripped = [r for r in finished if r["method"] == "paretoq"][:2]
+    fp = next(r for r in finished if r["bits"] == rerun.UNQUANTIZED)
+    for record in [*stripped, fp]:
+        for name in rerun.FIDELITY_METRICS:
+            record["metrics"].pop(name, None)
+    chosen = rerun.select(records, [], "kl_vs_fp", {})
+    assert {r["run_key"] for r in stripped} <= {r["run_key"] for r in chosen}
+    assert all("kl_vs_fp" not in r["metrics"] for r in chosen)
+    assert all(r["bits"] != rerun.UNQUANTIZED for r in chosen)  # FP's KL is 0 by definition, not worth a pass
     paretoq = [r for r in chosen if r["method"] == "paretoq"]
-    assert paretoq and rerun.select(RECORDS, [], "kl_vs_fp", {"method": "paretoq"}) == paretoq
+    assert rerun.select(records, [], "kl_vs_fp", {"method": "paretoq"}) == paretoq
     with pytest.raises(SpecError, match="give a longer prefix"):
         rerun.select(RECORDS, [""], None, {})
     with pytest.raises(SpecError, match="no record has run key 'zzzz'"):
