@@ -6,7 +6,8 @@ key can be rebuilt from it. Each rebuilt command is composed and its run key che
 anything runs: a re-run replaces its record (same key, `force=true`) instead of adding a near-duplicate row.
 Use it to add what later code measures (KL / top-1 vs FP, per-window NLL) to older rows, or to re-measure a row
 after a fix. Parameters added to a method after a run was recorded are set to the value the run implicitly had
-(`methods.core.params.legacy_values`), which leaves them out of the key as they were.
+(`methods.core.params.legacy_values`), which leaves them out of the key as they were. A record that names its fp32
+CPU matmul library (`cpu_gemm`) re-runs on it; older records re-run on today's default.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def overrides_for(record: dict) -> list[str]:
         if name == "zs_limit" and protocol.get("zs_tasks") in (None, "[]"):
             continue
         overrides.append(f"{key}={_value(value)}")
+    if record.get("cpu_gemm"):  # not in the key, but it moves rounding-sensitive methods (harness.records)
+        overrides.append(f"cpu_gemm={_value(record['cpu_gemm'])}")
     for name, value in method_params.items():
         overrides.append(f"{LEGACY_PLUGIN_PARAMS.get(name, 'method.' + name)}={_value(value)}")
     for name, value in legacy_values(METHODS[record["method"]].config_cls).items():

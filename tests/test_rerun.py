@@ -51,6 +51,15 @@ def test_zero_shot_and_plugin_protocols_become_overrides():
     assert "eval.zeroshot.limit=200" in overrides
 
 
+def test_a_recorded_matmul_library_is_kept_and_stays_out_of_the_key():
+    record = _record(method="gptq", bits="w4g128a16kv16")
+    record.pop("cpu_gemm", None)
+    assert not any(o.startswith("cpu_gemm=") for o in rerun.checked_overrides(record))
+    record["cpu_gemm"] = "mkl"
+    overrides = rerun.checked_overrides(record)  # the same run key with the library named
+    assert "cpu_gemm=mkl" in overrides
+
+
 def test_missing_kl_selects_quantized_rows_only_and_prefixes_must_be_unique():
     # Every quantized row of the leaderboard has KL now: take it away from two ParetoQ rows and an FP row.
     records = copy.deepcopy(RECORDS)
