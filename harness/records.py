@@ -69,6 +69,8 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
                 "sixteen_bit_layers": tags.get("sixteen_bit_layers", ""),
                 **({"latency_format": tags["latency.format"]} if "latency.format" in tags else {}),
                 **_hardware(tags),
+                # the fp32 CPU matmul library (methods/core/cpu_gemm.py): out of the run key, yet GPTQ on Gemma 3
+                # moves ~3% in PPL between the two (DEVELOPERS.md); runs logged before the setting ran on MKL
                 **({"cpu_gemm": params["cpu_gemm"]} if "cpu_gemm" in params else {}),
                 **{name: _plugin_params(params, name) for name in ("act", "kv") if f"{name}.name" in params},
                 "metrics": dict(sorted((k, v) for k, v in run.data.metrics.items() if k != WINDOW_NLL)),
@@ -80,11 +82,6 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
             }
         )
     return select_latest(records)
-
-
-# `cpu_gemm`: the fp32 CPU matmul library of calibration and evaluation (methods/core/cpu_gemm.py), kept out of the
-# run key, yet GPTQ on Gemma 3 moves ~3% in PPL between the two libraries (rounding differences its error feedback
-# amplifies); records logged before the setting existed ran on MKL and have no such field.
 
 
 def _hardware(tags: dict) -> dict:
