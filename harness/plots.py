@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.report import _frame, _whole_split
+from harness.frame import records_frame, whole_split
 from methods.core.atomic import atomic_write
 from methods.core.bits import BitSpec
 
@@ -43,9 +43,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def pareto_frame(records: list[dict]):
     """Whole-split finished runs with their panel, PPL relative to the model's FP run and KV bits per element;
     None when no model has an FP run on the whole split."""
-    frame = _frame(records)
+    frame = records_frame(records)
     frame = frame[(frame.status == "FINISHED") & frame.ppl.notna() & frame.bpw.notna()]
-    frame = frame.loc[frame.p_ppl_max_windows.map(_whole_split).astype(bool)].copy()
+    frame = frame.loc[frame.p_ppl_max_windows.map(whole_split).astype(bool)].copy()
     fp = (
         frame[frame.bits == "w16a16kv16"].groupby(["model", "protocol"]).agg(fp_ppl=("ppl", "min"), fp_kv=("kv", "max"))
     )
@@ -214,9 +214,9 @@ def _short_bits(bits: str) -> str:
 
 def paretoq_points(records: list[dict], model: str = "smollm2-135m") -> list[tuple[str, float, float]]:
     """(bits, true bits/weight, PPL) of the finished whole-split ParetoQ runs of `model`, plus its FP row."""
-    frame = _frame(records)
+    frame = records_frame(records)
     frame = frame[(frame.status == "FINISHED") & frame.ppl.notna() & (frame.model == model)]
-    frame = frame.loc[frame.p_ppl_max_windows.map(_whole_split).astype(bool)]
+    frame = frame.loc[frame.p_ppl_max_windows.map(whole_split).astype(bool)]
     chosen = frame[frame.method.str.startswith("paretoq")]
     fp = frame[(frame.bits == "w16a16kv16") & frame.method.str.startswith("rtn")]
     rows = [(r.bits, float(r.bpw), float(r.ppl)) for r in chosen.itertuples()]

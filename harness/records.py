@@ -69,6 +69,7 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
                 "sixteen_bit_layers": tags.get("sixteen_bit_layers", ""),
                 **({"latency_format": tags["latency.format"]} if "latency.format" in tags else {}),
                 **_hardware(tags),
+                **_versions(tags),
                 # the fp32 CPU matmul library (methods/core/cpu_gemm.py): out of the run key, yet GPTQ on Gemma 3
                 # moves ~3% in PPL between the two (DEVELOPERS.md); runs logged before the setting ran on MKL
                 **({"cpu_gemm": params["cpu_gemm"]} if "cpu_gemm" in params else {}),
@@ -82,6 +83,12 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
             }
         )
     return select_latest(records)
+
+
+def _versions(tags: dict) -> dict:
+    """`versions`: the package versions the run was tagged with (`version.<name>`, harness/tracking.py)."""
+    found = {k[len("version.") :]: v for k, v in sorted(tags.items()) if k.startswith("version.")}
+    return {"versions": found} if found else {}
 
 
 def _hardware(tags: dict) -> dict:

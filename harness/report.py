@@ -12,13 +12,13 @@ import difflib
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
 
-from harness.labels import row_label
+from harness.frame import UNRECORDED, records_frame, whole_split
 from harness.overview import bits_order as _bits_order
 from harness.overview import fmt as _fmt
 from harness.overview import ppl_overview, seed_spread
@@ -29,42 +29,10 @@ from methods.core.atomic import atomic_write
 
 CLAIMS_DIR = Path(__file__).resolve().parent.parent / "conf" / "claims"
 
-# Calibration is a property of a row (what the method read), not of the evaluation: sections group runs by
-# the evaluation protocol only, and the `calib` column says what each method used.
-CALIB_PARAMS = ("calib_dataset", "calib_nsamples", "calib_seqlen", "budget")
-SECTION_FREE = (*CALIB_PARAMS, "seed")  # runs that differ only in these share a section (seeds: one cell, mean ± CI)
 TASK_ORDER = ("piqa", "hellaswag", "hellaswag_mirror", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
 FP_BITS = "w16a16kv16"
 
 
-def _calib_cell(rec: dict) -> str:
-    """Calibration windows × tokens the method read; – when it read none (metric `calib_windows` = 0)."""
-    used = rec["metrics"].get("calib_windows")
-    if used is None:
-        return "?"
-    if used == 0:
-        return "–"
-    return f"{int(used)} × {rec['protocol']['calib_seqlen']}"
-
-
-def _speedup_cell(rec: dict) -> str:
-    """End-to-end batch-1 generation (deployed mode) where it ran, marked "e2e"; else one block's linears."""
-    metrics = rec["metrics"]
-    if "deploy.decode.speedup" in metrics:
-        on_kernel, total = int(metrics["deploy.linears_on_kernel"]), int(metrics["deploy.linears_total"])
-        if on_kernel == 0:
-            return "no kernel"
-        coverage = "" if on_kernel == total else f" ({on_kernel}/{total} linears)"
-        return f"{metrics['deploy.prefill.speedup']:.2f}× / {metrics['deploy.decode.speedup']:.2f}× e2e{coverage}"
-    if rec.get("latency_format") == "none":
-        return "no kernel"
-    prefill, decode = metrics.get("latency.prefill.speedup"), metrics.get("latency.decode.speedup")
-    if prefill is None and decode is None:
-        return "–"
-    return " / ".join("–" if v is None else f"{v:.2f}×" for v in (prefill, decode))
-
-
-UNRECORDED = "not recorded"
 MARKS = "¹²³⁴⁵⁶⁷⁸⁹"
 
 
@@ -100,49 +68,10 @@ def _hardware_lines(group: pd.DataFrame) -> list[str]:
     ]
 
 
-def _frame(records: list[dict]) -> pd.DataFrame:
-    rows = []
-    for rec in records:
-        metrics = rec["metrics"]
-        ppl_name = f"{rec['protocol']['ppl_dataset']}_ppl"
-        rows.append(
-            {
-                "model": rec["model"],
-                "method": row_label(rec),
-                "bits": rec["bits"],
-                "status": rec["status"],
-                "error": rec["error"],
-                "ppl": metrics.get(ppl_name),
-                "bpw": metrics.get("bits_per_weight"),
-                "model_mb": metrics.get("model_mb"),
-                "packed_bpw": metrics.get("packed_bits_per_weight"),
-                "calib": _calib_cell(rec),
-                "speedup": _speedup_cell(rec),
-                "hardware": rec.get("latency_hardware", UNRECORDED),
-                "kv": metrics.get("kv_bytes_per_token"),
-                "qsec": metrics.get("quantize_seconds"),
-                "tokens": metrics.get("ppl_tokens_total"),
-                "windows": metrics.get("ppl_windows"),
-                "window_nll": rec.get("window_nll"),
-                "metrics": metrics,
-                "end_time": rec["end_time"] or 0,
-                "protocol": json.dumps(
-                    {k: v for k, v in rec["protocol"].items() if k not in SECTION_FREE}, sort_keys=True
-                ),
-                **{f"p_{k}": v for k, v in rec["protocol"].items()},
-            }
-        )
-    return pd.DataFrame(rows)
-
-
 def _section_order(item) -> tuple:
     """Sections by model, the papers' protocol (whole test split) first, then by protocol."""
     (model, protocol), _ = item
     return (model, json.loads(protocol).get("ppl_max_windows") not in (None, "None", "null"), protocol)
-
-
-def _whole_split(max_windows) -> bool:
-    return max_windows in (None, "None", "null")
 
 
 def _section_header(group: pd.DataFrame) -> list[str]:
@@ -152,8 +81,8 @@ def _section_header(group: pd.DataFrame) -> list[str]:
     tokens = finished.tokens.dropna()
     seqlen = int(first.p_ppl_seqlen)
     max_windows = first.p_ppl_max_windows
-    scope = "whole test split" if _whole_split(max_windows) else f"first {max_windows} windows only"
-    date = datetime.fromtimestamp(group.end_time.max() / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
+    scope = "whole test split" if whole_split(max_windows) else f"first {max_windows} windows only"
+    date = datetime.fromtimestamp(group.end_time.max() / 1000, tz=UTC).strftime("%Y-%m-%d")
     title = f"## {first.model} — WikiText-2 {scope}"
     if first.p_zs_tasks not in (None, "[]"):
         title += ", with zero-shot"
@@ -190,9 +119,21 @@ def _section_header(group: pd.DataFrame) -> list[str]:
         lines += _zs_wall_time_lines(group, tasks)
     lines += _contamination_lines(group)
     lines += _hardware_lines(group)
+    lines += _versions_lines(group)
     lines += _fidelity_coverage_lines(group)
     lines += [f"- Latest run: {date}", ""]
     return lines
+
+
+def _versions_lines(group: pd.DataFrame) -> list[str]:
+    """The package versions the section's runs ran with, each set with its run count; runs logged before versions
+    were recorded are counted as such."""
+    counts = group.versions.value_counts()
+    known = [(text, n) for text, n in counts.items() if text != UNRECORDED]
+    parts = [f"{text} ({n} runs)" for text, n in sorted(known)]
+    if UNRECORDED in counts:
+        parts.append(f"not recorded for {counts[UNRECORDED]} runs (logged before versions were kept)")
+    return ["- Package versions: " + "; ".join(parts)]
 
 
 def _zs_wall_time_lines(group: pd.DataFrame, tasks: list[str]) -> list[str]:
@@ -275,7 +216,7 @@ def render_leaderboard(records: list[dict]) -> str:
     ]
     if not records:
         return "\n".join(lines + ["No runs yet.", ""])
-    frame = _frame(records)
+    frame = records_frame(records)
     for (_, _), group in sorted(frame.groupby(["model", "protocol"], sort=True), key=_section_order):
         lines += _section_header(group)
         lines += ppl_overview(group)

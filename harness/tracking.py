@@ -92,6 +92,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+# The distributions whose versions can move a number or the run itself; each run tags them (`version.<name>`), the
+# records keep them and the leaderboard header names them per section.
+VERSIONED_PACKAGES = ("quantbench", "torch", "transformers", "lm_eval", "auto_round", "mlflow", "triton")
+
+
 def provenance_tags(device: str) -> dict[str, str]:
     tags = {
         "git_commit": git_commit(),
@@ -100,7 +105,7 @@ def provenance_tags(device: str) -> dict[str, str]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    for package in ("quantbench", "torch", "transformers", "mlflow", "lm_eval"):
+    for package in VERSIONED_PACKAGES:
         try:
             tags[f"version.{package}"] = metadata.version(package)
         except metadata.PackageNotFoundError:

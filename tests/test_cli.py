@@ -11,7 +11,7 @@ import pytest
 
 from harness import cli_sweep
 from harness.spec import BITS_GRAMMAR
-from kernels.bench import hardware_name
+from qkernels.bench import hardware_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,6 +134,11 @@ def test_killed_run_is_marked_and_superseded(tmp_path, data_dir):
     records = export_records(uri, "quantbench")
     assert [r["status"] for r in records] == ["FINISHED"]
     assert records[0]["cpu_gemm"] == "onednn"  # the matmul library the run used (not in its key)
+    from importlib.metadata import version
+
+    versions = records[0]["versions"]  # the packages the run ran with, tagged and exported
+    assert versions["torch"] == version("torch") and versions["transformers"] == version("transformers")
+    assert {"lm_eval", "auto_round", "mlflow", "triton"} <= set(versions)
 
 
 def test_list_names_models_methods_and_grammar(capsys):

@@ -15,9 +15,9 @@ from harness.evaluate.deploy import (
     mismatch,
 )
 from harness.spec import DeploySpec
-from kernels.cpu_packed import Int4CPUWeight, Int8CPUWeight, IntGemmCPUWeight, int4_kernel_group
 from methods import METHODS
 from methods.core.quantizers import DynamicQuantizer, WeightQuantizer
+from qkernels.cpu_packed import Int4CPUWeight, Int8CPUWeight, IntGemmCPUWeight, int4_kernel_group
 from tests.compose import quantize
 
 

@@ -6,7 +6,6 @@ import torch
 
 from harness.evaluate import latency
 from harness.evaluate.memory import memory_report
-from kernels.bench import KernelFormat
 from methods.core.arch import decoder_linears
 from methods.core.formats import (
     FORMATS,
@@ -19,6 +18,7 @@ from methods.core.formats import (
 )
 from methods.core.qlinear import set_quantized_weight
 from methods.core.quantizers import WeightQuantizer
+from qkernels.bench import KernelFormat
 
 GEN = torch.Generator().manual_seed(0)
 ROWS, COLS, GROUP = 8, 64, 32

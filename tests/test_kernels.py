@@ -3,9 +3,12 @@
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels import triton_kernels as tk  # noqa: E402
-from kernels.packing import (  # noqa: E402
+from methods.core.hadamard import hadamard_transform  # noqa: E402
+from methods.core.qlinear import QLinear  # noqa: E402
+from methods.core.quantizers import DynamicQuantizer, WeightQuantizer  # noqa: E402
+from qkernels import reference  # noqa: E402
+from qkernels import triton_kernels as tk  # noqa: E402
+from qkernels.packing import (  # noqa: E402
     PackedLUTLinear,
     pack_int,
     pack_ternary,
@@ -13,9 +16,6 @@ from kernels.packing import (  # noqa: E402
     unpack_int,
     unpack_ternary,
 )
-from methods.core.hadamard import hadamard_transform  # noqa: E402
-from methods.core.qlinear import QLinear  # noqa: E402
-from methods.core.quantizers import DynamicQuantizer, WeightQuantizer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not tk.INTERPRET, reason="needs TRITON_INTERPRET=1 at import")
 
@@ -139,7 +139,7 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
 
 
 def test_cpu_bench_times_every_format():
-    from kernels import bench
+    from qkernels import bench
 
     results = bench.run(["smollm2-135m"], [1], reps=1)
     fmts = {r.fmt for r in results}

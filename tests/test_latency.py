@@ -4,7 +4,7 @@ import pytest
 
 from harness.evaluate import latency
 from harness.spec import BitSpec, LatencySpec
-from kernels.bench import hardware_name
+from qkernels.bench import hardware_name
 
 
 @pytest.mark.parametrize(

@@ -77,18 +77,18 @@ def test_a_record_made_before_a_parameter_existed_is_labelled_with_its_legacy_va
 
 
 def test_speedup_column_prefers_the_deployed_end_to_end_figure_and_says_its_coverage():
-    from harness.report import _speedup_cell
+    from harness.frame import speedup_cell
 
     rec = _record("d", "rtn", "w4g128a16kv16", 12.0)
     rec["metrics"].update({"latency.prefill.speedup": 0.7, "latency.decode.speedup": 0.1})
-    assert _speedup_cell(rec) == "0.70× / 0.10×"
+    assert speedup_cell(rec) == "0.70× / 0.10×"
     deployed = {"deploy.prefill.speedup": 0.5, "deploy.decode.speedup": 1.6, "deploy.linears_total": 210.0}
     rec["metrics"].update({**deployed, "deploy.linears_on_kernel": 210.0})
-    assert _speedup_cell(rec) == "0.50× / 1.60× e2e"
+    assert speedup_cell(rec) == "0.50× / 1.60× e2e"
     rec["metrics"]["deploy.linears_on_kernel"] = 180.0
-    assert _speedup_cell(rec) == "0.50× / 1.60× e2e (180/210 linears)"
+    assert speedup_cell(rec) == "0.50× / 1.60× e2e (180/210 linears)"
     rec["metrics"]["deploy.linears_on_kernel"] = 0.0
-    assert _speedup_cell(rec) == "no kernel"
+    assert speedup_cell(rec) == "no kernel"
 
 
 def test_paretoq_plot_puts_our_runs_beside_the_papers_numbers(tmp_path):
@@ -322,3 +322,17 @@ def test_speedups_timed_on_different_hardware_are_marked_and_named_in_the_header
     board = render_leaderboard([fp, *runs])
     assert "- Speedups timed on: AMD EPYC (avx2) (2 runs)" in board
     assert "| 0.90× / 0.50× |" in board and "¹" not in board
+
+
+def test_the_header_names_the_package_versions_runs_ran_with():
+    fp = _record("fp", "rtn", "w16a16kv16", 10.0)
+    runs = [_record("a", "rtn", "w4g128a16kv16", 12.0), _record("b", "gptq", "w4g128a16kv16", 11.0)]
+    versions = {"torch": "2.13.0+cpu", "transformers": "5.25.0", "lm_eval": "0.4.13", "auto_round": "0.16.1",
+                "mlflow": "3.17.2", "triton": "3.9.0", "quantbench": "0.1.0"}  # fmt: skip
+    runs[0]["versions"] = versions
+    runs[1]["versions"] = versions | {"transformers": "5.24.0"}
+    board = render_leaderboard([fp, *runs])
+    line = next(line for line in board.splitlines() if line.startswith("- Package versions:"))
+    older = "torch 2.13.0+cpu, transformers 5.24.0, lm_eval 0.4.13, auto_round 0.16.1, mlflow 3.17.2, triton 3.9.0"
+    assert f"{older} (1 runs)" in line
+    assert "transformers 5.25.0" in line and line.endswith("not recorded for 1 runs (logged before versions were kept)")

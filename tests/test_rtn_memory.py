@@ -72,7 +72,7 @@ def test_kv_bytes(tiny):
 
 
 def test_packed_bytes_count_the_int3_word_layout(tiny):
-    from kernels.packing import packed_nbytes
+    from qkernels.packing import packed_nbytes
 
     model, _ = tiny
     rtn.quantize(model, rtn.RTNConfig(), BitSpec.parse("w3g32a16kv16"), _ctx())

@@ -179,6 +179,23 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no partial file
 
 
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PLANTED').write_text('ran')",))
+
+
+def test_a_planted_checkpoint_cannot_run_code(tmp_path, monkeypatch):
+    """Checkpoints load with weights_only=True: a file holding a pickled callable is refused with one line, before
+    anything it holds runs."""
+    monkeypatch.chdir(tmp_path)
+    planted = tmp_path / "run.pt"
+    torch.save({"step": 1, "payload": _RunsCodeWhenUnpickled()}, planted)
+    with pytest.raises(ValueError, match=r"holds more than tensors and plain values .*delete it") as err:
+        train(_prepared(), lambda m, b: cross_entropy(m, b), _corpus(), _settings(), checkpoint_path=planted)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "PLANTED").exists()
+
+
 def test_distillation_training_never_changes_the_teacher():
     teacher, _ = tiny_llama(seed=0)
     frozen = copy.deepcopy(teacher.state_dict())

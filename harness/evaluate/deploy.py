@@ -1,7 +1,7 @@
 """Deployed mode (`eval=deploy`): the quantized model run on packed weights and real kernels, checked and timed.
 
 1. `deploy(model)`: every fake-quant decoder linear whose format a kernel runs is replaced by a
-   `DeployedLinear` holding only the packed weight (`kernels.cpu_packed`: PyTorch's int4/int8 packed CPU
+   `DeployedLinear` holding only the packed weight (`qkernels.cpu_packed`: PyTorch's int4/int8 packed CPU
    kernels for weight-only formats, the integer GEMM for per-channel weights with per-token symmetric
    activations); the rest of the model is cast to bf16, the dtype those kernels are fast in. A linear with no
    kernel (LUT, ternary, group-wise weights with quantized activations, asymmetric activations...) keeps its
@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kernels.bench import hardware_name
-from kernels.cpu_packed import DEPLOY_DTYPE, Int4CPUWeight, Int8CPUWeight, IntGemmCPUWeight
 from methods.core.arch import decoder_linears
 from methods.core.formats import QuantizedWeight
 from methods.core.qlinear import QLinear
 from methods.core.quantizers import DynamicQuantizer
+from qkernels.bench import hardware_name
+from qkernels.cpu_packed import DEPLOY_DTYPE, Int4CPUWeight, Int8CPUWeight, IntGemmCPUWeight
 
 
 class DeploymentMismatch(RuntimeError):

@@ -4,7 +4,7 @@ The kernel comes from the run's quantized weights themselves: every decoder line
 (`methods.core.formats`) names the `KernelFormat` that executes it (`kernel_format(a_bits)`), or none — then
 the run's latency is "no kernel", never another format's time. For every linear of one decoder block (all
 blocks have the same shapes), at decode (1 token) and prefill (2048 tokens), the format's kernel call
-(`kernels.bench.kernel_call`: integer GEMM incl. per-token activation quantization, dequantize + matmul, or the
+(`qkernels.bench.kernel_call`: integer GEMM incl. per-token activation quantization, dequantize + matmul, or the
 LUT GEMM) and the dense 16-bit matmul (bf16 on CPU, fp16 on CUDA)
 are timed in the same process, `reps` times after a warm-up. For repetition r the block's total times are
 summed over its linears, and speedup[r] = dense_total[r] / kernel_total[r]; we log its median, min and max.
@@ -24,10 +24,10 @@ from collections import Counter
 import torch
 
 from harness.spec import BitSpec, LatencySpec
-from kernels import bench as kernel_bench
-from kernels.bench import KernelFormat
 from methods.core.arch import arch_of, decoder_linears
 from methods.core.formats import check_format
+from qkernels import bench as kernel_bench
+from qkernels.bench import KernelFormat
 
 NO_KERNEL = "none"
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import psutil
 from torch import nn
 
-from kernels.packing import packed_nbytes
 from methods.core.arch import decoder_linears
 from methods.core.attention import uniform_kv_bytes_per_token
 from methods.core.formats import check_format
 from methods.core.qlinear import QLinear
+from qkernels.packing import packed_nbytes
 
 
 @dataclass(frozen=True)

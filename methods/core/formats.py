@@ -2,8 +2,8 @@
 
 Protocol (`QuantizedTensor`): `dequantize()` -> float weight [out, in]; `storage_bits()` -> every stored bit
 (codes, scales, zeros, codebooks/levels, selectors, outliers, stored signs); `pack()` -> the deployed packed
-object from `kernels.packing` (its `nbytes()` is the `packed b/w` column) or None; `kernel_format(a_bits)` ->
-the `kernels.bench.KernelFormat` that executes it (with activations at `a_bits`), or None = no kernel.
+object from `qkernels.packing` (its `nbytes()` is the `packed b/w` column) or None; `kernel_format(a_bits)` ->
+the `qkernels.bench.KernelFormat` that executes it (with activations at `a_bits`), or None = no kernel.
 `FORMATS` lists every format; the memory report and the latency evaluator refuse any other object.
 
 Implementations:
@@ -35,8 +35,10 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from kernels.bench import KernelFormat
-from kernels.packing import (
+from methods.core import e8p
+from methods.core.orthogonal import RandomizedHadamard, StructuredOrthogonal
+from qkernels.bench import KernelFormat
+from qkernels.packing import (
     PackedBCQLinear,
     PackedBinaryLinear,
     PackedLinear,
@@ -45,8 +47,6 @@ from kernels.packing import (
     codes_per_word,
     packed_nbytes,
 )
-from methods.core import e8p
-from methods.core.orthogonal import RandomizedHadamard, StructuredOrthogonal
 
 SCALE_BITS = 16
 
@@ -164,7 +164,7 @@ class LUTWeight:
         return PackedLUTLinear.pack(self.codes, self.levels, self.group_size, self.bits, self.scales)
 
     def kernel_format(self, a_bits: int) -> KernelFormat | None:
-        """The LUT GEMM (kernels.reference/triton `lut_matmul`) runs 2-bit per-group tables, weight-only."""
+        """The LUT GEMM (qkernels.reference/triton `lut_matmul`) runs 2-bit per-group tables, weight-only."""
         if self.bits == 2 and self.levels.dim() == 3 and a_bits >= 16:
             return KernelFormat(2, self.group_size, False, kind="lut")
         return None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.packing import codes_per_word, pack_int
+from qkernels.packing import codes_per_word, pack_int
 
 FP16_BITS = 16
 INDEX_BITS = 16  # a column index within a vector (channels < 65,536)

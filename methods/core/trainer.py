@@ -15,6 +15,7 @@ alone — what makes resuming exact without saving a data loader.
 from __future__ import annotations
 
 import math
+import pickle
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -153,6 +154,18 @@ def batch_at(windows: torch.Tensor, micro_index: int, batch_size: int, seed: int
     return windows[rows]
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `train`: tensors and plain values only (`weights_only=True`), so a file planted in
+    the cache cannot run code when a run resumes; anything else is refused with one line."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint {path} holds more than tensors and plain values ({first}); delete it to train from the start"
+        ) from None
+
+
 def _save_atomic(state: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))  # a kill mid-write leaves the previous checkpoint
 
@@ -185,7 +198,7 @@ def train(
     result = TrainResult(steps=settings.steps, tokens=0, seconds=0.0)
     start_step, path = 0, Path(checkpoint_path) if checkpoint_path else None
     if path is not None and path.exists():
-        state = torch.load(path, weights_only=False)
+        state = load_checkpoint(path)
         with torch.no_grad():
             for name, value in state["params"].items():
                 trainable[name].copy_(value)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import reference
-from kernels.packing import PackedLinear, PackedLUTLinear
+from qkernels import reference
+from qkernels.packing import PackedLinear, PackedLUTLinear
 
 MODEL_SHAPES = {  # (name, out_features, in_features) of the decoder linears
     "smollm2-135m": [
@@ -145,7 +145,7 @@ def kernel_call(fmt: KernelFormat, x: torch.Tensor, packed, device: str) -> Call
         x16 = x.to(dense_dtype(device))
         if device == "cpu":
             return lambda: reference.lut_matmul(x16, packed)
-        from kernels import triton_kernels as tk
+        from qkernels import triton_kernels as tk
 
         return lambda: tk.lut_matmul(x16, packed)
     if device == "cpu":
@@ -156,7 +156,7 @@ def kernel_call(fmt: KernelFormat, x: torch.Tensor, packed, device: str) -> Call
             )
         x16 = x.to(dense_dtype(device))
         return lambda: reference.dequant_matmul(x16, packed)
-    from kernels import triton_kernels as tk
+    from qkernels import triton_kernels as tk
 
     if fmt.a_bits:
         return lambda: tk.int_matmul(*reference.quantize_per_token_sym(x, fmt.a_bits), packed, block=(64, 64, 64))
@@ -185,18 +185,42 @@ def pack_on(fmt: KernelFormat, weight: torch.Tensor, device: str) -> PackedLinea
     return packed
 
 
+@dataclass(frozen=True)
+class RandomGrid:
+    """Seeded random codes with constant scales and zeros on `weight`'s shape: the fields the packed CPU weights
+    read from a quantized weight (`from_quantized`). Kernel time does not depend on the values (as `pack_on`)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    sym: bool
+    group_size: int
+
+    @classmethod
+    def like(cls, weight: torch.Tensor, bits: int, group_size: int | None, sym: bool) -> RandomGrid:
+        rows, cols = weight.shape
+        group = group_size or cols
+        n_groups = -(-cols // group)
+        gen = torch.Generator().manual_seed(rows * 7919 + cols + bits)
+        lo = -(2 ** (bits - 1)) if sym else 0
+        codes = torch.randint(lo, lo + 2**bits, (rows, cols), generator=gen).to(torch.int8 if sym else torch.uint8)
+        scales = torch.full((rows, n_groups), 0.02 / 2 ** (bits - 1))
+        zeros = torch.zeros(rows, n_groups) if sym else torch.full((rows, n_groups), float(2 ** (bits - 1)))
+        return cls(codes, scales, zeros, bits, sym, group)
+
+
 def _cpu_packed(x: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """PyTorch's packed CPU kernels (deployed mode's weight-only path, `kernels.cpu_packed`), bf16 activations:
-    int4 g128 asymmetric and int8 per-channel symmetric, on RTN-quantized copies of the weight."""
-    from kernels.cpu_packed import Int4CPUWeight, Int8CPUWeight
-    from methods.core.quantizers import WeightQuantizer
+    """PyTorch's packed CPU kernels (deployed mode's weight-only path, `qkernels.cpu_packed`), bf16 activations:
+    int4 g128 asymmetric and int8 per-channel symmetric, on seeded random codes of the weight's shape."""
+    from qkernels.cpu_packed import Int4CPUWeight, Int8CPUWeight
 
     x16 = x.to(torch.bfloat16)
     calls = {}
-    int4 = Int4CPUWeight.from_quantized(WeightQuantizer(4, 128).quantize(weight))
+    int4 = Int4CPUWeight.from_quantized(RandomGrid.like(weight, 4, 128, sym=False))
     if int4 is not None:
         calls["w4g128-int4pack"] = lambda: int4.matmul(x16)
-    int8 = Int8CPUWeight.from_quantized(WeightQuantizer(8, None, sym=True).quantize(weight))
+    int8 = Int8CPUWeight.from_quantized(RandomGrid.like(weight, 8, None, sym=True))
     calls["w8-int8pack"] = lambda: int8.matmul(x16)
     return calls
 

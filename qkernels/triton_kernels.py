@@ -1,4 +1,4 @@
-"""Triton kernels for the packed formats (the GPU path). Same semantics as `kernels.reference`.
+"""Triton kernels for the packed formats (the GPU path). Same semantics as `qkernels.reference`.
 
 On this project's CPU-only machines they run under the Triton interpreter (`TRITON_INTERPRET=1`, set before
 this module is imported) for correctness tests; timing them needs a CUDA device:
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.packing import PackedLinear, PackedLUTLinear, codes_per_word
+from qkernels.packing import PackedLinear, PackedLUTLinear, codes_per_word
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -33,7 +33,7 @@ def _check_device(*tensors: torch.Tensor) -> None:
     if device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
             f"Triton kernels need a CUDA device (got {device}); set TRITON_INTERPRET=1 before importing "
-            "kernels.triton_kernels for CPU correctness tests, or use kernels.reference (the CPU path)"
+            "qkernels.triton_kernels for CPU correctness tests, or use qkernels.reference (the CPU path)"
         )
 
 
@@ -165,7 +165,7 @@ def _int_gemm_kernel(
         codes = (words >> ((offs_k % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
         signed = tl.where(mask_k[None, :], codes - (1 << (BITS - 1)), 0).to(tl.int8)
         acc += tl.dot(xq, tl.trans(signed), out_dtype=tl.int32)
-    if not SYM:  # asymmetric weights: subtract z' · Σ_k x_k (see kernels/reference.py)
+    if not SYM:  # asymmetric weights: subtract z' · Σ_k x_k (see qkernels/reference.py)
         wz = tl.load(wz_ptr + offs_n, mask=mask_n, other=0)
         acc -= xsum[:, None] * wz[None, :]
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
@@ -176,7 +176,7 @@ def _int_gemm_kernel(
 
 def int_matmul(x_codes: torch.Tensor, x_scale: torch.Tensor, packed: PackedLinear, block=(16, 32, 32)) -> torch.Tensor:
     """Integer GEMM on packed per-channel weights (symmetric or asymmetric); x_codes int8 [M, K], x_scale fp32 [M]."""
-    from kernels.reference import integer_weight
+    from qkernels.reference import integer_weight
 
     if x_codes.dtype != torch.int8:
         raise TypeError(f"activation codes must be int8, got {x_codes.dtype}")
@@ -250,7 +250,7 @@ def _lut_gemm_kernel(
 
 
 def lut_matmul(x: torch.Tensor, packed: PackedLUTLinear, block=(16, 32, 32)) -> torch.Tensor:
-    from kernels.reference import check_lut_kernel_layout
+    from qkernels.reference import check_lut_kernel_layout
 
     _check_activation(x, packed.in_features)
     check_lut_kernel_layout(packed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packing import PackedLinear, PackedLUTLinear
+from qkernels.packing import PackedLinear, PackedLUTLinear
 
 
 def dequantize(packed: PackedLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:

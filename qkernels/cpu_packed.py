@@ -9,7 +9,7 @@
   that repeat its scale and offset, so SmolLM2's 576 = 4.5 groups of 128 runs as 9 kernel groups of 64.
 * `Int8CPUWeight`: 8-bit symmetric per-channel weights on `aten._weight_int8pack_mm`.
 * `IntGemmCPUWeight`: per-channel integer weights (≤ 8 bits) with per-token symmetric integer activations on
-  the integer GEMM (`kernels.reference.int_matmul`, `torch._int_mm`): W4A4, W4A8, W2A4, W8A8.
+  the integer GEMM (`qkernels.reference.int_matmul`, `torch._int_mm`): W4A4, W4A8, W2A4, W8A8.
 
 Both packed weight-only kernels are fast only with bf16 activations (the fp32 path is a slow fallback: 2.7 s
 vs 22 ms for a 2048 × 576 × 1536 product here), so deployed mode computes in bf16; scales and offsets are
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import int_matmul, quantize_per_token_sym
+from qkernels.reference import int_matmul, quantize_per_token_sym
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 DEPLOY_DTYPE = torch.bfloat16
