@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from methods import bcq, bitdistiller, gptq, paretoq, quarot, quip, quip_sharp, rtn, signround, spinquant
+from methods import bcq, bitdistiller, gptq, paretoq, quarot, quip, quip_sharp, rcp, rtn, signround, spinquant
 from methods.base import MethodEntry
 
 METHODS: dict[str, MethodEntry] = {
@@ -22,4 +22,5 @@ METHODS: dict[str, MethodEntry] = {
     "bitdistiller": MethodEntry(
         bitdistiller.BitDistillerConfig, supports=bitdistiller.supports, quantize=bitdistiller.quantize, trains=True
     ),
+    "rcp": MethodEntry(rcp.RCPConfig, supports=rcp.supports, quantize=rcp.quantize, trains=True),
 }

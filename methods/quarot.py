@@ -31,9 +31,8 @@ from torch import nn
 from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.bits import BitSpec, check_integer_weight_bits
 from methods.core.gptq import GPTQSettings, quantize_rotated_weights
-from methods.core.hadamard import random_hadamard_matrix, random_orthogonal_matrix, small_factor
 from methods.core.params import added_later
-from methods.core.rotation import HadamardTransform, install_online_transforms, rotate_model
+from methods.core.rotation import quarot_rotate, rotation_refusal
 
 
 @dataclass(frozen=True)
@@ -53,43 +52,14 @@ class QuaRotConfig(GPTQSettings):
 
 def supports(request: Request) -> None:
     check_integer_weight_bits(request.bits, "quarot", UnsupportedBits)
-    if not request.arch.residual_rotation_exact:
-        raise UnsupportedBits(
-            f"quarot does not support the {request.arch.family} architecture: its norms on sublayer outputs "
-            f"({', '.join(request.arch.output_norms)}) have learned gains, so a residual rotation R1 is not exact"
-        )
-    if request.kv is not None and request.kv.keys_pre_rope:
-        raise UnsupportedBits(
-            "quarot quantizes keys after RoPE and its online Hadamard R3; a pre-RoPE key quantizer would see "
-            "unrotated keys: set kv.keys_pre_rope=false"
-        )
-
-
-def rotate(model: nn.Module, rotation: str, seed: int, signs_first: bool = True) -> dict[str, str]:
-    """R1 (randomized Hadamard, or random orthogonal) and R2 = Hadamard per value head fused by the shared
-    `rotate_model`; then QuaRot's online transforms: heads mixed before o_proj, R4 before down_proj, R3 on
-    queries and keys. Returns notes on which transforms are exact Hadamards."""
-    config = model.config
-    hidden = config.hidden_size
-    if rotation == "hadamard":
-        r1 = random_hadamard_matrix(hidden, seed, signs_first=signs_first)
-    elif rotation == "random":
-        r1 = random_orthogonal_matrix(hidden, seed)
-    else:
-        raise ValueError(f"quarot rotation must be 'hadamard' or 'random', got {rotation!r}")
-    hadamard = HadamardTransform()
-    rotate_model(model, r1, [hadamard] * config.num_hidden_layers)
-    notes = install_online_transforms(model)
-    return {
-        "r1": f"{rotation} order {hidden} (dense factor {small_factor(hidden)[0].shape[0]}, "
-        f"exact Hadamard={small_factor(hidden)[1]})",
-        **notes,
-    }
+    refusal = rotation_refusal("quarot", request.arch, request.kv)
+    if refusal:
+        raise UnsupportedBits(refusal)
 
 
 def quantize(model: nn.Module, cfg: QuaRotConfig, bits: BitSpec, ctx: QuantContext) -> QuantSummary:
     if cfg.weights not in ("gptq", "rtn"):
         raise ValueError(f"quarot weights must be 'gptq' or 'rtn', got {cfg.weights!r}")
-    summary = QuantSummary(notes=rotate(model, cfg.rotation, ctx.seed, cfg.signs_first))
+    summary = QuantSummary(notes=quarot_rotate(model, cfg.rotation, ctx.seed, cfg.signs_first))
     summary.metrics.update(quantize_rotated_weights(model, bits, cfg, ctx.calibration))
     return summary

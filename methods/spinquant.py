@@ -59,6 +59,7 @@ from methods.core.rotation import (
     fold_norms,
     install_online_transforms,
     rotate_model,
+    rotation_refusal,
 )
 from methods.core.stiefel import CayleySGD, orthogonality_error
 from methods.core.trainer import LoopConfig, ParamGroup, TrainSettings, train
@@ -87,13 +88,9 @@ class SpinQuantConfig(GPTQSettings):
 
 def supports(request: Request) -> None:
     check_integer_weight_bits(request.bits, "spinquant", UnsupportedBits)
-    if not request.arch.residual_rotation_exact:
-        raise UnsupportedBits(
-            f"spinquant does not support the {request.arch.family} architecture: its norms on sublayer outputs "
-            f"({', '.join(request.arch.output_norms)}) have learned gains, so a residual rotation R1 is not exact"
-        )
-    if request.kv is not None and request.kv.keys_pre_rope:
-        raise UnsupportedBits("spinquant quantizes keys after RoPE and R3: set kv.keys_pre_rope=false")
+    refusal = rotation_refusal("spinquant", request.arch, request.kv)
+    if refusal:
+        raise UnsupportedBits(refusal)
     for plugin in (request.act, request.kv):
         if plugin is not None and plugin.needs_calibration:
             raise UnsupportedBits(

@@ -67,7 +67,8 @@ def _time_cuda(fn: Callable[[], object], reps: int) -> tuple[float, ...]:
 class KernelFormat:
     """A weight format the kernels execute. `kind="int"`: integer GEMM when `a_bits` is set (per-channel
     weights, per-token symmetric activations), else the weight-only dequantize-then-matmul GEMM.
-    `kind="lut"`: 2-bit codes into per-(row, group) level tables (`lut_matmul`), weight-only."""
+    `kind="lut"`: 2-bit codes into per-(row, group) level tables: weight-only (`lut_matmul`), or with
+    per-token symmetric integer activations when `a_bits` is set (`lut_matmul_a`, RCP's W2A4)."""
 
     w_bits: int
     group_size: int | None  # None = one group per output channel
@@ -80,7 +81,7 @@ class KernelFormat:
         acts = f"a{self.a_bits}" if self.a_bits else ""
         group = f"g{self.group_size}" if self.group_size else ""
         if self.kind == "lut":
-            return f"lut{self.w_bits}{group}"
+            return f"lut{self.w_bits}{group}{acts}"
         return f"w{self.w_bits}{group}{acts}" + ("" if self.w_sym else "-asym")
 
 
@@ -89,6 +90,7 @@ BENCH_FORMATS = (
     KernelFormat(8, None, True, 8),
     KernelFormat(4, 128, False),
     KernelFormat(2, 128, False),
+    KernelFormat(2, None, False, 4, kind="lut"),  # RCP's W2A4: one learned 4-level table per row
 )
 
 
@@ -141,6 +143,12 @@ def kernel_call(fmt: KernelFormat, x: torch.Tensor, packed, device: str) -> Call
     """The timed call for `fmt` on activations x (fp32 [tokens, in]). CPU: `torch._int_mm` on int8 lanes
     (unpacked once, the CPU deployment layout) for integer formats, dequantize + bf16 matmul otherwise.
     CUDA: the Triton kernels on the packed words."""
+    if fmt.kind == "lut" and fmt.a_bits:
+        if device == "cpu":
+            return lambda: reference.lut_matmul_a(*reference.quantize_per_token_sym(x, fmt.a_bits), packed)
+        from qkernels import triton_kernels as tk
+
+        return lambda: tk.lut_matmul_a(*reference.quantize_per_token_sym(x, fmt.a_bits), packed)
     if fmt.kind == "lut":
         x16 = x.to(dense_dtype(device))
         if device == "cpu":

@@ -98,11 +98,24 @@ def check_lut_kernel_layout(packed: PackedLUTLinear) -> None:
         raise ValueError("the LUT kernel runs 2-bit codes with per-(row, group) tables of 4 levels only")
 
 
-def lut_matmul(x: torch.Tensor, packed: PackedLUTLinear) -> torch.Tensor:
-    _check_activation(x, packed.in_features)
+def lut_weight(packed: PackedLUTLinear) -> torch.Tensor:
+    """The fp32 [out, in] weight a 2-bit per-(row, group) LUT layout holds."""
     check_lut_kernel_layout(packed)
     codes = packed.codes().to(torch.int64)
     groups = (torch.arange(packed.in_features) // packed.group_size).expand_as(codes)
     rows = torch.arange(codes.shape[0])[:, None].expand_as(codes)
-    weight = packed.levels.float()[rows, groups, codes]
-    return x @ weight.to(x.dtype).T
+    return packed.levels.float()[rows, groups, codes]
+
+
+def lut_matmul(x: torch.Tensor, packed: PackedLUTLinear) -> torch.Tensor:
+    _check_activation(x, packed.in_features)
+    return x @ lut_weight(packed).to(x.dtype).T
+
+
+def lut_matmul_a(x_codes: torch.Tensor, x_scale: torch.Tensor, packed: PackedLUTLinear) -> torch.Tensor:
+    """Non-uniform W2 × per-token symmetric integer activations (RCP's W2A4 GEMV): y = s_x ⊙ (q_x · Wᵀ) with W the
+    LUT weight, accumulated in fp32 (the activation codes are exact small integers)."""
+    if x_codes.dim() != 2 or x_codes.shape[1] != packed.in_features or x_codes.dtype != torch.int8:
+        raise ValueError(f"activation codes must be int8 [tokens, {packed.in_features}], got {x_codes.dtype} "
+                         f"{tuple(x_codes.shape)}")  # fmt: skip
+    return (x_codes.float() @ lut_weight(packed).T) * x_scale.float()[:, None]

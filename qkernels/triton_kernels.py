@@ -217,6 +217,7 @@ def _lut_gemm_kernel(
     x_ptr,
     w_ptr,
     lv_ptr,
+    xs_ptr,
     out_ptr,
     M,
     N,
@@ -224,6 +225,7 @@ def _lut_gemm_kernel(
     n_words,
     n_groups,
     GROUP: tl.constexpr,
+    X_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -246,13 +248,14 @@ def _lut_gemm_kernel(
         level_idx = (offs_n[:, None] * n_groups + groups[None, :]) * 4 + codes
         w = tl.load(lv_ptr + level_idx, mask=mask_w, other=0.0).to(tl.float32)
         acc += tl.dot(x.to(tl.float32), tl.trans(w))
+    if X_SCALED:  # x held int8 activation codes: one fp32 scale per token (row)
+        acc = acc * tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-def lut_matmul(x: torch.Tensor, packed: PackedLUTLinear, block=(16, 32, 32)) -> torch.Tensor:
+def _lut_launch(x, x_scale, packed: PackedLUTLinear, block) -> torch.Tensor:
     from qkernels.reference import check_lut_kernel_layout
 
-    _check_activation(x, packed.in_features)
     check_lut_kernel_layout(packed)
     _check_device(x, packed.words, packed.levels)
     m, k = x.shape
@@ -264,6 +267,7 @@ def lut_matmul(x: torch.Tensor, packed: PackedLUTLinear, block=(16, 32, 32)) -> 
         x.contiguous(),
         packed.words.contiguous(),
         packed.levels.contiguous(),
+        out if x_scale is None else x_scale.float().contiguous(),  # not read unless X_SCALED
         out,
         m,
         n,
@@ -271,11 +275,25 @@ def lut_matmul(x: torch.Tensor, packed: PackedLUTLinear, block=(16, 32, 32)) -> 
         packed.words.shape[1],
         packed.levels.shape[1],
         GROUP=packed.group_size,
+        X_SCALED=x_scale is not None,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
     )
-    return out.to(x.dtype)
+    return out
+
+
+def lut_matmul(x: torch.Tensor, packed: PackedLUTLinear, block=(16, 32, 32)) -> torch.Tensor:
+    _check_activation(x, packed.in_features)
+    return _lut_launch(x, None, packed, block).to(x.dtype)
+
+
+def lut_matmul_a(x_codes: torch.Tensor, x_scale: torch.Tensor, packed: PackedLUTLinear, block=(16, 32, 32)):
+    """RCP's non-uniform W2A4 GEMV: int8 per-token activation codes × 2-bit LUT weights, fp32 accumulation, the
+    token's scale applied once at the end (semantics: `qkernels.reference.lut_matmul_a`)."""
+    if x_codes.dim() != 2 or x_codes.shape[1] != packed.in_features or x_codes.dtype != torch.int8:
+        raise ValueError(f"activation codes must be int8 [tokens, {packed.in_features}], got {x_codes.dtype}")
+    return _lut_launch(x_codes, x_scale, packed, block)
 
 
 @triton.jit

@@ -172,7 +172,7 @@ def test_bench_unknown_method_lists_valid(capsys):
     assert main(["bench", "forward", "--method", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(
-        "error: unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, rtn"
+        "error: unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, rcp, rtn"
     )
     assert "\n" not in err
 

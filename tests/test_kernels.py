@@ -3,6 +3,7 @@
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from methods.core.formats import LUTWeight  # noqa: E402
 from methods.core.hadamard import hadamard_transform  # noqa: E402
 from methods.core.qlinear import QLinear  # noqa: E402
 from methods.core.quantizers import DynamicQuantizer, WeightQuantizer  # noqa: E402
@@ -116,6 +117,31 @@ def test_lut_kernel_equals_reference():
     assert packed.nbytes() == n * 5 * 4 + n * 3 * 4 * 2  # 80 codes = 5 words; 3 groups x 4 fp16 levels
 
 
+@pytest.mark.parametrize("group", [None, 32])
+def test_w2a4_lut_kernel_equals_the_fake_quant_linear(group):
+    """RCP's W2A4 GEMV: int8 per-token activation codes × the packed 2-bit LUT weight (Triton under the interpreter,
+    and the CPU reference) equals the fake-quant linear (LUT weight, 4-bit per-token activations at clip 0.9)."""
+    gen = torch.Generator().manual_seed(2)
+    n, k = 24, 96
+    group = group or k
+    levels = torch.sort(torch.randn(n, k // group, 4, generator=gen), dim=-1).values * 0.05
+    levels = levels.half().float()  # the packed table is fp16
+    qweight = LUTWeight(torch.randint(0, 4, (n, k), generator=gen, dtype=torch.uint8), levels, 2, group)
+    act = DynamicQuantizer(4, sym=True, clip_ratio=0.9)
+    module = QLinear(qweight.dequantize(), None, qweight=qweight, act_quant=act)
+    x = torch.randn(7, k, generator=gen)
+    expected = module(x)
+    x_codes, x_scale = reference.quantize_per_token_sym(x, 4, 0.9)
+    packed = qweight.pack()
+    ref = reference.lut_matmul_a(x_codes, x_scale, packed)
+    tri = tk.lut_matmul_a(x_codes, x_scale, packed)
+    assert torch.allclose(ref, expected, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(tri, ref, atol=1e-6, rtol=1e-6)
+    assert qweight.kernel_format(4).name == ("lut2a4" if group == k else f"lut2g{group}a4")
+    with pytest.raises(ValueError, match="int8"):
+        reference.lut_matmul_a(x, x_scale, packed)
+
+
 @pytest.mark.parametrize("n", [16, 64, 128])
 def test_fwht_kernel_equals_hadamard_transform(n):
     x = torch.randn(7, n)
@@ -143,7 +169,7 @@ def test_cpu_bench_times_every_format():
 
     results = bench.run(["smollm2-135m"], [1], reps=1)
     fmts = {r.fmt for r in results}
-    reference = {"fp32", "16-bit", "w4a4", "w8a8", "w4g128-asym", "w2g128-asym"}
+    reference = {"fp32", "16-bit", "w4a4", "w8a8", "w4g128-asym", "w2g128-asym", "lut2a4"}
     assert fmts == reference | {"w4g128-int4pack", "w8-int8pack"}  # + PyTorch's packed CPU kernels
-    assert len(results) == 4 * 8 and all(r.median > 0 for r in results)
+    assert len(results) == 4 * 9 and all(r.median > 0 for r in results)
     assert "speedup vs 16-bit" in bench.table(results)

@@ -5,9 +5,11 @@ For every (output row, input group) of a linear, the clip range [min·(1 − j/n
 i, j = 0 … max_shrink·n_grid − 1 (a 10 × 10 grid by default), that minimises the mean over sampled calibration
 tokens of the squared error of the group's partial output, (x_g · (Q(clip(w_g)) − w_g))², where Q is the
 asymmetric min/max grid of the clipped group. Tokens: every k-th of the calibration tokens so that about
-`n_tokens` (512) remain. Linears named q_proj / k_proj are skipped (the authors: "due to qk bmm, it is hard to
-clip precisely"). Each block's inputs are the *unclipped* model's (the authors compute the next block's inputs
-before applying the clips); the clips are applied to the weights (clamped in place) at the end.
+`n_tokens` (512) remain; a linear with an online input transform (a rotated model's R4 or head mixing) is
+searched on the transformed inputs its weight multiplies. Linears named q_proj / k_proj are skipped (the authors:
+"due to qk bmm, it is hard to clip precisely"). Each block's inputs are the *unclipped* model's (the authors
+compute the next block's inputs before applying the clips); the clips are applied to the weights (clamped in place)
+at the end.
 
 Written with one einsum per grid point instead of the authors' broadcast product: the same numbers, without
 their [rows, tokens, groups, group] intermediate.
@@ -91,7 +93,11 @@ class _TokenSampler:
         self.stride, self.seen, self.kept = stride, 0, []
 
     def __call__(self, module, inputs, output):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        x = inputs[0]
+        transform = getattr(module, "input_transform", None)  # a rotated model's online transform (QLinear)
+        if transform is not None:
+            x = transform(x)
+        x = x.reshape(-1, x.shape[-1])
         first = (-self.seen) % self.stride
         self.kept.append(x[first :: self.stride].detach().float())
         self.seen += x.shape[0]

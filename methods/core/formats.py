@@ -164,9 +164,15 @@ class LUTWeight:
         return PackedLUTLinear.pack(self.codes, self.levels, self.group_size, self.bits, self.scales)
 
     def kernel_format(self, a_bits: int) -> KernelFormat | None:
-        """The LUT GEMM (qkernels.reference/triton `lut_matmul`) runs 2-bit per-group tables, weight-only."""
-        if self.bits == 2 and self.levels.dim() == 3 and a_bits >= 16:
-            return KernelFormat(2, self.group_size, False, kind="lut")
+        """The LUT GEMM (qkernels.reference/triton `lut_matmul`) runs 2-bit per-group tables, weight-only; with
+        per-token integer activations (≤ 8 bits) `lut_matmul_a` (RCP's W2A4)."""
+        if self.bits != 2 or self.levels.dim() != 3:
+            return None
+        group = None if self.group_size >= self.codes.shape[1] else self.group_size  # None: one table per row
+        if a_bits >= 16:
+            return KernelFormat(2, group, False, kind="lut")
+        if a_bits <= 8:
+            return KernelFormat(2, group, False, a_bits, kind="lut")
         return None
 
 

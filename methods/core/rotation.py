@@ -17,7 +17,12 @@ from torch import nn
 from tqdm import tqdm
 
 from methods.core.arch import arch_of
-from methods.core.hadamard import hadamard_transform, small_factor
+from methods.core.hadamard import (
+    hadamard_transform,
+    random_hadamard_matrix,
+    random_orthogonal_matrix,
+    small_factor,
+)
 
 
 def _apply(linear: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], bias_fn=None) -> None:
@@ -184,3 +189,42 @@ class RotatedQuantizer:
         y = self.rotate(x)
         error = (self.quantizer(y.detach()) - y.detach()).detach()
         return self.unrotate(y + error)
+
+
+def quarot_rotate(model: nn.Module, rotation: str, seed: int, signs_first: bool = True) -> dict[str, str]:
+    """QuaRot's rotation (arXiv 2404.00456 §4; `methods.quarot`, and RCP's "rotate" step): R1 (randomized
+    Hadamard, or random orthogonal) and R2 = Hadamard per value head fused by the shared `rotate_model`; then
+    QuaRot's online transforms: heads mixed before o_proj, R4 before down_proj, R3 on queries and keys. Returns
+    notes on which transforms are exact Hadamards."""
+    config = model.config
+    hidden = config.hidden_size
+    if rotation == "hadamard":
+        r1 = random_hadamard_matrix(hidden, seed, signs_first=signs_first)
+    elif rotation == "random":
+        r1 = random_orthogonal_matrix(hidden, seed)
+    else:
+        raise ValueError(f"rotation must be 'hadamard' or 'random', got {rotation!r}")
+    hadamard = HadamardTransform()
+    rotate_model(model, r1, [hadamard] * config.num_hidden_layers)
+    notes = install_online_transforms(model)
+    return {
+        "r1": f"{rotation} order {hidden} (dense factor {small_factor(hidden)[0].shape[0]}, "
+        f"exact Hadamard={small_factor(hidden)[1]})",
+        **notes,
+    }
+
+
+def rotation_refusal(method: str, arch, kv) -> str | None:
+    """Why a method that rotates the residual stream (R1) and quantizes keys after its online R3 cannot run on the
+    architecture adapter `arch` with the KV plug-in `kv`; None when it can. Read before any model loads."""
+    if not arch.residual_rotation_exact:
+        return (
+            f"{method} does not support the {arch.family} architecture: its norms on sublayer outputs "
+            f"({', '.join(arch.output_norms)}) have learned gains, so a residual rotation R1 is not exact"
+        )
+    if kv is not None and kv.keys_pre_rope:
+        return (
+            f"{method} quantizes keys after RoPE and its online Hadamard R3 (a pre-RoPE key quantizer would see "
+            "unrotated keys): set kv.keys_pre_rope=false"
+        )
+    return None
