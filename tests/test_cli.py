@@ -146,7 +146,7 @@ def test_list_names_models_methods_and_grammar(capsys):
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, rtn, signround, spinquant" in out
+    assert "bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, rcp, rtn, signround, spinquant" in out
     assert "smollm2-135m" in out and BITS_GRAMMAR in out
     assert "MISSING" not in out and "method=paretoq: loop=LoopConfig(steps=None" in out  # nested defaults shown
     assert main(["nope"]) == 2
