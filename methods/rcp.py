@@ -74,8 +74,8 @@ class RCPConfig:
     loss: str = "cakld"
     cakld_batches: int = 10
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    quantizer_lr: float = 1e-3
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=2e-5, schedule="cosine"))
+    quantizer_lr: float = 1e-3  # γ, β, θ (conf/method/rcp.yaml: the smoke-budget sweep these defaults come from)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=5e-4, schedule="cosine"))
 
 
 def supports(request: Request) -> None:
