@@ -53,7 +53,7 @@ from methods.core.qat import TrainableQLinear, convert, prepare
 from methods.core.qlinear import QLinear
 from methods.core.rotation import RotatedQuantizer, quarot_rotate, rotation_refusal
 from methods.core.selfdistill import GenerationSettings, cached_generations, pack, select_prompts
-from methods.core.trainer import LoopConfig, ParamGroup, TrainSettings, batch_at, train
+from methods.core.trainer import LoopConfig, ParamGroup, batch_at, train
 
 RCP_BITS = (2, 3, 4)
 ROTATIONS = ("hadamard", "random", "none")
@@ -148,14 +148,13 @@ def _training_windows(teacher, cfg: RCPConfig, ctx: QuantContext, metrics: dict)
     return pack(sequences, corpus.shape[1], ctx.tokenizer.eos_token_id)[: corpus.shape[0]]
 
 
-def _param_groups(cfg: RCPConfig) -> tuple[ParamGroup, ...]:
-    """The latent weights at `loop.lr`; γ, β (unless `learn_clip=false`) and θ (unless `partition=uniform`) at
-    `quantizer_lr`. A parameter no group matches stays frozen."""
+def _quantizer_groups(cfg: RCPConfig) -> tuple[ParamGroup, ...]:
+    """γ, β (unless `learn_clip=false`) and θ (unless `partition=uniform`) at `quantizer_lr`; the latent weights
+    train at `loop.lr`. A parameter no group matches stays frozen."""
     learned = (["gamma", "beta"] if cfg.learn_clip else []) + (["theta"] if cfg.partition == "learned" else [])
-    groups = [ParamGroup(LATENT_WEIGHTS, cfg.loop.lr, cfg.loop.weight_decay)]
-    if learned:
-        groups.append(ParamGroup(rf"weight_quantizer\.({'|'.join(learned)})$", cfg.quantizer_lr, 0.0))
-    return tuple(groups)
+    if not learned:
+        return ()
+    return (ParamGroup(rf"weight_quantizer\.({'|'.join(learned)})$", cfg.quantizer_lr, 0.0),)
 
 
 def _train(model: nn.Module, teacher, cfg: RCPConfig, ctx: QuantContext, metrics: dict) -> None:
@@ -172,18 +171,7 @@ def _train(model: nn.Module, teacher, cfg: RCPConfig, ctx: QuantContext, metrics
         loss_fn = lambda m, batch: distillation(  # noqa: E731
             m, teacher, batch, cfg.loss, confidence.gamma, settings=loss_settings
         )
-    settings = TrainSettings(
-        steps=steps,
-        batch_size=loop.batch_size,
-        grad_accum=loop.grad_accum,
-        groups=_param_groups(cfg),
-        schedule=loop.schedule,
-        warmup_steps=loop.warmup_steps,
-        max_grad_norm=loop.max_grad_norm,
-        seed=ctx.seed,
-        checkpoint_every=loop.checkpoint_every,
-        bf16_autocast=loop.bf16_autocast,
-    )
+    settings = loop.settings(steps, LATENT_WEIGHTS, ctx.seed, _quantizer_groups(cfg))
     checkpoint = Path(ctx.checkpoint_dir) / "rcp.pt" if ctx.checkpoint_dir else None
     result = train(model, loss_fn, windows, settings, checkpoint_path=checkpoint, on_step=ctx.log_step)
     metrics.update(result.metrics())

@@ -97,13 +97,14 @@ class LoopConfig:
     def one_pass(self, windows: int) -> int:
         return max(1, windows // (self.batch_size * self.grad_accum))
 
-    def settings(self, steps: int, pattern: str, seed: int) -> TrainSettings:
-        """Train the parameters whose names match `pattern` with this loop for `steps` steps."""
+    def settings(self, steps: int, pattern: str, seed: int, extra_groups: tuple[ParamGroup, ...] = ()) -> TrainSettings:
+        """Train the parameters whose names match `pattern` with this loop for `steps` steps (and any `extra_groups`
+        with their own lr, e.g. a learnable quantizer's parameters)."""
         return TrainSettings(
             steps=steps,
             batch_size=self.batch_size,
             grad_accum=self.grad_accum,
-            groups=(ParamGroup(pattern, self.lr, self.weight_decay),),
+            groups=(ParamGroup(pattern, self.lr, self.weight_decay), *extra_groups),
             schedule=self.schedule,
             warmup_steps=self.warmup_steps,
             max_grad_norm=self.max_grad_norm,
