@@ -9,9 +9,12 @@ is compared with. The design below is issue 42's; every open choice is a config 
 
 1. **Rotate** (`rotation`): QuaRot's rotation (`rotation.quarot_rotate`: randomized-Hadamard R1 fused into the
    weights, R2 per head, online head mixing before o_proj, R4 before down_proj, R3 on queries/keys after RoPE);
-   `random` for a random orthogonal R1; `none` for no rotation (the ablation). SpinQuant's learned R1/R2 as a
-   starting point is not offered (choice: the learned rotations live in `methods/spinquant.py`, which a method
-   may not import).
+   `random` for a random orthogonal R1; `none` for no rotation (the ablation); `spinquant` for SpinQuant's
+   learned R1/R2 (`methods.core.learned_rotation`: from QuaRot's start, Cayley SGD on next-token cross-entropy
+   with the run's act/KV quantizers in the loop and 16-bit weights, or RTN weights at the run's bits on the
+   asymmetric per-channel grid when neither activations nor the KV cache are quantized — SpinQuant's rule;
+   `rotation_learning.*`, SpinQuant's defaults: 100 steps, batch 1, lr 1.5, cosine), fused, then the same
+   online R3/R4 and head mixing; the clip, partition and QAT then start from the learned rotation.
 2. **Clip**: per output channel, OmniQuant's LWC form hi = sigmoid(γ)·max(W), lo = sigmoid(β)·min(W)
    (`methods.core.ldp`); γ, β start from BitDistiller's clip search on calibration activations (`clip_init:
    search`, on the rotated model, on the θ = 0 grid) or at a fixed ratio (`clip_init: ratio`, `clip_ratio`,
@@ -48,15 +51,17 @@ from methods.core.attention import attention_states
 from methods.core.bits import BitSpec
 from methods.core.clip_search import ClipSearchSettings, clip_model_weights
 from methods.core.ldp import LDPQuantizer, clip_ratios, level_histogram, logit_of, uniform_grid_fake_quant
+from methods.core.learned_rotation import RotationLearning, fuse, learn_rotations
 from methods.core.losses import KL_KINDS, LossSettings, cross_entropy, distillation, teacher_confidence
 from methods.core.qat import TrainableQLinear, convert, prepare
 from methods.core.qlinear import QLinear
+from methods.core.quantizers import WeightQuantizer
 from methods.core.rotation import RotatedQuantizer, quarot_rotate, rotation_refusal
 from methods.core.selfdistill import GenerationSettings, cached_generations, pack, select_prompts
 from methods.core.trainer import LoopConfig, ParamGroup, batch_at, train
 
 RCP_BITS = (2, 3, 4)
-ROTATIONS = ("hadamard", "random", "none")
+ROTATIONS = ("hadamard", "random", "spinquant", "none")
 PARTITIONS = ("learned", "uniform")
 CLIP_INITS = ("search", "ratio")
 LOSSES = (*KL_KINDS, "ce")
@@ -66,6 +71,7 @@ LATENT_WEIGHTS = r"layers\..*_proj\.weight$"  # the decoder linears' latent weig
 @dataclass(frozen=True)
 class RCPConfig:
     rotation: str = "hadamard"
+    rotation_learning: RotationLearning = field(default_factory=RotationLearning)  # rotation=spinquant only
     partition: str = "learned"
     learn_clip: bool = True
     clip_init: str = "search"
@@ -179,14 +185,40 @@ def _train(model: nn.Module, teacher, cfg: RCPConfig, ctx: QuantContext, metrics
         checkpoint.unlink(missing_ok=True)
 
 
+def _rotate(model: nn.Module, cfg: RCPConfig, bits: BitSpec, ctx: QuantContext, metrics: dict) -> dict[str, str]:
+    """Step 1; returns the rotation's notes. `spinquant` learns R1/R2 first (module docstring) and logs its steps
+    and metrics under `rotation_`, apart from the QAT's."""
+    if cfg.rotation == "none":
+        return {"rotation": "none"}
+    if cfg.rotation != "spinquant":
+        return quarot_rotate(model, cfg.rotation, ctx.seed)
+    weight_only = bits.quantizes_weights and bits.a >= 16 and bits.kv >= 16
+    in_loop = WeightQuantizer(int(bits.w), None, sym=False) if weight_only else None
+    checkpoint = Path(ctx.checkpoint_dir) / "rcp-rotations.pt" if ctx.checkpoint_dir else None
+    log_step = None
+    if ctx.log_step is not None:
+        log_step = lambda step, values: ctx.log_step(step, {f"rotation_{k}": v for k, v in values.items()})  # noqa: E731
+    settings = cfg.rotation_learning
+    rotations, learned = learn_rotations(
+        model, settings, (ctx.act, ctx.kv), ctx.training, ctx.seed, in_loop, checkpoint, log_step
+    )
+    metrics.update({k if k.startswith("rotation_") else f"rotation_{k}": v for k, v in learned.items()})
+    notes = fuse(model, rotations, settings.online, settings.o_proj_heads)
+    return {
+        "r1": "learned (SpinQuant's Cayley SGD from QuaRot's)",
+        "loop_weights": "rtn" if in_loop else "none",
+        **notes,
+    }
+
+
 def quantize(model: nn.Module, cfg: RCPConfig, bits: BitSpec, ctx: QuantContext) -> QuantSummary:
     _check(cfg)
     metrics: dict[str, float] = {}
     trains = bits.quantizes_weights and cfg.loop.steps != 0
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if trains and cfg.loss != "ce" else None
-    notes = {"rotation": "none"} if cfg.rotation == "none" else quarot_rotate(model, cfg.rotation, ctx.seed)
+    notes = _rotate(model, cfg, bits, ctx, metrics)
     if not bits.quantizes_weights:
-        return QuantSummary(notes=notes)
+        return QuantSummary(notes=notes, metrics=metrics)
     w_bits = int(bits.w)
     ratios = _starting_clips(model, cfg, w_bits, ctx, metrics)
     learn_partition = cfg.partition == "learned"

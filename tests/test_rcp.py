@@ -19,6 +19,7 @@ from methods.core.arch import ARCHS, arch_of, decoder_linears
 from methods.core.attention import attention_states
 from methods.core.formats import LUTWeight
 from methods.core.ldp import LDPQuantizer, ldp_levels, nearest_level
+from methods.core.learned_rotation import RotationLearning
 from methods.core.rotation import quarot_rotate
 from methods.core.trainer import LoopConfig
 from methods.kv import rtn as kv_rtn
@@ -144,6 +145,36 @@ def test_training_with_4bit_activations_and_kv_learns_the_partition_and_the_clip
     gaps = torch.cat([t.diff(dim=1) for t in tables])
     assert (gaps >= 0).all() and not torch.allclose(gaps, gaps[:, :1].expand_as(gaps), rtol=1e-2)  # non-uniform
     assert not (tmp_path / "ckpt" / "rcp.pt").exists()
+
+
+def _logits_after(cfg: rcp.RCPConfig, bits: str, tmp_path) -> tuple[torch.Tensor, object]:
+    model, _ = tiny_llama(seed=0)
+    summary = apply(model, METHODS["rcp"], cfg, BitSpec.parse(bits), _ctx(tmp_path, bits))
+    with torch.no_grad():
+        return model(torch.arange(96).reshape(2, 48) % 250).logits, summary
+
+
+def test_spinquant_rotation_at_zero_steps_is_the_hadamard_rotation(tmp_path):
+    """SpinQuant's rotations start from QuaRot's (same seed), so with no rotation steps the two options give the
+    same model, here through clip, 2-bit LDP and 4-bit activations/KV."""
+    base = {"loss": "ce", "clip_init": "ratio", "loop": {"steps": 0}}
+    hadamard, _ = _logits_after(_cfg(**base), "w2a4kv4", tmp_path / "h")
+    zero = RotationLearning(loop=LoopConfig(steps=0))
+    spin, summary = _logits_after(_cfg(rotation="spinquant", rotation_learning=zero, **base), "w2a4kv4", tmp_path)
+    assert torch.allclose(spin, hadamard, atol=1e-4, rtol=1e-4)
+    assert summary.notes["loop_weights"] == "none"  # activations and KV quantized: 16-bit weights while R learns
+
+
+def test_spinquant_rotation_learns_then_the_quantizer_trains(tmp_path):
+    learning = RotationLearning(loop=LoopConfig(steps=2, batch_size=1, lr=1.5, max_grad_norm=1.0))
+    cfg = _cfg(rotation="spinquant", rotation_learning=learning, loss="ce", clip_init="ratio", loop={"steps": 1})
+    hadamard, _ = _logits_after(_cfg(loss="ce", clip_init="ratio", loop={"steps": 1}), "w2a4kv4", tmp_path / "h")
+    logits, summary = _logits_after(cfg, "w2a4kv4", tmp_path)
+    metrics = summary.metrics
+    assert metrics["rotation_train_steps"] == 2 and metrics["train_steps"] == 1  # rotation steps apart from QAT's
+    assert metrics["rotation_orthogonality_error"] < 1e-4 and torch.isfinite(logits).all()
+    assert not torch.allclose(logits, hadamard, atol=1e-3)  # the learned rotation moved the model
+    assert not (tmp_path / "ckpt" / "rcp-rotations.pt").exists()
 
 
 def test_ablation_switches_freeze_what_they_name(tmp_path, monkeypatch):

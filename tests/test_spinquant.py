@@ -126,7 +126,7 @@ def test_plugins_that_need_calibration_are_refused_before_loading():
 
 def _random_rotations(model, seed: int):
     """R1 and non-symmetric R2s (Haar), so a transposed R2 anywhere shows."""
-    from methods.spinquant import Rotations
+    from methods.core.learned_rotation import Rotations
 
     gen = torch.Generator().manual_seed(seed)
     config = model.config
@@ -143,23 +143,23 @@ def test_each_linear_frame_gives_the_weight_the_fused_model_holds(tiny, variant)
     """Frame.rotated_weight(W) = Bᵀ·W·A must be what rotate_model (+ the online transforms) store: the weights R
     learns against in the loop are the weights that are then quantized."""
     from methods.core.arch import decoder_linears
+    from methods.core.learned_rotation import linear_frames
     from methods.core.rotation import fold_norms, install_online_transforms, rotate_model
-    from methods.spinquant import SpinQuantConfig, linear_frames
 
     tiny, _ = tiny
     fold_norms(tiny)
     rotations = _random_rotations(tiny, 4)
-    cfg = SpinQuantConfig(variant=variant)
+    online, o_proj_heads = variant == "had", True
     names = {id(module): name for name, _, _, module in decoder_linears(tiny)}
     with torch.no_grad():
-        frames = linear_frames(tiny, rotations, cfg)
+        frames = linear_frames(tiny, rotations, online, o_proj_heads)
         expected = {names[id(lin)]: frame.rotated_weight(lin.weight) for lin, frame in frames}
-        for lin, frame in linear_frames(tiny, rotations, cfg):
+        for lin, frame in linear_frames(tiny, rotations, online, o_proj_heads):
             assert torch.allclose(frame.unrotated_weight(frame.rotated_weight(lin.weight)), lin.weight, atol=1e-5)
     assert len(expected) == 7 * tiny.config.num_hidden_layers
     rotate_model(tiny, rotations.r1.detach().double(), [r.detach().double() for r in rotations.r2])
-    if variant == "had":
-        install_online_transforms(tiny, cross_heads=cfg.o_proj_heads)
+    if online:
+        install_online_transforms(tiny, cross_heads=o_proj_heads)
     for name, _, _, module in decoder_linears(tiny):
         assert torch.allclose(module.weight, expected[name], atol=1e-5), name
 
@@ -170,9 +170,10 @@ def test_weight_only_learning_puts_rtn_weights_in_the_loop(tiny):
     RTN-quantized model's; unwrapping restores the weights bit for bit."""
     from methods.core.arch import decoder_linears
     from methods.core.bits import BitSpec
+    from methods.core.learned_rotation import unwrap_weights, wrap_weights
     from methods.core.quantizers import WeightQuantizer
     from methods.core.rotation import fold_norms, rotate_model
-    from methods.spinquant import SpinQuantConfig, loop_weights, unwrap_weights, wrap_weights
+    from methods.spinquant import SpinQuantConfig, loop_quantizer, loop_weights
 
     cfg = SpinQuantConfig(variant="no_had")
     bits = BitSpec.parse("w4g32a16kv16")
@@ -185,7 +186,7 @@ def test_weight_only_learning_puts_rtn_weights_in_the_loop(tiny):
     original = {name: module.weight.detach().clone() for name, _, _, module in decoder_linears(tiny)}
     rotations = _random_rotations(tiny, 5).double()
     ids = torch.arange(96).reshape(2, 48) % tiny.config.vocab_size
-    wrap_weights(tiny, rotations, cfg, bits)
+    wrap_weights(tiny, rotations, False, cfg.o_proj_heads, loop_quantizer(cfg, bits))
     logits = tiny(ids).logits
     torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
     assert rotations.r1.grad.abs().max() > 0 and all(r.grad.abs().max() > 0 for r in rotations.r2)
