@@ -13,7 +13,8 @@ is compared with. The design below is issue 42's; every open choice is a config 
    learned R1/R2 (`methods.core.learned_rotation`: from QuaRot's start, Cayley SGD on next-token cross-entropy
    with the run's act/KV quantizers in the loop and 16-bit weights, or RTN weights at the run's bits on the
    asymmetric per-channel grid when neither activations nor the KV cache are quantized — SpinQuant's rule;
-   `rotation_learning.*`, SpinQuant's defaults: 100 steps, batch 1, lr 1.5, cosine), fused, then the same
+   `rotation_steps`, `rotation_batch_size`, `rotation_lr`: SpinQuant's trainer defaults 100, 1, 1.5, with its
+   cosine decay and gradient-norm clip 1.0), fused, then the same
    online R3/R4 and head mixing; the clip, partition and QAT then start from the learned rotation.
 2. **Clip**: per output channel, OmniQuant's LWC form hi = sigmoid(γ)·max(W), lo = sigmoid(β)·min(W)
    (`methods.core.ldp`); γ, β start from BitDistiller's clip search on calibration activations (`clip_init:
@@ -53,6 +54,7 @@ from methods.core.clip_search import ClipSearchSettings, clip_model_weights
 from methods.core.ldp import LDPQuantizer, clip_ratios, level_histogram, logit_of, uniform_grid_fake_quant
 from methods.core.learned_rotation import RotationLearning, fuse, learn_rotations
 from methods.core.losses import KL_KINDS, LossSettings, cross_entropy, distillation, teacher_confidence
+from methods.core.params import added_later
 from methods.core.qat import TrainableQLinear, convert, prepare
 from methods.core.qlinear import QLinear
 from methods.core.quantizers import WeightQuantizer
@@ -71,7 +73,10 @@ LATENT_WEIGHTS = r"layers\..*_proj\.weight$"  # the decoder linears' latent weig
 @dataclass(frozen=True)
 class RCPConfig:
     rotation: str = "hadamard"
-    rotation_learning: RotationLearning = field(default_factory=RotationLearning)  # rotation=spinquant only
+    # rotation=spinquant only (SpinQuant's trainer defaults; added after the first RCP runs, whose keys they keep)
+    rotation_steps: int = added_later(100, 100)
+    rotation_batch_size: int = added_later(1, 1)
+    rotation_lr: float = added_later(1.5, 1.5)
     partition: str = "learned"
     learn_clip: bool = True
     clip_init: str = "search"
@@ -198,7 +203,10 @@ def _rotate(model: nn.Module, cfg: RCPConfig, bits: BitSpec, ctx: QuantContext, 
     log_step = None
     if ctx.log_step is not None:
         log_step = lambda step, values: ctx.log_step(step, {f"rotation_{k}": v for k, v in values.items()})  # noqa: E731
-    settings = cfg.rotation_learning
+    loop = LoopConfig(
+        steps=cfg.rotation_steps, batch_size=cfg.rotation_batch_size, lr=cfg.rotation_lr, max_grad_norm=1.0
+    )
+    settings = RotationLearning(loop=loop)  # QuaRot's online R3/R4 and head mixing, as rotation=hadamard has
     rotations, learned = learn_rotations(
         model, settings, (ctx.act, ctx.kv), ctx.training, ctx.seed, in_loop, checkpoint, log_step
     )

@@ -19,7 +19,6 @@ from methods.core.arch import ARCHS, arch_of, decoder_linears
 from methods.core.attention import attention_states
 from methods.core.formats import LUTWeight
 from methods.core.ldp import LDPQuantizer, ldp_levels, nearest_level
-from methods.core.learned_rotation import RotationLearning
 from methods.core.rotation import quarot_rotate
 from methods.core.trainer import LoopConfig
 from methods.kv import rtn as kv_rtn
@@ -159,15 +158,13 @@ def test_spinquant_rotation_at_zero_steps_is_the_hadamard_rotation(tmp_path):
     same model, here through clip, 2-bit LDP and 4-bit activations/KV."""
     base = {"loss": "ce", "clip_init": "ratio", "loop": {"steps": 0}}
     hadamard, _ = _logits_after(_cfg(**base), "w2a4kv4", tmp_path / "h")
-    zero = RotationLearning(loop=LoopConfig(steps=0))
-    spin, summary = _logits_after(_cfg(rotation="spinquant", rotation_learning=zero, **base), "w2a4kv4", tmp_path)
+    spin, summary = _logits_after(_cfg(rotation="spinquant", rotation_steps=0, **base), "w2a4kv4", tmp_path)
     assert torch.allclose(spin, hadamard, atol=1e-4, rtol=1e-4)
     assert summary.notes["loop_weights"] == "none"  # activations and KV quantized: 16-bit weights while R learns
 
 
 def test_spinquant_rotation_learns_then_the_quantizer_trains(tmp_path):
-    learning = RotationLearning(loop=LoopConfig(steps=2, batch_size=1, lr=1.5, max_grad_norm=1.0))
-    cfg = _cfg(rotation="spinquant", rotation_learning=learning, loss="ce", clip_init="ratio", loop={"steps": 1})
+    cfg = _cfg(rotation="spinquant", rotation_steps=2, loss="ce", clip_init="ratio", loop={"steps": 1})
     hadamard, _ = _logits_after(_cfg(loss="ce", clip_init="ratio", loop={"steps": 1}), "w2a4kv4", tmp_path / "h")
     logits, summary = _logits_after(cfg, "w2a4kv4", tmp_path)
     metrics = summary.metrics
