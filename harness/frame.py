@@ -7,6 +7,7 @@ import json
 import pandas as pd
 
 from harness.labels import row_label
+from harness.recipes import is_recipe
 
 # Calibration is a property of a row (what the method read), not of the evaluation: sections group runs by
 # the evaluation protocol only, and the `calib` column says what each method used.
@@ -80,6 +81,8 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
                 "tokens": metrics.get("ppl_tokens_total"),
                 "windows": metrics.get("ppl_windows"),
                 "window_nll": rec.get("window_nll"),
+                "recipe": is_recipe(rec),
+                "plugins": json.dumps({g: rec.get(g) for g in ("act", "kv")}, sort_keys=True),
                 "metrics": metrics,
                 "end_time": rec["end_time"] or 0,
                 "protocol": json.dumps(

@@ -8,22 +8,33 @@ from harness.spec import BitSpec
 
 def method_label(method: str, params: dict[str, str]) -> str:
     """The method name plus every parameter that differs from its registered default (e.g. quarot weights=rtn)."""
+    changed = changed_params(method, params)
+    return f"{method} ({', '.join(changed)})" if changed else method
+
+
+def changed_params(method: str, params: dict[str, str], reference: dict[str, str] | None = None) -> list[str]:
+    """`name=value` for every logged parameter that differs from `reference` (flattened names, values as text;
+    default: the method's registered defaults). A parameter the run lacks because it was added later counts at
+    its legacy value; one with no effect in this run (`only_if` off) is skipped."""
     from methods import METHODS
     from methods.core.params import inert, key_neutral
 
     entry = METHODS.get(method)
     if entry is None:
-        return method
+        return []
     # A record that logged its parameters but lacks a later-added one ran with its legacy value (methods.core.params).
     if params:
         params = {**{k: "null" if v is None else str(v) for k, v in key_neutral(entry.config_cls).items()}, **params}
     skip = inert(entry.config_cls, params)
-    changed = [
+    if reference is None:
+        reference = {
+            name: "null" if default is None else str(default) for name, default in _flat_defaults(entry.config_cls())
+        }
+    return [
         f"{name}={params[name]}"
-        for name, default in _flat_defaults(entry.config_cls())
-        if name in params and name not in skip and params[name] != ("null" if default is None else str(default))
+        for name, expected in reference.items()
+        if name in params and name not in skip and params[name] != expected
     ]
-    return f"{method} ({', '.join(changed)})" if changed else method
 
 
 def _flat_defaults(config, prefix: str = ""):

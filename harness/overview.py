@@ -7,6 +7,7 @@ import re
 
 import pandas as pd
 
+from harness.recipes import family_budgets
 from harness.spec import BitSpec
 from harness.stats import SIGNIFICANCE, mean_ci, paired_p_value, welch_p_value
 
@@ -23,70 +24,144 @@ def fmt(value, digits: int = 2) -> str:
 
 
 def _finished_cells(group: pd.DataFrame) -> pd.DataFrame:
-    """A section's FINISHED runs with a PPL, each with its overview `column`: the method label, plus the
-    calibration (windows × tokens) where the method ran at two budgets for one setting."""
+    """A section's FINISHED runs with a PPL, each with its `column` (the method with its act/KV plug-ins, no
+    options: "gptq + kv=kvquant"), its `variant` (the row label plus the budget: what "best of N" counts) and
+    `config` (the variant plus the plug-ins' settings the label leaves out: runs sharing it are seeds)."""
     done = group[(group.status == "FINISHED") & group.ppl.notna()].copy()
     if done.empty:
         return done
-    budgets = done.groupby(["method", "bits"]).calib.nunique()
-    two_budgets = set(budgets[budgets > 1].index.get_level_values(0))
-    done["column"] = [f"{m} [{c}]" if m in two_budgets else m for m, c in zip(done.method, done.calib, strict=True)]
+    done["column"] = [method_of(label) for label in done.method]
+    done["variant"] = [f"{label} [{budget}]" for label, budget in zip(done.method, done.p_budget, strict=True)]
+    done["config"] = done.variant + " " + done.plugins
     return done
 
 
+def recipe_cells(done: pd.DataFrame) -> pd.DataFrame:
+    """Per (bits, column), the recipe runs (harness/recipes.py) of its latest recipe configuration — seeds of one
+    recipe are one cell; where defaults changed between recipe runs, the newest configuration stands."""
+    recipes = done[done.recipe]
+    if recipes.empty:
+        return recipes
+    latest = recipes.groupby(["bits", "column", "config"]).end_time.max().reset_index()
+    keep = latest.loc[latest.groupby(["bits", "column"]).end_time.idxmax(), ["bits", "column", "config"]]
+    return recipes.merge(keep, on=["bits", "column", "config"])
+
+
 def ppl_overview(group: pd.DataFrame) -> list[str]:
-    """One protocol section at a glance: bit settings × methods (a method with its act/KV plug-ins is one column),
-    WikiText-2 PPL of FINISHED runs, the lowest per setting in bold. A cell shows the method's best variant at that
-    setting (lowest mean PPL over its options and calibration budgets); a superscript names it when it is not the
-    plain method, and the setting's own table lists every run. Runs of one variant at several seeds are one value,
-    mean ± 95% CI; a cell marked ≈ is not significantly different from the setting's best (paired t-test over
-    the evaluation windows' NLL, p ≥ 0.05)."""
+    """One protocol section at a glance, recipes only (issue 49): bit settings × methods (a method with its
+    act/KV plug-ins is one column), each cell the WikiText-2 PPL of the method's recipe (its default configuration
+    at its family's budget, `conf/recipes.yaml`), the lowest per setting in bold. Seeds of the recipe are one
+    value, mean ± 95% CI; ≈ marks a cell not significantly different from the setting's best (paired t-test over
+    the evaluation windows' NLL, p ≥ 0.05). Where only variants ran, the cell says so and points to "Best over all
+    configurations" instead of borrowing a variant's number."""
     done = _finished_cells(group)
     if done.empty:
         return []
-    methods = sorted({_method_of(column) for column in done.column})
-    lines = [
-        "### Perplexity at a glance",
-        "",
-        "| bits | " + " | ".join(methods) + " |",
-        "|---|" + "---:|" * len(methods),
-    ]
-    seeds_shown = ties_shown = False
-    variants: dict[str, int] = {}  # variant label -> its footnote number, in order of first appearance
+    methods = sorted(done.column.unique())
+    recipes = recipe_cells(done)
+    lines = ["### Perplexity at a glance: recipes", "", *_header(methods)]
+    seeds_shown = ties_shown = missing_shown = False
     for bits in sorted(done.bits.unique(), key=bits_order):
-        cells = {column: _overview_cell(runs) for column, runs in done[done.bits == bits].groupby("column")}
-        shown: dict[str, str] = {}  # method -> its best variant's column
-        for column in sorted(cells, key=lambda column: (cells[column][0], column)):
-            shown.setdefault(_method_of(column), column)
-        best = min(shown.values(), key=lambda column: (cells[column][0], column)) if len(shown) > 1 else None
-        texts = []
+        cells = {column: _overview_cell(runs) for column, runs in recipes[recipes.bits == bits].groupby("column")}
+        texts, ties = _ranked_texts(cells)
+        ties_shown |= ties
+        row = []
         for method in methods:
-            if method not in shown:
-                texts.append("–")
+            if method in texts:
+                seeds_shown |= "±" in texts[method]
+                row.append(texts[method])
                 continue
-            column = shown[method]
-            mean, text, nll = cells[column]
-            seeds_shown |= "±" in text
-            tie = False
-            if best is not None and fmt(mean) == fmt(cells[best][0]):
-                text = f"**{text}**"  # ties at the shown precision are all bold
-            elif best is not None and paired_p_value(nll, cells[best][2]) >= SIGNIFICANCE:
-                tie = ties_shown = True
-            if column != method:
-                text += _superscript(variants.setdefault(column, len(variants) + 1))
-            texts.append(text + (" ≈" if tie else ""))
-        lines.append(f"| `{bits}` | " + " | ".join(texts) + " |")
+            variants = done[(done.bits == bits) & (done.column == method)]
+            if variants.empty:
+                row.append("–")
+                continue
+            best = min(_overview_cell(runs)[0] for _, runs in variants.groupby("config"))
+            row.append(f"recipe not run (best variant {fmt(best)})")
+            missing_shown = True
+        lines.append(f"| `{bits}` | " + " | ".join(row) + " |")
+    budgets = ", ".join(f"{family} `{budget}`" for family, budget in family_budgets().items())
+    notes = [
+        f"Each cell is the method's recipe: its registered default configuration at its family's budget ({budgets}; "
+        "a run that read no data counts at any budget), bits and seed free; every other configuration is in "
+        '"Best over all configurations" below'
+    ]
+    if missing_shown:
+        notes.append('"recipe not run": only variants ran at that setting (table 2 names them)')
+    notes += _notes(seeds_shown, ties_shown)
+    return lines + ["", f"*{'; '.join(notes)}.*", ""]
+
+
+def best_overview(group: pd.DataFrame) -> list[str]:
+    """Table 2 (issue 49): per setting and method, the lowest mean PPL over every configuration that ran (options,
+    budgets, plug-in settings; seeds of one configuration are one value), with the number of configurations it was
+    chosen from, so selection is never hidden. A superscript names the configuration."""
+    done = _finished_cells(group)
+    if done.empty:
+        return []
+    methods = sorted(done.column.unique())
+    lines = ["### Best over all configurations", "", *_header(methods)]
+    seeds_shown = ties_shown = False
+    named: dict[str, int] = {}  # configuration name -> its footnote number, in order of first appearance
+    for bits in sorted(done.bits.unique(), key=bits_order):
+        at_bits = done[done.bits == bits]
+        cells, chosen, counts = {}, {}, {}
+        for method, runs in at_bits.groupby("column"):
+            configs = {config: _overview_cell(seeds) for config, seeds in runs.groupby("config")}
+            best = min(configs, key=lambda config: (configs[config][0], config))
+            cells[method], counts[method] = configs[best], len(configs)
+            best_runs = runs[runs.config == best]
+            chosen[method] = None if best_runs.recipe.all() else best_runs.variant.iloc[0]
+        texts, ties = _ranked_texts(cells)
+        ties_shown |= ties
+        row = []
+        for method in methods:
+            if method not in texts:
+                row.append("–")
+                continue
+            seeds_shown |= "±" in texts[method]
+            text = texts[method].replace(" ≈", "")
+            if chosen[method] is not None:  # a variant, named in the note; an unmarked cell is the recipe
+                text += _superscript(named.setdefault(chosen[method], len(named) + 1))
+            text += f" (best of {counts[method]})" if counts[method] > 1 else ""
+            row.append(text + (" ≈" if texts[method].endswith(" ≈") else ""))
+        lines.append(f"| `{bits}` | " + " | ".join(row) + " |")
+    legend = "".join(f"; {_superscript(number)} {name}" for name, number in named.items())
+    notes = [
+        "Each cell is the method's best configuration at that setting, chosen after the fact from the number of "
+        "configurations in brackets; unmarked = the recipe, a superscript names a variant (configuration "
+        f"[budget]){legend}",
+        *_notes(seeds_shown, ties_shown),
+    ]
+    return lines + ["", f"*{'; '.join(notes)}.*", ""]
+
+
+def _header(methods: list[str]) -> list[str]:
+    return ["| bits | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+
+
+def _ranked_texts(cells: dict[str, tuple[float, str, list[float]]]) -> tuple[dict[str, str], bool]:
+    """Each column's cell text, the lowest in bold (ties at the shown precision all bold), ≈ where a paired test
+    over windows finds no significant gap to the lowest; and whether any ≈ was written."""
+    best = min(cells, key=lambda column: (cells[column][0], column)) if len(cells) > 1 else None
+    texts, ties = {}, False
+    for column, (mean, text, nll) in cells.items():
+        if best is not None and fmt(mean) == fmt(cells[best][0]):
+            text = f"**{text}**"
+        elif best is not None and paired_p_value(nll, cells[best][2]) >= SIGNIFICANCE:
+            text, ties = text + " ≈", True
+        texts[column] = text
+    return texts, ties
+
+
+def _notes(seeds_shown: bool, ties_shown: bool) -> list[str]:
     notes = []
-    if variants:
-        named = "; ".join(f"{_superscript(number)} {column}" for column, number in variants.items())
-        notes.append(f"Each cell is the method's best variant at that setting: {named}")
     if seeds_shown:
         notes.append("± = 95% confidence interval of the mean over seeds (Student's t), number of seeds in brackets")
     if ties_shown:
         notes.append(
             f"≈ = not significantly different from the row's best (paired t-test over windows, p ≥ {SIGNIFICANCE})"
         )
-    return lines + [""] + ([f"*{'; '.join(notes)}.*", ""] if notes else [])
+    return notes
 
 
 def _superscript(number: int) -> str:
@@ -108,12 +183,14 @@ def _overview_cell(runs: pd.DataFrame) -> tuple[float, str, list[float]]:
 
 
 def seed_spread(group: pd.DataFrame) -> list[str]:
-    """Each cell of the overview that holds several seeds, set against the nearest other method: the spread of its
-    PPL over seeds (max − min) and the gap between its mean and the closest mean PPL of another method's column at
-    the same bit setting (variants of the same method — options, calibration budgets — are not other methods). A
-    gap smaller than the spread means the order of those two methods is within seed noise. Where the nearest other
-    method has several seeds too, Welch's t-test between the two seed sets gives the p-value of that gap."""
+    """Each recipe cell of the overview that holds several seeds, set against the nearest other method: the spread
+    of its PPL over seeds (max − min) and the gap between its mean and the closest mean PPL of another method's
+    recipe at the same bit setting (variants are not compared: issue 49). A gap smaller than the spread means the
+    order of those two methods is within seed noise. Where the nearest other method has several seeds too, Welch's
+    t-test between the two seed sets gives the p-value of that gap."""
     done = _finished_cells(group)
+    if not done.empty:
+        done = recipe_cells(done)
     if done.empty or done.groupby(["bits", "column"]).p_seed.nunique().max() < 2:
         return []
     lines = [
@@ -130,7 +207,7 @@ def seed_spread(group: pd.DataFrame) -> list[str]:
                 continue
             low, high = float(runs.ppl.min()), float(runs.ppl.max())
             spread = high - low
-            others = {other: mean for other, mean in means.items() if _method_of(other) != _method_of(column)}
+            others = {other: mean for other, mean in means.items() if method_of(other) != method_of(column)}
             if others:
                 nearest = min(others, key=lambda other: (abs(others[other] - means[column]), other))
                 gap = abs(others[nearest] - means[column])
@@ -152,7 +229,7 @@ def seed_spread(group: pd.DataFrame) -> list[str]:
     return lines + ["", note, ""]
 
 
-def _method_of(column: str) -> str:
+def method_of(column: str) -> str:
     """The method (with its act/KV plug-ins) of an overview column, without options or calibration budget:
     "bcq (n_codebooks=1) + act=bcq (n_codebooks=1) [16 × 2048]" -> "bcq + act=bcq"."""
     return re.sub(r" \([^)]*\)", "", column).split(" [")[0]

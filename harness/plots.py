@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.frame import records_frame, whole_split
+from harness.overview import method_of
 from methods.core.atomic import atomic_write
 from methods.core.bits import BitSpec
 
@@ -41,11 +42,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def pareto_frame(records: list[dict]):
-    """Whole-split finished runs with their panel, PPL relative to the model's FP run and KV bits per element;
+    """Whole-split finished recipe runs (harness/recipes.py; variants are in the leaderboard's "Best over all
+    configurations") with their panel, PPL relative to the model's FP run and KV bits per element;
     None when no model has an FP run on the whole split."""
     frame = records_frame(records)
     frame = frame[(frame.status == "FINISHED") & frame.ppl.notna() & frame.bpw.notna()]
-    frame = frame.loc[frame.p_ppl_max_windows.map(whole_split).astype(bool)].copy()
+    frame = frame.loc[frame.p_ppl_max_windows.map(whole_split).astype(bool) & frame.recipe].copy()
+    frame["method"] = frame.method.map(method_of)  # its column: method + plug-ins
     fp = (
         frame[frame.bits == "w16a16kv16"].groupby(["model", "protocol"]).agg(fp_ppl=("ppl", "min"), fp_kv=("kv", "max"))
     )
@@ -94,7 +97,8 @@ def plot_pareto(records: list[dict], path: Path) -> None:
             else:
                 _draw_panel(ax, group, xcol, colours)
             ax.set_title(
-                f"{model}: {title}\nFP PPL {group.fp_ppl.iloc[0]:.2f} (whole WikiText-2 test split)", fontsize=10
+                f"{model}: {title}\nFP PPL {group.fp_ppl.iloc[0]:.2f} (whole WikiText-2 test split); recipes only",
+                fontsize=10,
             )
             ax.set_xlabel(xlabel, fontsize=9)
             ax.set_ylabel("PPL / FP PPL (log)", fontsize=9)
@@ -176,7 +180,7 @@ def _draw_settings_panel(ax, group, colours) -> None:
         ticks.append(f"{bits}\n{span} b/w")
     ax.set_xticks(range(len(settings)), ticks, fontsize=8)
     ax.set_xlim(-0.5, len(settings) - 0.5)
-    _finish_axes(ax)
+    _finish_axes(ax, legend_y=-0.2)  # below the two-line tick labels and the axis label
     ax.grid(False, which="both", axis="x")  # the slot separators stand in for vertical grid lines
 
 
@@ -190,7 +194,7 @@ def _legend_entry(ax, method: str, colour, down) -> None:
     ax.scatter([], [], color=colour, label=textwrap.fill(label, 80))
 
 
-def _finish_axes(ax) -> None:
+def _finish_axes(ax, legend_y: float = -0.14) -> None:
     """The FP line at 1, log y up to the grey collapsed band, grid and the legend below the panel."""
     ax.axhline(1.0, color="black", linewidth=1, linestyle=":")
     ax.set_yscale("log")
@@ -199,7 +203,7 @@ def _finish_axes(ax) -> None:
     ax.text(0.01, 0.985, f"collapsed: > {CEILING:g}x FP (PPL in the legend)", transform=ax.transAxes, fontsize=7,
             va="top", color="0.35")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, frameon=False, ncol=1)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, legend_y), fontsize=7, frameon=False, ncol=1)
 
 
 def _short_bits(bits: str) -> str:

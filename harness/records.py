@@ -74,6 +74,10 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
                 # moves ~3% in PPL between the two (DEVELOPERS.md); runs logged before the setting ran on MKL
                 **({"cpu_gemm": params["cpu_gemm"]} if "cpu_gemm" in params else {}),
                 **{name: _plugin_params(params, name) for name in ("act", "kv") if f"{name}.name" in params},
+                # the training data of a method that trains (runs logged before it was exported lack it)
+                **({"train": _plugin_params(params, "train")} if _trains(tags.get("method")) else {}),
+                # the runner's tag: the run was its method's recipe when it ran (harness/recipes.py)
+                **({"recipe": tags["recipe"]} if "recipe" in tags else {}),
                 "metrics": dict(sorted((k, v) for k, v in run.data.metrics.items() if k != WINDOW_NLL)),
                 **(
                     {"window_nll": _series(client, run.info.run_id, WINDOW_NLL)}
@@ -83,6 +87,12 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
             }
         )
     return select_latest(records)
+
+
+def _trains(method: str | None) -> bool:
+    from methods import METHODS
+
+    return method in METHODS and METHODS[method].trains
 
 
 def _versions(tags: dict) -> dict:

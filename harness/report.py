@@ -19,11 +19,11 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from harness.frame import UNRECORDED, records_frame, whole_split
+from harness.overview import best_overview, ppl_overview, seed_spread
 from harness.overview import bits_order as _bits_order
 from harness.overview import fmt as _fmt
-from harness.overview import ppl_overview, seed_spread
 from harness.records import export_records, merge_records, read_records, write_records
-from harness.reproduction import load_claims, render_reproduction
+from harness.reproduction import ambiguous_claims, load_claims, render_reproduction
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 from methods.core.atomic import atomic_write
 
@@ -220,6 +220,7 @@ def render_leaderboard(records: list[dict]) -> str:
     for (_, _), group in sorted(frame.groupby(["model", "protocol"], sort=True), key=_section_order):
         lines += _section_header(group)
         lines += ppl_overview(group)
+        lines += best_overview(group)
         lines += seed_spread(group)
         fp = group[(group.bits == FP_BITS) & (group.status == "FINISHED")].sort_values("method")
         fp_ppl = float(fp.ppl.iloc[0]) if len(fp) else None
@@ -282,6 +283,15 @@ def main(argv: list[str]) -> int:
             )
             return 2
         records = read_records(records_path)
+        ambiguous = ambiguous_claims(records, load_claims(CLAIMS_DIR))
+        if ambiguous:
+            print("\n".join(ambiguous), file=sys.stderr)
+            print(
+                f"error: {len(ambiguous)} claim(s) in {CLAIMS_DIR} match several configurations without saying which: "
+                "pin each side (params, or recipe: true) or say best_of: true",
+                file=sys.stderr,
+            )
+            return 1
         for path, expected in (
             (board_path, render_leaderboard(records)),
             (out / "reproduction.md", render_reproduction(records, load_claims(CLAIMS_DIR))),

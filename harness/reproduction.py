@@ -19,13 +19,16 @@ claims:
     within: 0.05
 ```
 
-A run matches a selector when its method, bits and every given method, protocol (e.g. `budget`) or plug-in
-parameter equal the selector's (as logged, compared as text). Matching runs that differ only in their seed are one
-configuration; the configuration with the lowest mean PPL counts (the method at its best, without picking its
-luckiest seed). When both sides of a claim have two or more seeds, the numbers say whether the gap exceeds the seed
-spread (Welch's t-test over the seeds' PPL, p < 0.05). Only whole-split FINISHED runs count. Everything is rendered
-from `reports/runs.jsonl` alone, and `report --check` compares it, so a change that breaks a reproduced claim shows
-in the diff of the generated file.
+A run matches a selector when its method, bits and every given method, protocol (e.g. `budget`) or plug-in parameter
+equal the selector's (as logged, compared as text); `recipe: true` keeps only the method's recipe runs
+(harness/recipes.py). Matching runs that differ only in their seed are one configuration (a run that read no data is
+one configuration at any budget). A side must name one configuration — by its parameters or `recipe: true` — or say
+`best_of: true`, and then the lowest mean PPL counts (the method at its best, without picking its luckiest seed) and
+the table says from how many configurations it was chosen; a side that matches several configurations without saying
+so is "ambiguous", which fails `report --check` (issue 49). When both sides of a claim have two or more seeds, the
+numbers say whether the gap exceeds the seed spread (Welch's t-test over the seeds' PPL, p < 0.05). Only whole-split
+FINISHED runs count. Everything is rendered from `reports/runs.jsonl` alone, and `report --check` compares it, so a
+change that breaks a reproduced claim shows in the diff of the generated file.
 """
 
 from __future__ import annotations
@@ -35,9 +38,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from harness.frame import CALIB_PARAMS
+from harness.recipes import is_recipe
+from harness.spec import LEGACY_PLUGIN_PARAMS, BitSpec
 from harness.stats import SIGNIFICANCE, mean_ci, welch_p_value
 
-FP = {"method": "rtn", "bits": "w16a16kv16"}
+FP = {"method": "rtn", "bits": "w16a16kv16", "recipe": True}
+AMBIGUOUS = "ambiguous"
 
 
 def load_claims(claims_dir: Path) -> list[dict]:
@@ -47,6 +54,8 @@ def load_claims(claims_dir: Path) -> list[dict]:
 
 def _matches(rec: dict, selector: dict) -> bool:
     if rec["method"] != selector["method"] or rec["bits"] != selector["bits"]:
+        return False
+    if selector.get("recipe") and not is_recipe(rec):
         return False
     for key, value in selector.get("params", {}).items():
         logged = rec["method_params"].get(key, rec["protocol"].get(key))  # a method parameter or the budget's
@@ -63,16 +72,34 @@ def _matches(rec: dict, selector: dict) -> bool:
 
 
 def _configuration(rec: dict) -> tuple:
-    """What a run was, but for its seed: runs with equal configurations are seeds of one result."""
-    protocol = {k: v for k, v in rec["protocol"].items() if k != "seed"}
-    params = tuple(sorted((k, str(v)) for k, v in {**rec["method_params"], **protocol}.items()))
-    plugins = tuple(tuple(sorted((k, str(v)) for k, v in (rec.get(group) or {}).items())) for group in ("act", "kv"))
+    """What a run was, but for its seed: runs with equal configurations are seeds of one result. Only what can
+    change its PPL counts: not the zero-shot tasks, not the act/KV settings (nor their pre-plug-in names among the
+    method parameters) where the bits quantize no activations / no cache, not the budget of a run that read no
+    data."""
+    bits = BitSpec.parse(rec["bits"])
+    used = {"act": bits.quantizes_activations, "kv": bits.quantizes_kv}
+    unused = {name for group, names in LEGACY_PLUGIN_PARAMS.items() if not used[group] for name in names}
+    free = ("seed", "zs_tasks", "zs_limit", *(CALIB_PARAMS if _read_no_data(rec) else ()))
+    protocol = {k: v for k, v in rec["protocol"].items() if k not in free}
+    method_params = {k: v for k, v in rec["method_params"].items() if k not in unused}
+    params = tuple(sorted((k, str(v)) for k, v in {**method_params, **protocol}.items()))
+    plugins = tuple(
+        tuple(sorted((k, str(v)) for k, v in (rec.get(group) or {}).items())) if used[group] else ()
+        for group in ("act", "kv")
+    )
     return rec["model"], rec["method"], rec["bits"], params, plugins
 
 
-def best_configuration(records: list[dict], model: str, selector: dict) -> list[dict]:
+def _read_no_data(rec: dict) -> bool:
+    from methods import METHODS
+
+    entry = METHODS.get(rec["method"])
+    return rec["metrics"].get("calib_windows") == 0 and not (entry is not None and entry.trains)
+
+
+def best_configuration(records: list[dict], model: str, selector: dict) -> tuple[list[dict], int]:
     """The whole-split FINISHED runs of `model` matching the selector that share the configuration with the lowest
-    mean PPL, one per seed (the latest); [] when none matches."""
+    mean PPL, one per seed (the latest), and how many configurations matched; ([], 0) when none matches."""
     found = [
         r
         for r in records
@@ -85,7 +112,8 @@ def best_configuration(records: list[dict], model: str, selector: dict) -> list[
     groups: dict[tuple, dict[str, dict]] = {}
     for rec in sorted(found, key=lambda r: r["end_time"] or 0):
         groups.setdefault(_configuration(rec), {})[str(rec["protocol"].get("seed"))] = rec
-    return min((list(seeds.values()) for seeds in groups.values()), key=lambda runs: _mean(_ppls(runs)), default=[])
+    best = min((list(seeds.values()) for seeds in groups.values()), key=lambda runs: _mean(_ppls(runs)), default=[])
+    return best, len(groups)
 
 
 def _ppls(runs: list[dict]) -> list[float]:
@@ -96,15 +124,16 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _ppl_text(runs: list[dict]) -> str:
+def _ppl_text(runs: list[dict], configurations: int = 1) -> str:
+    chosen = f" (best of {configurations} configurations)" if configurations > 1 else ""
     if len(runs) == 1:
-        return f"{_ppls(runs)[0]:,.2f}"
+        return f"{_ppls(runs)[0]:,.2f}{chosen}"
     mean, half = mean_ci(_ppls(runs))
-    return f"{mean:,.2f} ± {half:,.2f} ({len(runs)} seeds)"
+    return f"{mean:,.2f} ± {half:,.2f} ({len(runs)} seeds){chosen}"
 
 
 def _describe(selector: dict) -> str:
-    extra = [f"{k}={v}" for k, v in selector.get("params", {}).items()]
+    extra = [f"{k}={v}" for k, v in selector.get("params", {}).items()] + (["recipe"] if selector.get("recipe") else [])
     for group in ("act", "kv"):
         if selector.get(group):
             wanted = dict(selector[group])
@@ -114,33 +143,37 @@ def _describe(selector: dict) -> str:
 
 def check_claim(claim: dict, records: list[dict], model: str) -> tuple[str, str]:
     """(verdict, the numbers behind it) of one claim on one model; a side with several seeds counts by its mean."""
-    runs = best_configuration(records, model, claim["run"])
-    if "within_fp" in claim:
-        others, other_name = best_configuration(records, model, FP), "FP"
-    else:
-        other = claim.get("below", claim.get("near"))
-        others, other_name = best_configuration(records, model, other), _describe(other)
+    run_selector = claim["run"]
+    other = FP if "within_fp" in claim else claim.get("below", claim.get("near"))
+    other_name = "FP" if "within_fp" in claim else _describe(other)
+    runs, run_configs = best_configuration(records, model, run_selector)
+    others, other_configs = best_configuration(records, model, other)
     if not runs or not others:
-        missing = [name for name, r in ((_describe(claim["run"]), runs), (other_name, others)) if not r]
+        missing = [name for name, r in ((_describe(run_selector), runs), (other_name, others)) if not r]
         return "not run", "no whole-split run of " + " / ".join(missing)
+    unsaid = [
+        f"{name} matches {count} configurations"
+        for name, selector, count in (
+            (_describe(run_selector), run_selector, run_configs),
+            (other_name, other, other_configs),
+        )
+        if count > 1 and not selector.get("best_of")
+    ]
+    if unsaid:
+        return AMBIGUOUS, "; ".join(unsaid) + ": pin one (its params, or recipe: true) or say best_of: true"
+    run_text, other_text = _ppl_text(runs, run_configs), _ppl_text(others, other_configs)
     ppl, ref = _mean(_ppls(runs)), _mean(_ppls(others))
     if "within_fp" in claim:
         limit = (1 + claim["within_fp"]) * ref
         holds = ppl <= limit
-        numbers = (
-            f"{_ppl_text(runs)} vs FP {_ppl_text(others)} ({100 * (ppl / ref - 1):+.1f}%; "
-            f"limit +{100 * claim['within_fp']:g}%)"
-        )
+        numbers = f"{run_text} vs FP {other_text} ({100 * (ppl / ref - 1):+.1f}%; limit +{100 * claim['within_fp']:g}%)"
     elif "near" in claim:
         holds = abs(ppl / ref - 1) <= claim["within"]
-        numbers = (
-            f"{_ppl_text(runs)} vs {_ppl_text(others)} ({100 * (ppl / ref - 1):+.1f}%; "
-            f"limit ±{100 * claim['within']:g}%)"
-        )
+        numbers = f"{run_text} vs {other_text} ({100 * (ppl / ref - 1):+.1f}%; limit ±{100 * claim['within']:g}%)"
     else:
         factor = claim.get("factor", 1)
         holds = ppl * factor < ref
-        numbers = f"{_ppl_text(runs)} vs {_ppl_text(others)}" + (f" (needs {factor:g}x lower)" if factor != 1 else "")
+        numbers = f"{run_text} vs {other_text}" + (f" (needs {factor:g}x lower)" if factor != 1 else "")
     if "within_fp" not in claim:
         p_value = welch_p_value(_ppls(runs), _ppls(others))
         if not math.isnan(p_value):
@@ -172,3 +205,17 @@ def render_reproduction(records: list[dict], claims: list[dict]) -> str:
             cells = [" — ".join(check_claim(claim, records, model)) for model in models]
             lines.append(f"| {spec['paper']} | {headline} | {claim['text']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def ambiguous_claims(records: list[dict], claims: list[dict]) -> list[str]:
+    """Each claim (on each model) whose side matches several configurations without pinning one or saying
+    `best_of: true`: `report --check` fails on them."""
+    models = sorted({r["model"] for r in records if r["model"] and not r["model"].startswith("tiny")})
+    found = []
+    for spec in claims:
+        for claim in spec.get("claims", []):
+            for model in models:
+                verdict, numbers = check_claim(claim, records, model)
+                if verdict == AMBIGUOUS:
+                    found.append(f"{spec['file']}: {claim['text']!r} on {model}: {numbers}")
+    return found

@@ -13,6 +13,7 @@ from harness import data, models
 from harness.evaluate import steps
 from harness.evaluate.memory import PeakRSS, memory_report
 from harness.evaluate.perplexity import perplexity
+from harness.recipes import spec_is_recipe
 from harness.spec import (
     BitSpec,
     CalibSpec,
@@ -264,6 +265,8 @@ def _quantize_and_evaluate(spec: RunSpec, tracker: Tracker) -> str | None:
         tracker.set_tags({f"note.{k}": v for k, v in summary.notes.items()})
     for name, text in summary.artifacts.items():
         tracker.log_text(name, text)
+    read_data = bool(drawn) or spec.train is not None
+    tracker.set_tags({"recipe": str(spec_is_recipe(spec, read_data)).lower()})  # harness/recipes.py
     steps.contamination(spec, bool(drawn), tracker)
     tracker.log_datasets(run_datasets(spec, read_calibration=bool(drawn)))
 

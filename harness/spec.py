@@ -106,6 +106,7 @@ class PluginSpec:
 # over runs recorded before the change instead of redoing them.
 _LEGACY_ACT = {"a_sym": "sym", "a_clip_ratio": "clip_ratio"}
 _LEGACY_KV = {"kv_sym": "sym", "kv_clip_ratio": "clip_ratio", "kv_group_size": "group_size"}
+LEGACY_PLUGIN_PARAMS = {"act": tuple(_LEGACY_ACT), "kv": tuple(_LEGACY_KV)}
 
 
 @dataclass(frozen=True)

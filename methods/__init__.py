@@ -12,7 +12,9 @@ METHODS: dict[str, MethodEntry] = {
     "gptq": MethodEntry(gptq.GPTQConfig, supports=gptq.supports, quantize=gptq.quantize),
     "quarot": MethodEntry(quarot.QuaRotConfig, supports=quarot.supports, quantize=quarot.quantize),
     "signround": MethodEntry(signround.SignRoundConfig, supports=signround.supports, quantize=signround.quantize),
-    "paretoq": MethodEntry(paretoq.ParetoQConfig, supports=paretoq.supports, quantize=paretoq.quantize, trains=True),
+    "paretoq": MethodEntry(
+        paretoq.ParetoQConfig, supports=paretoq.supports, quantize=paretoq.quantize, trains=True, family="qat"
+    ),
     "spinquant": MethodEntry(
         spinquant.SpinQuantConfig, supports=spinquant.supports, quantize=spinquant.quantize, trains=True
     ),
@@ -20,7 +22,11 @@ METHODS: dict[str, MethodEntry] = {
     "quipsharp": MethodEntry(quip_sharp.QuIPSharpConfig, supports=quip_sharp.supports, quantize=quip_sharp.quantize),
     "bcq": MethodEntry(bcq.BCQConfig, supports=bcq.supports, quantize=bcq.quantize),
     "bitdistiller": MethodEntry(
-        bitdistiller.BitDistillerConfig, supports=bitdistiller.supports, quantize=bitdistiller.quantize, trains=True
+        bitdistiller.BitDistillerConfig,
+        supports=bitdistiller.supports,
+        quantize=bitdistiller.quantize,
+        trains=True,
+        family="qat",
     ),
-    "rcp": MethodEntry(rcp.RCPConfig, supports=rcp.supports, quantize=rcp.quantize, trains=True),
+    "rcp": MethodEntry(rcp.RCPConfig, supports=rcp.supports, quantize=rcp.quantize, trains=True, family="qat"),
 }

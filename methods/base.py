@@ -118,6 +118,7 @@ class MethodEntry(ConfigEntry):
     supports: Callable[[Request], None] = None
     quantize: Callable[..., QuantSummary] = None
     trains: bool = False  # reads `ctx.training()`: the run gets a `train:` data spec (in its run key)
+    family: str = "ptq"  # "ptq" or "qat" (the paper's kind): its recipe's budget is the family's (conf/recipes.yaml)
 
 
 @dataclass(frozen=True)

@@ -48,3 +48,21 @@ def _record(key, method, bits, ppl, status="FINISHED", start=1, params=None, err
         "sixteen_bit_layers": "",
         "metrics": metrics,
     }
+
+
+def as_recipe(rec: dict) -> dict:
+    """The record as its method's recipe run would log it (harness/recipes.py): the family's budget and its
+    calibration, the method's act/KV recipe on the plug-ins its bits use, the windows it read (none for RTN)."""
+    from harness.recipes import reference
+    from harness.spec import BitSpec
+
+    plugins = {group: (rec.get(group) or {}).get("name", "rtn") for group in ("act", "kv")}
+    ref = reference(rec["method"], plugins["act"], plugins["kv"])
+    rec["protocol"] = {**rec["protocol"], "budget": ref.budget, **ref.calib}
+    bits = BitSpec.parse(rec["bits"])
+    for group, used in (("act", bits.quantizes_activations), ("kv", bits.quantizes_kv)):
+        if used:
+            rec[group] = dict(ref.plugins[group])
+    reads = rec["method"] != "rtn" or plugins["kv"] != "rtn"
+    rec["metrics"]["calib_windows"] = float(ref.calib["calib_nsamples"]) if reads else 0.0
+    return rec

@@ -5,7 +5,7 @@ import pytest
 from harness.labels import method_label
 from harness.records import merge_records, select_latest
 from harness.report import render_leaderboard
-from tests.records_fixture import PROTOCOL, QUAROT_NOW, _record
+from tests.records_fixture import PROTOCOL, QUAROT_NOW, _record, as_recipe
 
 
 def test_latest_finished_run_wins():
@@ -157,16 +157,17 @@ def test_pareto_panels_relative_ppl_and_kv_bits(tmp_path):
     from harness.plots import CEILING, pareto_frame, plot_pareto
 
     records = [
-        _record("fp", "rtn", "w16a16kv16", 20.0),
-        _record("w4", "rtn", "w4g128a16kv16", 30.0),
-        _record("a4", "rtn", "w4a4kv4", 20.0 * CEILING * 3),
-        _record("kv3", "rtn", "w16a16kv3", 25.0),
+        as_recipe(_record("fp", "rtn", "w16a16kv16", 20.0)),
+        as_recipe(_record("w4", "rtn", "w4g128a16kv16", 30.0)),
+        as_recipe(_record("a4", "rtn", "w4a4kv4", 20.0 * CEILING * 3)),
+        as_recipe(_record("kv3", "rtn", "w16a16kv3", 25.0)),
     ]
     records[3]["metrics"]["kv_bytes_per_token"] = 250.0  # FP: 1000 bytes at 16 bits
-    subset = _record("sub", "rtn", "w4g128a16kv16", 31.0)
-    subset["protocol"] = {**PROTOCOL, "ppl_max_windows": "16"}
-    frame = pareto_frame([*records, subset]).set_index("bits")
-    assert "sub" not in set(frame.index) and len(frame) == 3  # FP itself is no setting
+    subset = as_recipe(_record("sub", "rtn", "w4g128a16kv16", 31.0))
+    subset["protocol"] = {**subset["protocol"], "ppl_max_windows": "16"}
+    variant = as_recipe(_record("var", "rtn", "w4g128a16kv16", 29.0, params={"w_mse_clip": "True"}))
+    frame = pareto_frame([*records, subset, variant]).set_index("bits")
+    assert len(frame) == 3  # FP itself is no setting; the 16-window subset and the variant are not drawn
     assert frame.loc["w4g128a16kv16", "panel"] == 0 and frame.loc["w4a4kv4", "panel"] == 1
     assert frame.loc["w4g128a16kv16", "rel"] == 1.5 and frame.loc["w4a4kv4", "rel"] > CEILING
     assert frame.loc["w16a16kv3", "panel"] == 2 and frame.loc["w16a16kv3", "kv_bits"] == 4.0
@@ -177,7 +178,7 @@ def test_pareto_panels_relative_ppl_and_kv_bits(tmp_path):
 def test_claims_hold_fail_or_are_not_run_with_their_numbers():
     from harness.reproduction import check_claim, render_reproduction
 
-    records = [_record("fp", "rtn", "w16a16kv16", 20.0)]
+    records = [as_recipe(_record("fp", "rtn", "w16a16kv16", 20.0))]  # FP: the recipe RTN run
     for key, method, bits, ppl in (
         ("q", "quarot", "w4a4kv4", 40.0),
         ("r", "rtn", "w4a4kv4", 9000.0),
@@ -248,6 +249,38 @@ def test_a_claim_compares_seed_means_and_says_whether_the_gap_exceeds_the_seed_s
     assert check_claim(claim, records, "m")[1].startswith("30.83 ± ")
 
 
+def test_a_claim_matching_several_configurations_must_pin_one_or_say_best_of(tmp_path, capsys, monkeypatch):
+    """Issue 49: a side that matches two configurations without saying which is ambiguous (and fails
+    `report --check`); `best_of: true` picks the lower and says from how many; `recipe: true` pins the recipe."""
+    import harness.report
+    from harness.records import write_records
+    from harness.report import main, render_leaderboard
+    from harness.reproduction import AMBIGUOUS, ambiguous_claims, check_claim, render_reproduction
+
+    recipe = as_recipe(_record("q", "quarot", "w4a4kv4", 46.0, params=dict(QUAROT_NOW)))
+    variant = as_recipe(_record("qr", "quarot", "w4a4kv4", 44.0, params={**QUAROT_NOW, "weights": "rtn"}))
+    records = [recipe, variant, as_recipe(_record("r", "rtn", "w4a4kv4", 9000.0))]
+    claim = {
+        "text": "rescue",
+        "run": {"method": "quarot", "bits": "w4a4kv4"},
+        "below": {"method": "rtn", "bits": "w4a4kv4"},
+    }
+    verdict, numbers = check_claim(claim, records, "m")
+    assert verdict == AMBIGUOUS and "quarot `w4a4kv4` matches 2 configurations" in numbers
+    best = {**claim, "run": {**claim["run"], "best_of": True}}
+    assert check_claim(best, records, "m") == ("holds", "44.00 (best of 2 configurations) vs 9,000.00")
+    pinned = {**claim, "run": {**claim["run"], "recipe": True}}
+    assert check_claim(pinned, records, "m") == ("holds", "46.00 vs 9,000.00")
+    claims = [{"file": "x.yaml", "paper": "P", "headline": {}, "claims": [claim]}]
+    assert ambiguous_claims(records, claims) == [f"x.yaml: 'rescue' on m: {numbers}"]
+    write_records(records, tmp_path / "runs.jsonl")
+    (tmp_path / "leaderboard.md").write_text(render_leaderboard(records))
+    (tmp_path / "reproduction.md").write_text(render_reproduction(records, claims))
+    monkeypatch.setattr(harness.report, "load_claims", lambda _: claims)
+    assert main(["--check", "--out", str(tmp_path)]) == 1
+    assert "match several configurations without saying which" in capsys.readouterr().err
+
+
 def test_every_claims_file_names_a_paper_and_checkable_claims():
     from harness.report import CLAIMS_DIR
     from harness.reproduction import load_claims
@@ -310,8 +343,11 @@ def test_the_header_counts_quantized_runs_without_kl_and_names_the_command_that_
 
 
 def test_speedups_timed_on_different_hardware_are_marked_and_named_in_the_header():
-    fp = _record("fp", "rtn", "w16a16kv16", 10.0)
-    runs = [_record("a", "rtn", "w4g128a16kv16", 12.0), _record("b", "gptq", "w4g128a16kv16", 11.0)]
+    fp = as_recipe(_record("fp", "rtn", "w16a16kv16", 10.0))  # recipes: no variant footnotes in table 2
+    runs = [
+        as_recipe(_record("a", "rtn", "w4g128a16kv16", 12.0)),
+        as_recipe(_record("b", "gptq", "w4g128a16kv16", 11.0)),
+    ]
     for rec, prefill in zip(runs, (0.9, 0.2), strict=True):
         rec["metrics"] |= {"latency.prefill.speedup": prefill, "latency.decode.speedup": 0.5}
     runs[1]["latency_hardware"] = "AMD EPYC (avx2)"
