@@ -217,11 +217,11 @@ def _short_bits(bits: str) -> str:
 
 
 def paretoq_points(records: list[dict], model: str = "smollm2-135m") -> list[tuple[str, float, float]]:
-    """(bits, true bits/weight, PPL) of the finished whole-split ParetoQ runs of `model`, plus its FP row."""
+    """(bits, true bits/weight, PPL) of the finished whole-split ParetoQ recipe runs of `model`, plus its FP row."""
     frame = records_frame(records)
     frame = frame[(frame.status == "FINISHED") & frame.ppl.notna() & (frame.model == model)]
     frame = frame.loc[frame.p_ppl_max_windows.map(whole_split).astype(bool)]
-    chosen = frame[frame.method.str.startswith("paretoq")]
+    chosen = frame[frame.method.str.startswith("paretoq") & frame.recipe]  # ParetoQ's own quantizers
     fp = frame[(frame.bits == "w16a16kv16") & frame.method.str.startswith("rtn")]
     rows = [(r.bits, float(r.bpw), float(r.ppl)) for r in chosen.itertuples()]
     rows += [(r.bits, 16.0, float(r.ppl)) for r in fp.head(1).itertuples()]

@@ -28,5 +28,12 @@ METHODS: dict[str, MethodEntry] = {
         trains=True,
         family="qat",
     ),
+    "r2q": MethodEntry(
+        bitdistiller.R2QConfig,
+        supports=bitdistiller.supports_r2q,
+        quantize=bitdistiller.quantize,
+        trains=True,
+        family="qat",
+    ),
     "rcp": MethodEntry(rcp.RCPConfig, supports=rcp.supports, quantize=rcp.quantize, trains=True, family="qat"),
 }

@@ -13,6 +13,10 @@
 4. Defaults (`train/train.sh`, README): AdamW lr 8e-6, constant schedule, no weight decay; the authors train 4
    epochs at batch 128 on 8,000 generations of up to 1,024 new tokens — we take a CPU budget (`loop.steps`,
    `generation.*`, `train.seqlen`) and say so in the run's metrics. `loop.steps: 0` records the clipping alone.
+`quant_type: r2q` (2 bits): R2Q's residual 1-bit pair (`methods.core.r2q`, reconstructed from the public
+description) replaces the asymmetric INT2 grid — the clip search scores clips with R2Q's greedy grid (as `nf3`
+with its own), α1/α2 start greedy from the clipped weights and train with the weights at `loop.lr`; stored as a
+4-level table per group. `method=r2q` is this configuration.
 `quant_type: nf3` (3 bits): the authors' NF3 table, positive weights scaled by the group max and negative ones
 by |min| (`SignedLUTWeight`: codes + table + two fp16 scales per group; no packed kernel yet, so "no kernel").
 Simplified, and why: no Alpaca prompts (not in the offline mirror); sequences packed into fixed windows rather
@@ -39,10 +43,12 @@ from methods.core.clip_search import (
 from methods.core.formats import QuantizedWeight, SignedLUTWeight
 from methods.core.losses import KL_KINDS, LossSettings, distillation, teacher_confidence
 from methods.core.qat import convert, prepare
+from methods.core.r2q import R2QWeightQuantizer, greedy_fake_quant
 from methods.core.selfdistill import GenerationSettings, cached_generations, pack, select_prompts
-from methods.core.trainer import LoopConfig, batch_at, train
+from methods.core.trainer import LoopConfig, ParamGroup, batch_at, train
 
 BITDISTILLER_BITS = (2, 3, 4)
+R2Q_SCALES = r"weight_quantizer\.alpha[12]$"  # quant_type=r2q: its α1, α2 train with the weights, at their lr
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,22 @@ class BitDistillerConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=8e-6, schedule="constant"))
 
 
+@dataclass(frozen=True)
+class R2QConfig(BitDistillerConfig):
+    """`method=r2q`: BitDistiller's self-distillation QAT with R2Q's quantizer (`methods.core.r2q`). R2Q is a
+    quantizer meant to drop into a QAT framework; of the two here, BitDistiller's runs both of the paper's
+    granularities (per group and per channel: ParetoQ's trainer is per channel only) and starts from a clip
+    search, the closer match to a plug-in for an existing 2-bit recipe."""
+
+    quant_type: str = "r2q"
+
+
+def supports_r2q(request: Request) -> None:
+    if request.bits.w != 2:
+        raise UnsupportedBits(f"r2q does not support {request.bits}: it is a 2-bit quantizer (w2)")
+    supports(request)
+
+
 def supports(request: Request) -> None:
     bits = request.bits
     if bits.w not in BITDISTILLER_BITS:
@@ -65,12 +87,25 @@ def supports(request: Request) -> None:
         raise UnsupportedBits(f"bitdistiller does not support {bits}: it quantizes weights only (use a16)")
 
 
-def _weight_quantizer(cfg: BitDistillerConfig, bits: int, group: int) -> nn.Module:
+def _weight_quantizer(cfg: BitDistillerConfig, bits: int, group: int, weight: torch.Tensor) -> nn.Module:
     if cfg.quant_type == "int":
         return AsymMinMaxSTE(bits, group)
     if cfg.quant_type == "nf3" and bits == 3:
         return NF3STE(group)
-    raise ValueError(f"bitdistiller quant_type must be 'int', or 'nf3' at 3 bits; got {cfg.quant_type!r} at {bits}")
+    if cfg.quant_type == "r2q" and bits == 2:
+        return R2QWeightQuantizer(weight, group)
+    raise ValueError(
+        f"bitdistiller quant_type must be 'int', 'nf3' at 3 bits or 'r2q' at 2 bits; got {cfg.quant_type!r} at {bits}"
+    )
+
+
+def _clip_grid(cfg: BitDistillerConfig, bits: int):
+    """The grid the clip search scores candidate clips with: the quantizer that then trains."""
+    if cfg.quant_type == "nf3":
+        return NF3STE(1).fake_quant
+    if cfg.quant_type == "r2q":
+        return greedy_fake_quant
+    return lambda groups: asym_minmax_fake_quant(groups, bits)
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -198,14 +233,11 @@ def quantize(model: nn.Module, cfg: BitDistillerConfig, bits: BitSpec, ctx: Quan
         raise ValueError(f"bitdistiller kd_loss must be one of {', '.join(KL_KINDS)}, got {cfg.kd_loss!r}")
     metrics: dict[str, float] = {}
     teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the FP model, before any clipping
-    _weight_quantizer(cfg, int(bits.w), 1)  # a wrong quant_type fails before any work
+    _weight_quantizer(cfg, int(bits.w), 1, torch.zeros(1, 1))  # a wrong quant_type fails before any work
     if cfg.clip:
-        if cfg.quant_type == "nf3":
-            grid = NF3STE(1).fake_quant
-        else:
-            grid = lambda groups: asym_minmax_fake_quant(groups, int(bits.w))  # noqa: E731
+        grid = _clip_grid(cfg, int(bits.w))
         metrics.update(clip_model_weights(model, ctx.calibration(), grid, bits.group, cfg.clip_search))
-    prepare(model, lambda name, weight: _weight_quantizer(cfg, int(bits.w), bits.group or weight.shape[1]))
+    prepare(model, lambda name, weight: _weight_quantizer(cfg, int(bits.w), bits.group or weight.shape[1], weight))
     loop = cfg.loop
     windows = _training_windows(model, teacher, cfg, ctx, metrics) if loop.steps != 0 else None
     if windows is not None:
@@ -214,7 +246,8 @@ def quantize(model: nn.Module, cfg: BitDistillerConfig, bits: BitSpec, ctx: Quan
         confidence = teacher_confidence(teacher, gamma_batches, chunk=loop.loss_chunk)
         metrics.update({"cakld_gamma": confidence.gamma, "cakld_gamma_reference_code": confidence.gamma_reference_code})
         loss_settings = LossSettings(chunk=loop.loss_chunk)
-        settings = loop.settings(steps, r"layers\..*\.weight$", ctx.seed)
+        scales = (ParamGroup(R2Q_SCALES, loop.lr, loop.weight_decay),) if cfg.quant_type == "r2q" else ()
+        settings = loop.settings(steps, r"layers\..*\.weight$", ctx.seed, scales)
         checkpoint = Path(ctx.checkpoint_dir) / "bitdistiller.pt" if ctx.checkpoint_dir else None
         result = train(
             model,

@@ -12,6 +12,9 @@ whole network at 1, 1.58, 2, 3 or 4 bits per weight, one learnable step α per o
   at ≤2 bit.
 * Formats after `convert`: symmetric per-channel int3/int4 codes, a 4-level table α·{±¼, ±¾} at 2 bit, ternary
   (5 trits per byte + fp16 scale ⅔α per row), binary (1 bit + fp16 α per row) — counted truly by the memory report.
+* `quantizer: r2q` (2 bit only): R2Q's residual 1-bit pair (`methods.core.r2q`, reconstructed from the public
+  description) replaces SEQ — α1, α2 per output channel train with everything else at the same lr; stored as a
+  4-level table per row.
 Simplified, and why: the paper's data (its pre-training corpus, billions of tokens) is replaced by the harness's
 seeded training windows (`train.*`, from a calibration corpus, never the test split) at a CPU budget.
 Activations stay 16-bit (the paper is weight-only); a KV-cache plug-in composes after training.
@@ -28,10 +31,13 @@ from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.bits import BitSpec
 from methods.core.losses import LossSettings, cross_entropy
 from methods.core.lsq import TERNARY, ParetoQWeightQuantizer
+from methods.core.params import added_later
 from methods.core.qat import convert, prepare
+from methods.core.r2q import R2QWeightQuantizer
 from methods.core.trainer import LoopConfig, train
 
 PARETOQ_BITS = (1, TERNARY, 2, 3, 4)
+QUANTIZERS = ("paretoq", "r2q")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class ParetoQConfig:
     # loop.steps: optimizer steps at <= 2 bit (None = one pass over the training windows)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=2e-5, schedule="cosine", max_grad_norm=1.0))
     low_bit_step_ratio: float = 3.0  # <=2-bit runs train this many times longer than 3/4-bit runs
+    quantizer: str = added_later("paretoq", "paretoq")  # "paretoq" (SEQ / LSQ by bit width) or "r2q" (2 bit)
 
 
 def supports(request: Request) -> None:
@@ -59,11 +66,21 @@ def steps_for(cfg: ParetoQConfig, bits: BitSpec, windows: int) -> int:
     return max(1, round(low_bit_steps / cfg.low_bit_step_ratio))
 
 
+def _quantizer_factory(cfg: ParetoQConfig, bits: BitSpec):
+    if cfg.quantizer not in QUANTIZERS:
+        raise ValueError(f"paretoq quantizer must be one of {', '.join(QUANTIZERS)}, got {cfg.quantizer!r}")
+    if cfg.quantizer == "r2q":
+        if bits.w != 2:
+            raise ValueError(f"paretoq quantizer=r2q is a 2-bit quantizer, not for {bits}: use w2 or quantizer=paretoq")
+        return lambda name, weight: R2QWeightQuantizer(weight)
+    return lambda name, weight: ParetoQWeightQuantizer(weight, bits.w)
+
+
 def quantize(model: nn.Module, cfg: ParetoQConfig, bits: BitSpec, ctx: QuantContext) -> QuantSummary:
     if not bits.quantizes_weights:
         return QuantSummary()
     windows = ctx.training()
-    prepare(model, lambda name, weight: ParetoQWeightQuantizer(weight, bits.w))
+    prepare(model, _quantizer_factory(cfg, bits))
     settings = cfg.loop.settings(steps_for(cfg, bits, windows.shape[0]), r".*", ctx.seed)
     loss_settings = LossSettings(chunk=cfg.loop.loss_chunk)
     checkpoint = Path(ctx.checkpoint_dir) / "paretoq.pt" if ctx.checkpoint_dir else None

@@ -146,7 +146,7 @@ def test_list_names_models_methods_and_grammar(capsys):
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, rcp, rtn, signround, spinquant" in out
+    assert "bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, r2q, rcp, rtn, signround, spinquant" in out
     assert "smollm2-135m" in out and BITS_GRAMMAR in out
     assert "MISSING" not in out and "method=paretoq: loop=LoopConfig(steps=None" in out  # nested defaults shown
     assert main(["nope"]) == 2
@@ -172,7 +172,7 @@ def test_bench_unknown_method_lists_valid(capsys):
     assert main(["bench", "forward", "--method", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(
-        "error: unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, rcp, rtn"
+        "error: unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, r2q, rcp, rtn"
     )
     assert "\n" not in err
 
