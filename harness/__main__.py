@@ -89,15 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     return _list()
 
 
-def _default(field) -> object:
-    """A config field's default, built from its factory for nested settings (e.g. a training loop)."""
-    import dataclasses
-
-    if field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default
-
-
 # MLflow (>= 3.15) restores a runs-table view from the experiment tag `mlflow.sharedViewState.<key>` when the page
 # is opened with `?viewStateShareKey=<key>` (its "share view" feature): the columns a person compares methods by
 # come first, sorted by perplexity. Column keys are MLflow's `metrics.`name`` / `tags.`name`` sort keys.
@@ -183,13 +174,12 @@ def _contamination(argv: list[str]) -> int:
 
 
 def _list() -> int:
-    import dataclasses
-
     from harness.cli_sweep import group_options
     from harness.data import CALIB_DATASETS, PPL_DATASETS
-    from harness.spec import BITS_GRAMMAR
+    from harness.spec import BITS_GRAMMAR, CalibSpec, PerplexitySpec, TrainSpec
     from methods import METHODS
     from methods.act import ACT_QUANTIZERS
+    from methods.core.params import described
     from methods.kv import KV_QUANTIZERS
 
     print("models:     " + ", ".join(group_options("model")) + "  (model=hf model.id=<hub id or path>)")
@@ -198,12 +188,14 @@ def _list() -> int:
     print("kv:         " + ", ".join(sorted(KV_QUANTIZERS)) + "  (KV-cache quantizers, used when kv < 16)")
     for group, registry in (("method", METHODS), ("act", ACT_QUANTIZERS), ("kv", KV_QUANTIZERS)):
         for name, entry in sorted(registry.items()):
-            defaults = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(entry.config_cls))
-            print(f"  {group}={name}: {defaults}")
+            print(f"  {group}={name}: " + ", ".join(described(entry.config_cls())))
+    for key, spec in (("calib", CalibSpec()), ("eval.ppl", PerplexitySpec()), ("train", TrainSpec())):
+        relation = " (seqlen also <= the model's context length)"
+        print(f"  {key}: " + ", ".join(described(spec)) + relation)
     print("perplexity: " + ", ".join(PPL_DATASETS))
     print("calib:      " + ", ".join(CALIB_DATASETS))
     print("budgets:    " + ", ".join(group_options("budget")))
-    print("bits:       " + BITS_GRAMMAR)
+    print("bits:       " + BITS_GRAMMAR + "; G <= the narrowest decoder linear's input width")
     print(f"tracking:   {DEFAULT_TRACKING_URI} (env MLFLOW_TRACKING_URI), experiment {DEFAULT_EXPERIMENT}")
     return 0
 

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,24 +58,60 @@ def check_model_spec(spec: ModelSpec) -> None:
     torch_dtype(spec.dtype)
 
 
-def family(spec: ModelSpec) -> str:
-    """The architecture family of `spec` ('llama', 'gemma3', ...) without loading weights (hub ids: config only)."""
+@dataclass(frozen=True)
+class ModelShape:
+    """What planning checks a configuration against without loading weights: the context length and the
+    narrowest input width of a decoder linear (hidden, heads × head_dim into o_proj, intermediate into down_proj)."""
+
+    context: int
+    min_width: int
+
+
+# the registered models' configs (tests/test_models.py checks them against the loaded models)
+SHAPES = {
+    "smollm2-135m": ModelShape(context=8192, min_width=min(576, 9 * 64, 1536)),
+    "gemma3-270m": ModelShape(context=32768, min_width=min(640, 4 * 256, 2048)),
+    "tiny-llama": ModelShape(context=4096, min_width=min(64, 4 * 16, 192)),
+    "tiny-gemma3": ModelShape(context=4096, min_width=min(64, 4 * 32, 96)),
+}
+
+
+def shape(spec: ModelSpec) -> ModelShape | None:
+    """The model's `ModelShape` (a hub id or path: from its config alone); None when its config has no context
+    length."""
     check_model_spec(spec)
-    if spec.name in FAMILIES:
-        return FAMILIES[spec.name]
+    if spec.name in SHAPES:
+        return SHAPES[spec.name]
+    config = _hub_config(spec)
+    context = getattr(config, "max_position_embeddings", None)
+    if context is None:
+        return None
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return ModelShape(int(context), min(config.hidden_size, heads * head_dim, config.intermediate_size))
+
+
+def _hub_config(spec: ModelSpec):
     from transformers import AutoConfig
 
-    from methods.core.arch import arch_for_model_type
-
     try:
-        config = AutoConfig.from_pretrained(spec.id, trust_remote_code=spec.trust_remote_code)
+        return AutoConfig.from_pretrained(spec.id, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as err:  # a wrong id, no hub access, a path without config.json
         reason = str(err).splitlines()[0][:200]
         raise SpecError(
             f"cannot read the config of model.id={spec.id}: {reason} (a hub id needs hub access; a local "
             "path needs its config.json)"
         ) from err
-    return arch_for_model_type(config.model_type).family
+
+
+def family(spec: ModelSpec) -> str:
+    """The architecture family of `spec` ('llama', 'gemma3', ...) without loading weights (hub ids: config only)."""
+    check_model_spec(spec)
+    if spec.name in FAMILIES:
+        return FAMILIES[spec.name]
+    from methods.core.arch import arch_for_model_type
+
+    return arch_for_model_type(_hub_config(spec).model_type).family
 
 
 def load(spec: ModelSpec):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import data, models
+from harness import data, models, validate
 from harness.evaluate import steps
 from harness.evaluate.memory import PeakRSS, memory_report
 from harness.evaluate.perplexity import perplexity
@@ -66,7 +66,13 @@ def _entry_and_params(cfg: DictConfig, group: str, registry: dict) -> tuple[str,
 
 
 def spec_from_config(cfg: DictConfig) -> RunSpec:
-    """Build and validate the RunSpec (raises SpecError with a one-line message naming the fix)."""
+    """Build and validate the RunSpec (raises SpecError with a one-line message naming the fix): first every
+    declared rule and relation at once (harness/validate.py), then the checks that need a valid config."""
+    method_name = OmegaConf.select(cfg, "method.name")
+    trains = method_name in METHODS and METHODS[method_name].trains
+    found = validate.problems(cfg, {"method": METHODS, **PLUGINS}, trains)
+    if found:
+        raise SpecError("invalid configuration: " + "; ".join(found))
     method, method_cfg = _entry_and_params(cfg, "method", METHODS)
     plugins = {group: PluginSpec(*_entry_and_params(cfg, group, registry)) for group, registry in PLUGINS.items()}
     bits = BitSpec.parse(cfg.bits)

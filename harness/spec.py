@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from methods.core.bits import BITS_GRAMMAR, BitSpec, SpecError  # noqa: F401  (re-exported)
+from methods.core.params import flag, valid
+
+DTYPES = ("float32", "bfloat16", "float16")  # harness.models maps them to torch dtypes
 
 
 @dataclass(frozen=True)
@@ -22,10 +25,10 @@ class ModelSpec:
 
     name: str
     id: str | None = None
-    dtype: str = "float32"
+    dtype: str = valid("float32", choices=DTYPES)
     device: str = "cpu"
-    trust_remote_code: bool = False
-    seed: int = 0  # only random-init models (tiny-llama) use it
+    trust_remote_code: bool = flag(False)
+    seed: int = valid(0, ge=0)  # only random-init models (tiny-llama) use it
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,8 @@ class CalibSpec:
     """Calibration: `nsamples` random windows of `seqlen` tokens from `dataset` (see harness.data)."""
 
     dataset: str = "wikitext2-valid"
-    nsamples: int = 128
-    seqlen: int = 2048
+    nsamples: int = valid(128, ge=1)
+    seqlen: int = valid(2048, ge=2)
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,8 @@ class TrainSpec:
     a calibration corpus, never the evaluation's test split."""
 
     dataset: str = "wikitext2-valid"
-    windows: int = 64
-    seqlen: int = 512
+    windows: int = valid(64, ge=1)
+    seqlen: int = valid(512, ge=2)
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,10 @@ class PerplexitySpec:
     """The PPL protocol (DESIGN.md): rows joined with blank lines, non-overlapping `seqlen` windows."""
 
     dataset: str = "wikitext2"
-    seqlen: int = 2048
-    max_windows: int | None = None  # budget cut; None = the whole split
-    batch_size: int = 1
-    dtype: str = "float32"
+    seqlen: int = valid(2048, ge=2)
+    max_windows: int | None = valid(None, ge=1, none=True)  # budget cut; None = the whole split
+    batch_size: int = valid(1, ge=1)
+    dtype: str = valid("float32", choices=DTYPES)
 
 
 @dataclass(frozen=True)
@@ -63,16 +66,16 @@ class ZeroShotSpec:
     """lm-eval tasks scored zero-shot; `limit` = documents per task (None = whole split)."""
 
     tasks: tuple[str, ...] = ()
-    limit: int | None = None
-    batch_size: int = 8
+    limit: int | None = valid(None, ge=1, none=True)
+    batch_size: int = valid(8, ge=1)
 
 
 @dataclass(frozen=True)
 class LatencySpec:
     """Per-run kernel latency settings (harness/evaluate/latency.py); measurements, so not in the run key."""
 
-    enabled: bool = True
-    reps: int = 5
+    enabled: bool = flag(True)
+    reps: int = valid(5, ge=1)
     tokens: tuple[int, ...] = (1, 2048)
     device: str = "cpu"
 
@@ -84,13 +87,13 @@ class DeploySpec:
     PPL on the first `windows` windows within relative `tolerance` of the fake-quant model in the same dtype (gates
     weight-only formats) — and generation speed at batch 1. Measurements and a check, so not in the run key."""
 
-    enabled: bool = False
-    windows: int = 2
-    tolerance: float = 0.001
-    linear_ulps: float = 1.0
-    prompt_tokens: int = 128
-    new_tokens: int = 32
-    reps: int = 3
+    enabled: bool = flag(False)
+    windows: int = valid(2, ge=1)
+    tolerance: float = valid(0.001, gt=0)
+    linear_ulps: float = valid(1.0, ge=0)
+    prompt_tokens: int = valid(128, ge=1)
+    new_tokens: int = valid(32, ge=1)
+    reps: int = valid(3, ge=1)
 
 
 @dataclass(frozen=True)

@@ -136,10 +136,30 @@ def is_unreachable(err: BaseException) -> bool:
     return False
 
 
+# MLflow's tracking stores: a local directory (no scheme, or file:), SQL databases, a tracking server, Databricks
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def tracking_uri_problem(tracking_uri: str) -> str | None:
+    """Why MLflow cannot use `tracking_uri` as a tracking store (an unsupported scheme), or None."""
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in tracking_uri else ""
+    if len(scheme) == 1:  # a Windows drive letter, C:\...
+        scheme = ""
+    if scheme not in TRACKING_SCHEMES:
+        return (
+            f"tracking_uri={tracking_uri} (unsupported scheme {scheme!r}: use sqlite:///mlflow.db, a directory, "
+            "or http(s)://host:port of an MLflow server)"
+        )
+    return None
+
+
 def check_reachable(tracking_uri: str) -> None:
     """Fail fast with one line: an HTTP server that does not answer within 5 s, or a SQLite file in a missing
     directory (MLflow itself would retry for minutes, or create the file somewhere unexpected)."""
     fix = "start it, or point MLFLOW_TRACKING_URI (or tracking_uri=) at a reachable store"
+    problem = tracking_uri_problem(tracking_uri)
+    if problem:
+        raise StoreUnreachable(f"invalid {problem}")
     if tracking_uri.startswith(("http://", "https://")):
         import requests
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from methods.core.arch import ArchAdapter
 from methods.core.bits import BitSpec
+from methods.core.params import violations
 
 
 class UnsupportedBits(ValueError):
@@ -93,7 +94,13 @@ class ConfigEntry:
     config_cls: type
 
     def make_config(self, label: str, params: dict[str, Any]):
-        return _build(self.config_cls, label, params)
+        """The config dataclass from `params`; every value outside its field's declared rule (methods.core.params)
+        is refused in one message naming each."""
+        config = _build(self.config_cls, label, params)
+        problems = violations(config)
+        if problems:
+            raise ValueError(f"{label}: " + "; ".join(problems))
+        return config
 
 
 def _build(config_cls: type, label: str, params: dict[str, Any], base=None):

@@ -33,7 +33,7 @@ from methods.core import bcq
 from methods.core.arch import decoder_linears
 from methods.core.bits import BitSpec
 from methods.core.formats import BCQWeight
-from methods.core.params import added_later
+from methods.core.params import Valid, added_later, flag, valid
 from methods.core.qlinear import set_quantized_weight
 
 log = logging.getLogger(__name__)
@@ -47,17 +47,16 @@ UNIFORM_ENTRIES = UNIFORM_GRIDS["int4"]
 
 @dataclass(frozen=True)
 class BCQConfig:
-    block_len: int = 8  # L_b
-    array_len: int = 64  # L_A
-    n_codebooks: int = 16  # N_c
-    entry_bits: int = 6
-    iterations: int = 20  # LO-BCQ assignment/refit rounds
-    lloyd_iterations: int = 1  # Lloyd-Max steps per codebook per round
-    calib_blocks: int = 200_000  # blocks sampled for codebook design (half weights, half activations)
-    uniform: bool = False  # baseline: one uniform INT4 grid instead of LO-BCQ codebooks
-    uniform_grid: str = added_later(
-        "int4", "midrise", only_if="uniform"
-    )  # int4 (−32…28 step 4, zero included) | midrise (−30…30)
+    block_len: int = valid(8, ge=1)  # L_b
+    array_len: int = valid(64, ge=1)  # L_A
+    n_codebooks: int = valid(16, ge=1)  # N_c
+    entry_bits: int = valid(6, ge=2, le=8)
+    iterations: int = valid(20, ge=0)  # LO-BCQ assignment/refit rounds
+    lloyd_iterations: int = valid(1, ge=0)  # Lloyd-Max steps per codebook per round
+    calib_blocks: int = valid(200_000, ge=1)  # blocks sampled for codebook design (half weights, half activations)
+    uniform: bool = flag(False)  # baseline: one uniform INT4 grid instead of LO-BCQ codebooks
+    # int4 (−32…28 step 4, zero included) | midrise (−30…30)
+    uniform_grid: str = added_later("int4", "midrise", only_if="uniform", valid=Valid(choices=tuple(UNIFORM_GRIDS)))
 
     def layout(self) -> bcq.BCQLayout:
         return bcq.BCQLayout(self.block_len, self.array_len, 1 if self.uniform else self.n_codebooks, self.entry_bits)

@@ -42,24 +42,28 @@ from methods.core.clip_search import (
 )
 from methods.core.formats import QuantizedWeight, SignedLUTWeight
 from methods.core.losses import KL_KINDS, LossSettings, distillation, teacher_confidence
+from methods.core.params import flag, valid
 from methods.core.qat import convert, prepare
 from methods.core.r2q import R2QWeightQuantizer, greedy_fake_quant
 from methods.core.selfdistill import GenerationSettings, cached_generations, pack, select_prompts
 from methods.core.trainer import LoopConfig, ParamGroup, batch_at, train
 
 BITDISTILLER_BITS = (2, 3, 4)
+QUANT_TYPES = ("int", "nf3", "r2q")  # nf3 at 3 bits, r2q at 2
 R2Q_SCALES = r"weight_quantizer\.alpha[12]$"  # quant_type=r2q: its α1, α2 train with the weights, at their lr
 
 
 @dataclass(frozen=True)
 class BitDistillerConfig:
-    quant_type: str = "int"  # "int" (asymmetric uniform) or "nf3" (3 bits only)
-    clip: bool = True
+    quant_type: str = valid("int", choices=QUANT_TYPES)  # "int" (asymmetric uniform) or "nf3" (3 bits only)
+    clip: bool = flag(True)
     clip_search: ClipSearchSettings = field(default_factory=ClipSearchSettings)
-    data: str = "teacher"  # "teacher": self-distillation generations; "corpus": the plain training windows
+    data: str = valid(
+        "teacher", choices=("teacher", "corpus")
+    )  # "teacher": self-distillation generations; "corpus": the plain training windows
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    kd_loss: str = "cakld"  # cakld | forward | reverse
-    cakld_batches: int = 10
+    kd_loss: str = valid("cakld", choices=KL_KINDS)  # cakld | forward | reverse
+    cakld_batches: int = valid(10, ge=1)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=8e-6, schedule="constant"))
 
 
@@ -70,7 +74,7 @@ class R2QConfig(BitDistillerConfig):
     granularities (per group and per channel: ParetoQ's trainer is per channel only) and starts from a clip
     search, the closer match to a plug-in for an existing 2-bit recipe."""
 
-    quant_type: str = "r2q"
+    quant_type: str = valid("r2q", choices=QUANT_TYPES)
 
 
 def supports_r2q(request: Request) -> None:

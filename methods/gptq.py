@@ -19,15 +19,15 @@ from torch import nn
 from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.bits import BitSpec, check_integer_weight_bits
 from methods.core.gptq import GPTQSettings, quantize_model_gptq
-from methods.core.params import added_later
-from methods.core.quantizers import WeightQuantizer
+from methods.core.params import Valid, added_later, flag
+from methods.core.quantizers import SYM_GRIDS, WeightQuantizer
 
 
 @dataclass(frozen=True)
 class GPTQConfig(GPTQSettings):
-    w_sym: bool = False
-    w_mse_clip: bool = False
-    w_sym_grid: str = added_later("full_range", legacy="absmax")
+    w_sym: bool = flag(False)
+    w_mse_clip: bool = flag(False)
+    w_sym_grid: str = added_later("full_range", legacy="absmax", valid=Valid(choices=SYM_GRIDS))
 
 
 def supports(request: Request) -> None:

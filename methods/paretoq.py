@@ -31,7 +31,7 @@ from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.bits import BitSpec
 from methods.core.losses import LossSettings, cross_entropy
 from methods.core.lsq import TERNARY, ParetoQWeightQuantizer
-from methods.core.params import added_later
+from methods.core.params import Valid, added_later, valid
 from methods.core.qat import convert, prepare
 from methods.core.r2q import R2QWeightQuantizer
 from methods.core.trainer import LoopConfig, train
@@ -44,8 +44,10 @@ QUANTIZERS = ("paretoq", "r2q")
 class ParetoQConfig:
     # loop.steps: optimizer steps at <= 2 bit (None = one pass over the training windows)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=2e-5, schedule="cosine", max_grad_norm=1.0))
-    low_bit_step_ratio: float = 3.0  # <=2-bit runs train this many times longer than 3/4-bit runs
-    quantizer: str = added_later("paretoq", "paretoq")  # "paretoq" (SEQ / LSQ by bit width) or "r2q" (2 bit)
+    low_bit_step_ratio: float = valid(3.0, gt=0)  # <=2-bit runs train this many times longer than 3/4-bit runs
+    quantizer: str = added_later(
+        "paretoq", "paretoq", valid=Valid(choices=QUANTIZERS)
+    )  # "paretoq" (SEQ / LSQ by bit width) or "r2q" (2 bit)
 
 
 def supports(request: Request) -> None:

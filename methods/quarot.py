@@ -31,7 +31,8 @@ from torch import nn
 from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.bits import BitSpec, check_integer_weight_bits
 from methods.core.gptq import GPTQSettings, quantize_rotated_weights
-from methods.core.params import added_later
+from methods.core.params import Valid, added_later, flag, valid
+from methods.core.quantizers import SYM_GRIDS
 from methods.core.rotation import quarot_rotate, rotation_refusal
 
 
@@ -39,15 +40,19 @@ from methods.core.rotation import quarot_rotate, rotation_refusal
 class QuaRotConfig(GPTQSettings):
     """The rotation, the weight quantizer (GPTQ's solver settings, or RTN) and QuaRot's §5 weight grid."""
 
-    rotation: str = "hadamard"  # "hadamard" (randomized Hadamard, the paper's) or "random" (orthogonal)
-    weights: str = "gptq"  # "gptq" or "rtn"
-    w_sym: bool = True
-    w_mse_clip: bool = True
-    act_order: bool = False  # the authors' fake_quant default (--act_order off); GPTQ's own default is on
-    w_sym_grid: str = added_later("absmax", legacy="absmax")  # the authors' symmetric grid: max|w| / (2^(b-1) - 1)
+    rotation: str = valid(
+        "hadamard", choices=("hadamard", "random")
+    )  # "hadamard" (randomized Hadamard, the paper's) or "random" (orthogonal)
+    weights: str = valid("gptq", choices=("gptq", "rtn"))  # "gptq" or "rtn"
+    w_sym: bool = flag(True)
+    w_mse_clip: bool = flag(True)
+    act_order: bool = flag(False)  # the authors' fake_quant default (--act_order off); GPTQ's own default is on
+    w_sym_grid: str = added_later(
+        "absmax", legacy="absmax", valid=Valid(choices=SYM_GRIDS)
+    )  # the authors' symmetric grid: max|w| / (2^(b-1) - 1)
     # diag(s)·H (the authors': random signs before the Hadamard); false = H·diag(s), which this harness used
     # before and which leaves |x Q| independent of the seed (kept to re-create rows recorded with it)
-    signs_first: bool = added_later(True, legacy=False)
+    signs_first: bool = added_later(True, legacy=False, valid=Valid(choices=(False, True)))
 
 
 def supports(request: Request) -> None:

@@ -34,6 +34,7 @@ from methods.core.bits import BitSpec, check_integer_weight_bits
 from methods.core.gptq import quantize_layerwise, reconstruction_error
 from methods.core.incoherence import ORDERS, quip_quantize
 from methods.core.orthogonal import KINDS, StructuredOrthogonal
+from methods.core.params import flag, valid
 from methods.core.quantizers import WeightQuantizer
 
 
@@ -42,16 +43,18 @@ class QuIPConfig:
     """Incoherence processing + LDLQ (the solve in float64). `true_sequential` and `sink_weight` are the
     shared layer-wise loop's options (`methods.core.gptq`); calib_batch_size changes memory only."""
 
-    damp: float = 0.01
-    calib_batch_size: int = 4
-    true_sequential: bool = False
-    sink_weight: float = 1.0
-    transform: str = "kron"  # "kron" (the paper's Kronecker of two Haar factors) or "butterfly" (the code's)
-    rescale: bool = True  # the diagonal rescaling d = (diag H / diag WᵀW)^¼
-    rho: float = 2.4  # grid scale = rho · RMS of the processed weight
-    order: str = "ldlq"  # "ldlq" (last column first) or "diag" (QuIP-RG: decreasing diag H)
-    greedy_passes: int = 0  # 0 = QuIP; 2 with order=diag = QuIP-RG
-    trace_damp: float = 0.0  # the authors' code: 0.01 (H normalised to trace n, + 0.01·I)
+    damp: float = valid(0.01, gt=0)
+    calib_batch_size: int = valid(4, ge=1)
+    true_sequential: bool = flag(False)
+    sink_weight: float = valid(1.0, ge=0)
+    transform: str = valid(
+        "kron", choices=KINDS
+    )  # "kron" (the paper's Kronecker of two Haar factors) or "butterfly" (the code's)
+    rescale: bool = flag(True)  # the diagonal rescaling d = (diag H / diag WᵀW)^¼
+    rho: float = valid(2.4, gt=0)  # grid scale = rho · RMS of the processed weight
+    order: str = valid("ldlq", choices=ORDERS)  # "ldlq" (last column first) or "diag" (QuIP-RG: decreasing diag H)
+    greedy_passes: int = valid(0, ge=0)  # 0 = QuIP; 2 with order=diag = QuIP-RG
+    trace_damp: float = valid(0.0, ge=0)  # the authors' code: 0.01 (H normalised to trace n, + 0.01·I)
 
 
 def supports(request: Request) -> None:

@@ -60,6 +60,7 @@ from methods.core.gptq import quantize_layerwise, reconstruction_error
 from methods.core.incoherence import block_ldlq, process, rescale_factors
 from methods.core.losses import LossSettings, distillation
 from methods.core.orthogonal import RandomizedHadamard
+from methods.core.params import flag, valid
 from methods.core.qlinear import QLinear
 from methods.core.quantizers import WeightQuantizer
 from methods.core.trainer import LoopConfig, ParamGroup, TrainSettings
@@ -67,20 +68,22 @@ from methods.core.trainer import LoopConfig, ParamGroup, TrainSettings
 
 @dataclass(frozen=True)
 class QuIPSharpConfig:
-    damp: float = 0.01  # H / mean(diag H) + damp·I (the code's sigma_reg)
-    rescale: bool = False  # the diagonal rescaling (the code's --rescale_WH)
-    scale: float | None = None  # weights / (RMS / scale) before rounding; None = the codebook's (1.03 / 0.98 / 1.03)
-    tune_passes: int = 0  # block coordinate-descent passes after BlockLDLQ (the code: 10)
-    calib_batch_size: int = 4
-    true_sequential: bool = False
-    sink_weight: float = 1.0
-    layer_epochs: int = 0  # per-block fine-tuning epochs (step 7a; 0 = none, the code's default: 5)
-    layer_lr: float = 5e-5  # the block's unquantized linears and norms (the code's ft_lr)
-    layer_susv_lr: float = 5e-4  # sign vectors (the code's ft_susv_lr)
-    e2e_epochs: int = 0  # end-to-end fine-tuning passes over the calibration windows (step 7b; 0 = none)
-    e2e_valid: int = 2  # calibration windows held out to pick the best epoch (the code's ft_valid_size)
-    e2e_susv_lr: float = 1e-4  # sign vectors (the code's ft_susv_lr for finetune_e2e)
-    e2e_lm_head: bool = True  # the code tunes lm_head with the norms
+    damp: float = valid(0.01, gt=0)  # H / mean(diag H) + damp·I (the code's sigma_reg)
+    rescale: bool = flag(False)  # the diagonal rescaling (the code's --rescale_WH)
+    scale: float | None = valid(
+        None, gt=0, none=True
+    )  # weights / (RMS / scale) before rounding; None = the codebook's (1.03 / 0.98 / 1.03)
+    tune_passes: int = valid(0, ge=0)  # block coordinate-descent passes after BlockLDLQ (the code: 10)
+    calib_batch_size: int = valid(4, ge=1)
+    true_sequential: bool = flag(False)
+    sink_weight: float = valid(1.0, ge=0)
+    layer_epochs: int = valid(0, ge=0)  # per-block fine-tuning epochs (step 7a; 0 = none, the code's default: 5)
+    layer_lr: float = valid(5e-5, gt=0)  # the block's unquantized linears and norms (the code's ft_lr)
+    layer_susv_lr: float = valid(5e-4, ge=0)  # sign vectors (the code's ft_susv_lr)
+    e2e_epochs: int = valid(0, ge=0)  # end-to-end fine-tuning passes over the calibration windows (step 7b; 0 = none)
+    e2e_valid: int = valid(2, ge=1)  # calibration windows held out to pick the best epoch (the code's ft_valid_size)
+    e2e_susv_lr: float = valid(1e-4, ge=0)  # sign vectors (the code's ft_susv_lr for finetune_e2e)
+    e2e_lm_head: bool = flag(True)  # the code tunes lm_head with the norms
     e2e: LoopConfig = field(
         default_factory=lambda: LoopConfig(batch_size=1, lr=1e-5, schedule="constant", checkpoint_every=0)
     )  # lr: norms and lm_head (the code's ft_lr); steps are set by e2e_epochs

@@ -54,7 +54,7 @@ from methods.core.clip_search import ClipSearchSettings, clip_model_weights
 from methods.core.ldp import LDPQuantizer, clip_ratios, level_histogram, logit_of, uniform_grid_fake_quant
 from methods.core.learned_rotation import RotationLearning, fuse, learn_rotations
 from methods.core.losses import KL_KINDS, LossSettings, cross_entropy, distillation, teacher_confidence
-from methods.core.params import added_later
+from methods.core.params import Valid, added_later, flag, valid
 from methods.core.qat import TrainableQLinear, convert, prepare
 from methods.core.qlinear import QLinear
 from methods.core.quantizers import WeightQuantizer
@@ -72,20 +72,22 @@ LATENT_WEIGHTS = r"layers\..*_proj\.weight$"  # the decoder linears' latent weig
 
 @dataclass(frozen=True)
 class RCPConfig:
-    rotation: str = "hadamard"
+    rotation: str = valid("hadamard", choices=ROTATIONS)
     # rotation=spinquant only (SpinQuant's trainer defaults; added after the first RCP runs, whose keys they keep)
-    rotation_steps: int = added_later(100, 100)
-    rotation_batch_size: int = added_later(1, 1)
-    rotation_lr: float = added_later(1.5, 1.5)
-    partition: str = "learned"
-    learn_clip: bool = True
-    clip_init: str = "search"
-    clip_ratio: float = 0.982  # clip_init=ratio: sigmoid(4), OmniQuant's LWC initialisation
+    rotation_steps: int = added_later(100, 100, valid=Valid(ge=0))
+    rotation_batch_size: int = added_later(1, 1, valid=Valid(ge=1))
+    rotation_lr: float = added_later(1.5, 1.5, valid=Valid(gt=0))
+    partition: str = valid("learned", choices=PARTITIONS)
+    learn_clip: bool = flag(True)
+    clip_init: str = valid("search", choices=CLIP_INITS)
+    clip_ratio: float = valid(0.982, gt=0, le=1)  # clip_init=ratio: sigmoid(4), OmniQuant's LWC initialisation
     clip_search: ClipSearchSettings = field(default_factory=ClipSearchSettings)
-    loss: str = "cakld"
-    cakld_batches: int = 10
+    loss: str = valid("cakld", choices=LOSSES)
+    cakld_batches: int = valid(10, ge=1)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    quantizer_lr: float = 1e-3  # γ, β, θ (conf/method/rcp.yaml: the smoke-budget sweep these defaults come from)
+    quantizer_lr: float = valid(
+        1e-3, gt=0
+    )  # γ, β, θ (conf/method/rcp.yaml: the smoke-budget sweep these defaults come from)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=5e-4, schedule="cosine"))
 
 
@@ -107,14 +109,14 @@ def supports(request: Request) -> None:
 
 
 def _check(cfg: RCPConfig) -> None:
-    for name, value, valid in (
+    for name, value, choices in (
         ("rotation", cfg.rotation, ROTATIONS),
         ("partition", cfg.partition, PARTITIONS),
         ("clip_init", cfg.clip_init, CLIP_INITS),
         ("loss", cfg.loss, LOSSES),
     ):
-        if value not in valid:
-            raise ValueError(f"rcp {name} must be one of {', '.join(valid)}, got {value!r}")
+        if value not in choices:
+            raise ValueError(f"rcp {name} must be one of {', '.join(choices)}, got {value!r}")
     if not 0 < cfg.clip_ratio <= 1:
         raise ValueError(f"rcp clip_ratio must be in (0, 1], got {cfg.clip_ratio}")
 

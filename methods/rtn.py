@@ -13,15 +13,16 @@ from torch import nn
 
 from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.bits import BitSpec, check_integer_weight_bits
+from methods.core.params import flag, valid
 from methods.core.qlinear import quantize_decoder_linears
 from methods.core.quantizers import WeightQuantizer
 
 
 @dataclass(frozen=True)
 class RTNConfig:
-    w_sym: bool = False  # asymmetric min/max weights, as in the GPTQ/QuaRot RTN baselines
-    w_clip_ratio: float = 1.0
-    w_mse_clip: bool = False
+    w_sym: bool = flag(False)  # asymmetric min/max weights, as in the GPTQ/QuaRot RTN baselines
+    w_clip_ratio: float = valid(1.0, gt=0, le=1)
+    w_mse_clip: bool = flag(False)
 
 
 def supports(request: Request) -> None:

@@ -29,6 +29,7 @@ from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.arch import decoder_linears
 from methods.core.bits import BitSpec
 from methods.core.formats import QuantizedWeight
+from methods.core.params import flag, valid
 from methods.core.qlinear import QLinear
 
 SIGNROUND_WEIGHT_BITS = (2, 3, 4, 8, 16)
@@ -37,14 +38,16 @@ INSTALL = "pip install 'quantbench[autoround]'"
 
 @dataclass(frozen=True)
 class SignRoundConfig:
-    iters: int = 200
-    lr: float | None = None  # None = 1 / iters (paper)
-    minmax_lr: float | None = None  # None = lr (paper)
-    batch_size: int = 8
-    w_sym: bool = False
-    disable_opt_rtn: bool = True
-    amp: bool = False  # auto-round's default casts the model to bf16; we keep fp32 (our evaluation dtype)
-    enable_torch_compile: bool | None = None  # None = auto-round's choice (compiles the block when iters >= 10)
+    iters: int = valid(200, ge=0)
+    lr: float | None = valid(None, gt=0, none=True)  # None = 1 / iters (paper)
+    minmax_lr: float | None = valid(None, gt=0, none=True)  # None = lr (paper)
+    batch_size: int = valid(8, ge=1)
+    w_sym: bool = flag(False)
+    disable_opt_rtn: bool = flag(True)
+    amp: bool = flag(False)  # auto-round's default casts the model to bf16; we keep fp32 (our evaluation dtype)
+    enable_torch_compile: bool | None = valid(
+        None, choices=(False, True), none=True
+    )  # None = auto-round's choice (compiles the block when iters >= 10)
 
 
 def auto_round_version() -> str:

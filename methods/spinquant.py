@@ -45,7 +45,8 @@ from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.bits import BitSpec, check_integer_weight_bits
 from methods.core.gptq import GPTQSettings, quantize_rotated_weights
 from methods.core.learned_rotation import RotationLearning, fuse, learn_rotations
-from methods.core.quantizers import WeightQuantizer
+from methods.core.params import flag, valid
+from methods.core.quantizers import SYM_GRIDS, WeightQuantizer
 from methods.core.rotation import rotation_refusal
 from methods.core.trainer import LoopConfig
 
@@ -55,16 +56,20 @@ LOOP_WEIGHTS = ("auto", "rtn", "none")
 
 @dataclass(frozen=True)
 class SpinQuantConfig(GPTQSettings):
-    variant: str = "had"
-    o_proj_heads: bool = True  # QuaRot's online cross-head Hadamard before o_proj (false: the authors' code)
-    weights: str = "gptq"  # "gptq" or "rtn" after the rotations are learned
-    w_sym: bool = True
-    w_mse_clip: bool = True
-    act_order: bool = False  # QuaRot's / the authors' GPTQ setting
-    w_sym_grid: str = "absmax"
-    cayley_iterations: int = 5  # fixed-point steps of the Cayley map (then to convergence); 0 = exact solve
-    loop_weights: str = "auto"  # weights while R learns: "none" (16-bit), "rtn", "auto" (module docstring, step 3)
-    loop_w_mse_clip: bool = False  # the in-loop RTN's clip search per forward (the authors' code: on; CPU: off)
+    variant: str = valid("had", choices=VARIANTS)
+    o_proj_heads: bool = flag(True)  # QuaRot's online cross-head Hadamard before o_proj (false: the authors' code)
+    weights: str = valid("gptq", choices=("gptq", "rtn"))  # "gptq" or "rtn" after the rotations are learned
+    w_sym: bool = flag(True)
+    w_mse_clip: bool = flag(True)
+    act_order: bool = flag(False)  # QuaRot's / the authors' GPTQ setting
+    w_sym_grid: str = valid("absmax", choices=SYM_GRIDS)
+    cayley_iterations: int = valid(
+        5, ge=0
+    )  # fixed-point steps of the Cayley map (then to convergence); 0 = exact solve
+    loop_weights: str = valid(
+        "auto", choices=LOOP_WEIGHTS
+    )  # weights while R learns: "none" (16-bit), "rtn", "auto" (module docstring, step 3)
+    loop_w_mse_clip: bool = flag(False)  # the in-loop RTN's clip search per forward (the authors' code: on; CPU: off)
     loop: LoopConfig = field(
         default_factory=lambda: LoopConfig(steps=100, batch_size=1, lr=1.5, schedule="cosine", max_grad_norm=1.0)
     )

@@ -62,16 +62,33 @@ def _runs(tmp_path):
     return mlflow.MlflowClient().search_runs([exp.experiment_id], max_results=1000)
 
 
+def _short_test_split(tmp_path, data_dir: str, chars: int) -> str:
+    """A mirror whose WikiText-2 test split is cut to `chars` characters (the rest linked to the real one): a
+    window longer than the split passes planning (it is within the model's context) and fails at run time."""
+    mirror = tmp_path / "mirror"
+    (mirror / "wikitext-2-raw").mkdir(parents=True)
+    for entry in Path(data_dir).iterdir():
+        if entry.name != "wikitext-2-raw":
+            (mirror / entry.name).symlink_to(entry)
+    for split in Path(data_dir, "wikitext-2-raw").iterdir():
+        if split.name != "wiki.test.raw":
+            (mirror / "wikitext-2-raw" / split.name).symlink_to(split)
+    text = Path(data_dir, "wikitext-2-raw", "wiki.test.raw").read_text(encoding="utf-8")[:chars]
+    (mirror / "wikitext-2-raw" / "wiki.test.raw").write_text(text, encoding="utf-8")
+    return str(mirror)
+
+
 def test_sweep_failures_resume_and_report(tmp_path, data_dir, harness_main):
     args = [
         "sweep",
         "model=tiny-llama",
         "budget=smoke",
         "bits=w16a16kv16,w4a4kv4,w1.58a16kv16",
-        "eval.ppl.seqlen=256,100000000",
+        "eval.ppl.seqlen=256,4000",
     ]
+    data_dir = _short_test_split(tmp_path, data_dir, 3000)  # ~3,000 byte tokens: 11 windows of 256, none of 4000
     first = _cli(args, tmp_path, data_dir)
-    assert first.returncode == 1, first.stderr[-2000:]  # the impossible seqlen fails, the rest goes on
+    assert first.returncode == 1, first.stderr[-2000:]  # the seqlen longer than the split fails, the rest goes on
     out = first.stdout
     assert out.index("skipping unsupported tiny-llama/rtn/w1.58a16kv16") < out.index("finished")
     assert out.count("unsupported  tiny-llama/rtn/w1.58a16kv16") == 2  # listed, never loaded
@@ -148,7 +165,7 @@ def test_list_names_models_methods_and_grammar(capsys):
     out = capsys.readouterr().out
     assert "bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, r2q, rcp, rtn, signround, spinquant" in out
     assert "smollm2-135m" in out and BITS_GRAMMAR in out
-    assert "MISSING" not in out and "method=paretoq: loop=LoopConfig(steps=None" in out  # nested defaults shown
+    assert "MISSING" not in out and "method=paretoq: loop.steps=null [>= 0 or null]" in out  # nested leaves, rules
     assert main(["nope"]) == 2
     assert "valid: run, sweep, report" in capsys.readouterr().err
 

@@ -48,10 +48,18 @@ def test_every_malformed_combination_of_a_large_sweep_is_listed_at_once():
     with pytest.raises(SpecError) as err:
         cli_sweep.plan(["model=tiny-llama", bits, "seed=0,1,2,abc", "method=rtn,gptq,quarot,signround,paretoq"])
     lines = str(err.value).splitlines()
-    assert lines[0] == "40 of 100 combinations are malformed (nothing was run):"
-    bits_line, seed_line = sorted(lines[1:])
-    assert bits_line.startswith("  bits 'w0a4kv4': weight bits 0 not allowed") and "and 19 more]" in bits_line
-    assert seed_line.startswith("  seed must be an integer, got 'abc'") and "and 19 more]" in seed_line
+    assert lines[0] == "55 of 100 combinations are malformed (nothing was run):"
+    bits_line, group_line, seed_line, both_line = sorted(lines[1:])
+    assert bits_line.startswith("  bits 'w0a4kv4': weight bits 0 not allowed") and "and 14 more]" in bits_line
+    # tiny-llama's narrowest linear is 64 wide: g128 is refused, with the seed's problem where both are wrong
+    assert group_line.startswith("  invalid configuration: bits=w4g128a16kv16: group 128 (must be <= 64")
+    assert (
+        both_line.startswith("  invalid configuration: seed must be an integer, got 'abc'") and "group 128" in both_line
+    )
+    assert (
+        seed_line.startswith("  invalid configuration: seed must be an integer, got 'abc'")
+        and "and 19 more]" in seed_line
+    )
 
 
 def test_a_composition_the_method_refuses_is_listed_with_the_fix():

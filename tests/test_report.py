@@ -102,10 +102,11 @@ def test_paretoq_plot_puts_our_runs_beside_the_papers_numbers(tmp_path):
     records = [_record("fp", "rtn", "w16a16kv16", 21.6)]
     assert not plot_paretoq(records, claims, tmp_path / "p.png")  # no ParetoQ run: no plot
     for key, bits, ppl, bpw in (("q2", "w2a16kv16", 60.0, 2.03), ("q1", "w1a16kv16", 900.0, 1.03)):
-        rec = _record(key, "paretoq", bits, ppl)
+        rec = as_recipe(_record(key, "paretoq", bits, ppl))
         rec["metrics"]["bits_per_weight"] = bpw
         records.append(rec)
-    assert [bits for bits, _, _ in paretoq_points(records, "m")] == ["w1a16kv16", "w2a16kv16", "w16a16kv16"]
+    variant = as_recipe(_record("r2q", "paretoq", "w2a16kv16", 50.0, params={"quantizer": "r2q"}))
+    assert [bits for bits, _, _ in paretoq_points(records + [variant], "m")] == ["w1a16kv16", "w2a16kv16", "w16a16kv16"]
     assert plot_paretoq([{**r, "model": "smollm2-135m"} for r in records], claims, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 

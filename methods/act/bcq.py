@@ -15,18 +15,19 @@ import torch
 from torch import nn
 
 from methods.core import bcq
+from methods.core.params import valid
 from methods.core.qlinear import attach_act_quantizers
 
 
 @dataclass(frozen=True)
 class BCQActConfig:
-    block_len: int = 8
-    array_len: int = 64
-    n_codebooks: int = 16
-    entry_bits: int = 6
-    iterations: int = 20
-    lloyd_iterations: int = 1
-    calib_blocks: int = 100_000
+    block_len: int = valid(8, ge=1)
+    array_len: int = valid(64, ge=1)
+    n_codebooks: int = valid(16, ge=1)
+    entry_bits: int = valid(6, ge=2, le=8)
+    iterations: int = valid(20, ge=0)
+    lloyd_iterations: int = valid(1, ge=0)
+    calib_blocks: int = valid(100_000, ge=1)
 
     def layout(self) -> bcq.BCQLayout:
         return bcq.BCQLayout(self.block_len, self.array_len, self.n_codebooks, self.entry_bits)

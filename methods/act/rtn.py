@@ -8,15 +8,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from methods.core.params import flag, valid
 from methods.core.qlinear import attach_act_quantizers
 from methods.core.quantizers import DynamicQuantizer
 
 
 @dataclass(frozen=True)
 class RTNActConfig:
-    sym: bool = True
-    clip_ratio: float = 1.0
-    group_size: int | None = None  # None = one group per token
+    sym: bool = flag(True)
+    clip_ratio: float = valid(1.0, gt=0, le=1)
+    group_size: int | None = valid(None, ge=1, none=True)  # None = one group per token
 
 
 @dataclass

@@ -25,16 +25,17 @@ from torch import nn
 
 from methods.core.arch import arch_of
 from methods.core.calibrate import walk_blocks
+from methods.core.params import valid
 
 SKIPPED = ("q_proj", "k_proj")
 
 
 @dataclass(frozen=True)
 class ClipSearchSettings:
-    n_grid: int = 20
-    max_shrink: float = 0.5
-    n_tokens: int = 512
-    batch_size: int = 4
+    n_grid: int = valid(20, ge=1)
+    max_shrink: float = valid(0.5, ge=0, lt=1)
+    n_tokens: int = valid(512, ge=1)
+    batch_size: int = valid(4, ge=1)
 
 
 def pad_groups_replicating(w: torch.Tensor, group: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 from methods.core.arch import arch_of
 from methods.core.calibrate import HessianCollector, shared_input_owner, walk_blocks
 from methods.core.formats import QuantizedWeight
-from methods.core.params import added_later, changed_default
+from methods.core.params import Valid, added_later, changed_default, valid
 from methods.core.qlinear import set_quantized_weight
 from methods.core.quantizers import WeightQuantizer, _pad_to_groups, quantize_codes
 
@@ -48,13 +48,13 @@ class GPTQSettings:
     static groups and an fp32 solve, the maintained toolkits'), plus how many calibration windows go through a
     block per forward (memory only; no effect on numbers)."""
 
-    damp: float = 0.01
-    act_order: bool = changed_default(True, legacy=False)
-    block_size: int = 128
-    calib_batch_size: int = 4
-    solve_dtype: str = added_later("float32", legacy="float64")
-    true_sequential: bool = added_later(False, legacy=False)
-    sink_weight: float = added_later(1.0, legacy=1.0)
+    damp: float = valid(0.01, gt=0)
+    act_order: bool = changed_default(True, legacy=False, valid=Valid(choices=(False, True)))
+    block_size: int = valid(128, ge=1)
+    calib_batch_size: int = valid(4, ge=1)
+    solve_dtype: str = added_later("float32", legacy="float64", valid=Valid(choices=tuple(SOLVE_DTYPES)))
+    true_sequential: bool = added_later(False, legacy=False, valid=Valid(choices=(False, True)))
+    sink_weight: float = added_later(1.0, legacy=1.0, valid=Valid(ge=0))
 
 
 def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:

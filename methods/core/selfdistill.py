@@ -22,17 +22,18 @@ from torch import nn
 from tqdm import tqdm
 
 from methods.core.atomic import atomic_write
+from methods.core.params import valid
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    max_prompts: int = 64
-    prompt_chars: int = 128
-    min_row_chars: int = 512
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    batch_size: int = 8
+    max_prompts: int = valid(64, ge=1)
+    prompt_chars: int = valid(128, ge=1)
+    min_row_chars: int = valid(512, ge=0)
+    max_new_tokens: int = valid(256, ge=1)
+    temperature: float = valid(0.7, gt=0)
+    top_p: float = valid(1.0, gt=0, le=1)
+    batch_size: int = valid(8, ge=1)
 
 
 def select_prompts(rows: list[str], settings: GenerationSettings, seed: int) -> list[str]:

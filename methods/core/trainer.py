@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from methods.core.atomic import atomic_write
+from methods.core.params import flag, valid
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, OptimizerFactory] = {
@@ -82,17 +83,17 @@ class LoopConfig:
     """A training method's loop settings as its config exposes them (`method.loop.*`); each method gives its
     paper's defaults with `field(default_factory=lambda: LoopConfig(...))`."""
 
-    steps: int | None = None  # optimizer steps; None = one pass over the training windows
-    batch_size: int = 2
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = None
-    loss_chunk: int = 256  # positions per lm_head chunk in the loss
-    checkpoint_every: int = 50
-    bf16_autocast: bool = False  # bf16 compute, fp32 master weights (CUDA; this CPU has no bf16 units)
+    steps: int | None = valid(None, ge=0, none=True)  # optimizer steps; None = one pass over the training windows
+    batch_size: int = valid(2, ge=1)
+    grad_accum: int = valid(1, ge=1)
+    lr: float = valid(2e-5, gt=0)
+    weight_decay: float = valid(0.0, ge=0)
+    schedule: str = valid("cosine", choices=SCHEDULES)
+    warmup_steps: int = valid(0, ge=0)
+    max_grad_norm: float | None = valid(None, gt=0, none=True)
+    loss_chunk: int = valid(256, ge=1)  # positions per lm_head chunk in the loss
+    checkpoint_every: int = valid(50, ge=0)
+    bf16_autocast: bool = flag(False)  # bf16 compute, fp32 master weights (CUDA; this CPU has no bf16 units)
 
     def one_pass(self, windows: int) -> int:
         return max(1, windows // (self.batch_size * self.grad_accum))

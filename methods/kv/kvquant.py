@@ -43,6 +43,7 @@ from torch import nn
 
 from methods.core.attention import AttentionState, attention_states
 from methods.core.kvcache import VectorCodec, fit_levels, q_norm, quantiles, uniform_levels
+from methods.core.params import flag, valid
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,18 @@ FISHER_WEIGHTS = ("scaled", "plain", "none")
 
 @dataclass(frozen=True)
 class KVQuantConfig:
-    keys: str = "per_channel"  # per_channel (offline bounds) | per_token (online)
-    keys_pre_rope: bool = True
-    datatype: str = "nuq"  # nuq (k-means table) | int (uniform grid)
-    outlier_fraction: float = 0.01  # dense-and-sparse: fraction kept exact; 0 = dense only
-    fisher: str = "scaled"  # k-means weights: scaled (F·s², paper App. E) | plain (F, authors' code) | none
-    sink_tokens: int = 1  # first tokens kept in fp16
-    q_norm: bool = False
-    kmeans_iters: int = 50
+    keys: str = valid(
+        "per_channel", choices=("per_channel", "per_token")
+    )  # per_channel (offline bounds) | per_token (online)
+    keys_pre_rope: bool = flag(True)
+    datatype: str = valid("nuq", choices=DATATYPES)  # nuq (k-means table) | int (uniform grid)
+    outlier_fraction: float = valid(0.01, ge=0, lt=1)  # dense-and-sparse: fraction kept exact; 0 = dense only
+    fisher: str = valid(
+        "scaled", choices=FISHER_WEIGHTS
+    )  # k-means weights: scaled (F·s², paper App. E) | plain (F, authors' code) | none
+    sink_tokens: int = valid(1, ge=0)  # first tokens kept in fp16
+    q_norm: bool = flag(False)
+    kmeans_iters: int = valid(50, ge=1)
 
     def __post_init__(self):
         for name, value, allowed in (

@@ -10,15 +10,16 @@ from dataclasses import dataclass
 from torch import nn
 
 from methods.core.attention import attention_states, uniform_kv_bytes_per_token
+from methods.core.params import flag, valid
 from methods.core.quantizers import DynamicQuantizer
 
 
 @dataclass(frozen=True)
 class RTNKVConfig:
-    sym: bool = False
-    clip_ratio: float = 1.0
-    group_size: int | None = None  # None = one group per head (head_dim)
-    keys_pre_rope: bool = False
+    sym: bool = flag(False)
+    clip_ratio: float = valid(1.0, gt=0, le=1)
+    group_size: int | None = valid(None, ge=1, none=True)  # None = one group per head (head_dim)
+    keys_pre_rope: bool = flag(False)
 
 
 @dataclass
