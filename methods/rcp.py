@@ -88,7 +88,8 @@ class RCPConfig:
     quantizer_lr: float = valid(
         1e-3, gt=0
     )  # γ, β, θ (conf/method/rcp.yaml: the smoke-budget sweep these defaults come from)
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=5e-4, schedule="cosine"))
+    # weights at 2e-5 (conf/method/rcp.yaml: 5e-4 diverged at W4A4KV4), γ/β/θ at quantizer_lr
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=2e-5, schedule="cosine"))
 
 
 def supports(request: Request) -> None:
