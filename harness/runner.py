@@ -350,13 +350,15 @@ def make_context(spec: RunSpec, tokenizer, drawn: list[int] | None = None, log_s
 def apply(model, entry, config, bits: BitSpec, ctx: QuantContext):
     """The weight method, then the act/KV plug-ins it was handed (fitted on calibration data if they need it,
     then attached — idempotent, so a method may have attached them itself). Returns the method's summary, with
-    the plug-ins' own measurements and artifacts (`metrics()`, `artifacts()`, when they have them) added."""
+    the plug-ins' own notes, measurements and artifacts (`notes()`, `metrics()`, `artifacts()`, when they have
+    them) added."""
     summary = entry.quantize(model, config, bits, ctx)
     for plugin in (ctx.act, ctx.kv):
         if plugin is not None:
             if plugin.needs_calibration:
                 plugin.fit(model, ctx.calibration())
             plugin.attach(model)
+            summary.notes.update(plugin.notes() if hasattr(plugin, "notes") else {})
             summary.metrics.update(plugin.metrics() if hasattr(plugin, "metrics") else {})
             summary.artifacts.update(plugin.artifacts() if hasattr(plugin, "artifacts") else {})
     return summary

@@ -19,7 +19,7 @@ from harness.spec import BITS_GRAMMAR, SpecError
         (["bits=w4a16kv16,w0a4kv4"], BITS_GRAMMAR),
         (["method.w_symm=true"], "Could not override 'method.w_symm'"),
         (["method=rtn", "+method.w_symm=true"], "has no parameter(s) w_symm"),
-        (["kv=nosuch"], "unknown kv 'nosuch'; valid: kvquant, rtn"),
+        (["kv=nosuch"], "unknown kv 'nosuch'; valid: akvq, kvquant, rtn"),
         (["act=nosuch", "bits=w4a4kv4"], "unknown act 'nosuch'; valid: bcq, rtn"),
         (["kv.clip=0.9"], "Could not override 'kv.clip'"),
         (["method.damp=abc", "method=gptq"], "Value 'abc' of type 'str' could not be converted to Float"),

@@ -4,7 +4,9 @@ Each decoder block's attention module gets one `AttentionState`: an optional tra
 and keys after RoPE (QuaRot's online Hadamard R3; orthogonal, so q·kᵀ is unchanged), an optional key
 quantizer placed after RoPE (on what the cache stores; QuaRot §4) or before it (KVQuant §3.2: on the last
 key value before RoPE — k_proj's output for Llama, k_norm's output for Gemma 3, per the arch adapter), and an
-optional value quantizer. Quantizers see tensors whose last dim is head_dim: pre-RoPE keys as [batch, tokens,
+optional value quantizer, and an optional observer handed the (query, key) pair attention is about to use
+(after RoPE and the qk transform, before the KV quantizers: AKVQ-VL's pivot tokens are chosen from the
+attention map it implies). Quantizers see tensors whose last dim is head_dim: pre-RoPE keys as [batch, tokens,
 kv_heads, head_dim], post-RoPE keys and values as attention gets them, [batch, kv_heads, tokens, head_dim].
 
 Post-RoPE work happens in `quantbench_sdpa`, registered with transformers' attention-function registry: it
@@ -29,6 +31,7 @@ from methods.core.arch import arch_of
 ATTN_IMPLEMENTATION = "quantbench_sdpa"
 STATE_ATTRIBUTE = "quantbench_state"
 Transform = Callable[[torch.Tensor], torch.Tensor]
+QKObserver = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
 
 
 @dataclass
@@ -38,6 +41,8 @@ class AttentionState:
     value_quant: Transform | None = None
     keys_pre_rope: bool = False
     first_position: int = 0  # the current forward's first token position (cached decoding: > 0)
+    observe_qk: QKObserver | None = None  # (module, query, key, attention mask), before the KV quantizers
+    values_hadamard: bool = False  # a Hadamard is already fused into v_proj's heads (QuaRot's R2)
 
     def set_kv(self, key_quant: Transform | None, value_quant: Transform | None, keys_pre_rope: bool) -> None:
         self.key_quant, self.value_quant, self.keys_pre_rope = key_quant, value_quant, keys_pre_rope
@@ -48,6 +53,8 @@ def _quantbench_attention(module: nn.Module, query, key, value, attention_mask, 
     if state is not None:
         if state.qk_transform is not None:
             query, key = state.qk_transform(query), state.qk_transform(key)
+        if state.observe_qk is not None:
+            state.observe_qk(module, query, key, attention_mask)
         if state.key_quant is not None and not state.keys_pre_rope:
             key = state.key_quant(key)
         if state.value_quant is not None:

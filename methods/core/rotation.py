@@ -79,9 +79,17 @@ def _per_head(w: torch.Tensor, head_dim: int, fn: Callable[[torch.Tensor], torch
 
 def rotate_values(model: nn.Module, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> None:
     """R2: in layer l every value head v ↦ v R_lᵀ (`transforms[l]`: x ↦ x R_lᵀ, fused into v_proj's rows), and
-    o_proj's input heads accordingly, so o_proj's output is unchanged."""
+    o_proj's input heads accordingly, so o_proj's output is unchanged. A Hadamard R2 is marked on the layer's
+    attention state (`values_hadamard`), so a KV plug-in does not rotate the values a second time."""
+    from methods.core.attention import attention_states
+
     arch = arch_of(model)
     head_dim = arch.head_dim(model.config)
+    transforms = list(transforms)
+    hadamard = [isinstance(t, HadamardTransform) for t in transforms]
+    if any(hadamard):
+        for state, marked in zip(attention_states(model), hadamard, strict=True):
+            state.values_hadamard = marked
     for layer, transform in zip(arch.layers(model), transforms, strict=True):
         attn = arch.attention(layer)
         _apply(
