@@ -66,8 +66,9 @@ def plot_pareto(records: list[dict], path: Path) -> None:
     """PPL relative to FP, whole test split only (budget subsets stay in the tables): one row per model, panels
     for weight-only and KV-only settings against true bits (per method a line through its Pareto-optimal points,
     dominated runs hollow) and, between them, weight+activation/KV settings, which share ~4 bits per weight, one
-    slot per setting; one colour per method within a panel; runs above CEILING x FP drawn on the ceiling with
-    their PPL in the legend; the FP line at 1."""
+    slot per setting; one colour per method, the same in every panel, and each method's name written next to
+    its line or points; runs above CEILING x FP drawn on the ceiling with their PPL in the legend; the FP line at
+    1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,6 +82,7 @@ def plot_pareto(records: list[dict], path: Path) -> None:
         _save(fig, path)
         return
     models = sorted(frame.model.unique())
+    colours = method_colours(sorted(frame.method.unique()))
     legend_rows = max(len(g.method.unique()) for _, g in frame.groupby(["model", "panel"]))
     row_height = 4.2 + 0.2 * legend_rows
     fig, axes = plt.subplots(len(models), 3, figsize=(19, row_height * len(models)), squeeze=False)
@@ -91,7 +93,6 @@ def plot_pareto(records: list[dict], path: Path) -> None:
             if group.empty:
                 ax.set_visible(False)
                 continue
-            colours = panel_colours(sorted(group.method.unique()))
             if xcol == "setting":
                 _draw_settings_panel(ax, group, colours)
             else:
@@ -106,9 +107,9 @@ def plot_pareto(records: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def panel_colours(methods: list[str]) -> dict[str, tuple]:
-    """One colour per method of a panel (each panel has its own legend), all distinct: tab10 up to ten methods,
-    tab20 up to twenty, beyond that evenly spaced hues."""
+def method_colours(methods: list[str]) -> dict[str, tuple]:
+    """One colour per method (column) of the whole figure, so a method has the same colour in every panel, all
+    distinct: tab10 up to ten methods, tab20 up to twenty, beyond that evenly spaced hues."""
     import matplotlib.pyplot as plt
 
     if len(methods) <= 20:
@@ -134,6 +135,8 @@ def _draw_panel(ax, group, xcol: str, colours) -> None:
             ax.scatter(x, r.rel, s=30, color=colour if best else "none", edgecolors=colour, zorder=3)
         down = rows[rows.rel > CEILING]
         ax.scatter(down[xcol], [CEILING] * len(down), marker="^", s=45, color=colour, zorder=3)
+        if front:
+            _name_point(ax, method, front[0], colour)
         _legend_entry(ax, method, colour, down)
     settings = group.groupby("bits")[xcol].median().sort_values()
     top = ax.secondary_xaxis("top")
@@ -170,6 +173,8 @@ def _draw_settings_panel(ax, group, colours) -> None:
         for x, y, marker in zip(xs, ys, markers, strict=True):
             ax.scatter(x, y, marker=marker, s=40 if marker == "o" else 45, color=colour, edgecolors="black",
                        linewidths=0.4, alpha=0.9, zorder=3)  # fmt: skip
+            if marker == "o":
+                _name_point(ax, method, (x, y), colour, rotation=90)
         _legend_entry(ax, method, colour, rows[rows.rel > CEILING])
     for slot in range(1, len(settings)):
         ax.axvline(slot - 0.5, color="0.75", linewidth=0.8)
@@ -182,6 +187,13 @@ def _draw_settings_panel(ax, group, colours) -> None:
     ax.set_xlim(-0.5, len(settings) - 0.5)
     _finish_axes(ax, legend_y=-0.2)  # below the two-line tick labels and the axis label
     ax.grid(False, which="both", axis="x")  # the slot separators stand in for vertical grid lines
+
+
+def _name_point(ax, method: str, point: tuple[float, float], colour, rotation: float = 0) -> None:
+    """The method's name beside a point (the left end of its line, or each point of the settings panel), in
+    its colour, so the eye need not go to the legend."""
+    ax.annotate(method, point, xytext=(5, 3), textcoords="offset points", fontsize=7, color=colour,
+                rotation=rotation, ha="left", va="bottom", rotation_mode="anchor", zorder=4)  # fmt: skip
 
 
 def _legend_entry(ax, method: str, colour, down) -> None:

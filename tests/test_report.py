@@ -144,11 +144,11 @@ def test_settings_panel_slots_settings_by_bits_and_spreads_methods_inside():
     assert len(x) == 5
 
 
-def test_each_panel_gets_distinct_colours():
-    from harness.plots import panel_colours
+def test_each_method_gets_a_distinct_colour():
+    from harness.plots import method_colours
 
     for n in (3, 14, 20, 27):
-        colours = panel_colours([f"m{i}" for i in range(n)])
+        colours = method_colours([f"m{i}" for i in range(n)])
         assert len(set(colours.values())) == n
 
 
