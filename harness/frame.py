@@ -8,6 +8,7 @@ import pandas as pd
 
 from harness.labels import row_label
 from harness.recipes import is_recipe
+from harness.records import PROTOCOL_DEFAULTS
 
 # Calibration is a property of a row (what the method read), not of the evaluation: sections group runs by
 # the evaluation protocol only, and the `calib` column says what each method used.
@@ -60,6 +61,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for rec in records:
         metrics = rec["metrics"]
+        protocol = {**PROTOCOL_DEFAULTS, **rec["protocol"]}  # fields added later, as earlier runs had them
         ppl_name = f"{rec['protocol']['ppl_dataset']}_ppl"
         rows.append(
             {
@@ -85,10 +87,9 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
                 "plugins": json.dumps({g: rec.get(g) for g in ("act", "kv")}, sort_keys=True),
                 "metrics": metrics,
                 "end_time": rec["end_time"] or 0,
-                "protocol": json.dumps(
-                    {k: v for k, v in rec["protocol"].items() if k not in SECTION_FREE}, sort_keys=True
-                ),
-                **{f"p_{k}": v for k, v in rec["protocol"].items()},
+                "zs_documents": rec.get("zs_documents") or {},
+                "protocol": json.dumps({k: v for k, v in protocol.items() if k not in SECTION_FREE}, sort_keys=True),
+                **{f"p_{k}": v for k, v in protocol.items()},
             }
         )
     return pd.DataFrame(rows)

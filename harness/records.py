@@ -23,8 +23,11 @@ PROTOCOL_PARAMS = {
     "seed": "seed",
     "zs_tasks": "eval.zeroshot.tasks",
     "zs_limit": "eval.zeroshot.limit",
+    "zs_sample": "eval.zeroshot.sample",
+    "zs_sample_seed": "eval.zeroshot.sample_seed",
 }
-PROTOCOL_DEFAULTS = {"zs_tasks": "[]", "zs_limit": "null"}  # runs logged before zero-shot existed
+# runs logged before zero-shot (or its seeded document subset) existed
+PROTOCOL_DEFAULTS = {"zs_tasks": "[]", "zs_limit": "null", "zs_sample": "null", "zs_sample_seed": "0"}
 
 
 def _plugin_params(params: dict, name: str) -> dict:
@@ -78,7 +81,14 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
                 **({"train": _plugin_params(params, "train")} if _trains(tags.get("method")) else {}),
                 # the runner's tag: the run was its method's recipe when it ran (harness/recipes.py)
                 **({"recipe": tags["recipe"]} if "recipe" in tags else {}),
-                "metrics": dict(sorted((k, v) for k, v in run.data.metrics.items() if k != WINDOW_NLL)),
+                "metrics": dict(
+                    sorted(
+                        (k, v)
+                        for k, v in run.data.metrics.items()
+                        if k != WINDOW_NLL and not k.startswith(ZS_DOC_PREFIX)
+                    )
+                ),
+                **_zs_documents(client, run.info.run_id, run.data.metrics),
                 **(
                     {"window_nll": _series(client, run.info.run_id, WINDOW_NLL)}
                     if WINDOW_NLL in run.data.metrics
@@ -108,6 +118,23 @@ def _hardware(tags: dict) -> dict:
 
 
 WINDOW_NLL = "ppl_window_nll"  # a per-window series: the record keeps it as a list (report's paired tests)
+ZS_DOC_PREFIX = "zs_doc."  # per-document zero-shot series `zs_doc.<task>.id` / `.correct` (paired tests)
+
+
+def _zs_documents(client, run_id: str, metrics: dict) -> dict:
+    """`zs_documents`: per task, the scored documents' indices and whether each was right (runs logged before
+    these were kept have none)."""
+    tasks = sorted(
+        {k[len(ZS_DOC_PREFIX) : -len(".id")] for k in metrics if k.startswith(ZS_DOC_PREFIX) and k.endswith(".id")}
+    )
+    found = {
+        task: {
+            "documents": [int(v) for v in _series(client, run_id, f"{ZS_DOC_PREFIX}{task}.id")],
+            "correct": [int(v) for v in _series(client, run_id, f"{ZS_DOC_PREFIX}{task}.correct")],
+        }
+        for task in tasks
+    }
+    return {"zs_documents": found} if found else {}
 
 
 def _series(client, run_id: str, name: str) -> list[float]:

@@ -24,6 +24,7 @@ from harness.overview import bits_order as _bits_order
 from harness.overview import fmt as _fmt
 from harness.records import export_records, merge_records, read_records, write_records
 from harness.reproduction import ambiguous_claims, load_claims, render_reproduction
+from harness.stats import SIGNIFICANCE, mcnemar_p_value
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 from methods.core.atomic import atomic_write
 
@@ -109,12 +110,22 @@ def _section_header(group: pd.DataFrame) -> list[str]:
     )
     tasks = zeroshot_tasks(group)
     if tasks:
-        limit = first.p_zs_limit
+        limit, sample = first.p_zs_limit, first.p_zs_sample
         scope = "whole splits" if limit in (None, "None", "null") else f"first {limit} documents per task"
+        if sample not in (None, "None", "null"):
+            scope = (
+                f"the same {int(sample):,} documents per task for every run (seeded subset, seed "
+                f"{first.p_zs_sample_seed}; whole split where smaller)"
+            )
         metrics = ", ".join(f"{task} {_zs_metric(group, task)}" for task in tasks)
+        paired = (
+            f"; ≈ = not separable from the FP row on the same documents (McNemar's exact test, p ≥ {SIGNIFICANCE})"
+            if any(group.zs_documents)
+            else ""
+        )
         lines.append(
-            f"- Zero-shot: lm-eval, 0-shot, {scope}; accuracy in % ± stderr ({metrics}). `hellaswag_mirror` is "
-            "HellaSwag from the offline mirror (no ctx_a/ctx_b: close to, not equal to, lm-eval's hellaswag)"
+            f"- Zero-shot: lm-eval, 0-shot, {scope}; accuracy in % ± stderr ({metrics}){paired}. `hellaswag_mirror` "
+            "is HellaSwag from the offline mirror (no ctx_a/ctx_b: close to, not equal to, lm-eval's hellaswag)"
         )
         lines += _zs_wall_time_lines(group, tasks)
     lines += _contamination_lines(group)
@@ -193,12 +204,19 @@ def _zs_metric(group: pd.DataFrame, task: str) -> str:
     return "acc"
 
 
-def _zs_cell(metrics: dict, task: str, metric: str) -> str:
+def _zs_cell(metrics: dict, task: str, metric: str, documents: dict | None = None, fp: dict | None = None) -> str:
+    """Accuracy in % ± stderr; "≈" where the run and the section's FP run scored the same documents and
+    McNemar's exact test cannot tell them apart (p ≥ SIGNIFICANCE)."""
     value = metrics.get(f"zs.{task}.{metric}")
     if value is None:
         return "–"
     stderr = metrics.get(f"zs.{task}.{metric}_stderr")
-    return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
+    text = f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
+    ours, theirs = (documents or {}).get(task), (fp or {}).get(task)
+    if ours and theirs and ours is not theirs and ours["documents"] == theirs["documents"]:
+        if mcnemar_p_value(ours["correct"], theirs["correct"]) >= SIGNIFICANCE:
+            text += " ≈"
+    return text
 
 
 def render_leaderboard(records: list[dict]) -> str:
@@ -224,6 +242,7 @@ def render_leaderboard(records: list[dict]) -> str:
         lines += seed_spread(group)
         fp = group[(group.bits == FP_BITS) & (group.status == "FINISHED")].sort_values("method")
         fp_ppl = float(fp.ppl.iloc[0]) if len(fp) else None
+        fp_documents = fp.zs_documents.iloc[0] if len(fp) else {}
         marks = hardware_marks(group)
         tasks = zeroshot_tasks(group)
         task_metrics = [(task, _zs_metric(group, task)) for task in tasks]
@@ -247,7 +266,10 @@ def render_leaderboard(records: list[dict]) -> str:
                 if fp_ppl is not None and row.ppl is not None and row.ppl == row.ppl and not row.failed:
                     delta = f"{row.ppl - fp_ppl:+,.2f} ({100 * (row.ppl / fp_ppl - 1):+,.1f}%)"
                 status = row.status if not row.error else f"{row.status}: {row.error[:120]}"
-                zs_cells = "".join(f" {_zs_cell(row.metrics, task, metric)} |" for task, metric in task_metrics)
+                zs_cells = "".join(
+                    f" {_zs_cell(row.metrics, task, metric, row.zs_documents, fp_documents)} |"
+                    for task, metric in task_metrics
+                )
                 if tasks:
                     avg = row.metrics.get("zs.avg")
                     zs_cells += f" {'–' if avg is None else f'{100 * avg:.1f}'} |"

@@ -79,7 +79,14 @@ def _configuration(rec: dict) -> tuple:
     bits = BitSpec.parse(rec["bits"])
     used = {"act": bits.quantizes_activations, "kv": bits.quantizes_kv}
     unused = {name for group, names in LEGACY_PLUGIN_PARAMS.items() if not used[group] for name in names}
-    free = ("seed", "zs_tasks", "zs_limit", *(CALIB_PARAMS if _read_no_data(rec) else ()))
+    free = (
+        "seed",
+        "zs_tasks",
+        "zs_limit",
+        "zs_sample",
+        "zs_sample_seed",
+        *(CALIB_PARAMS if _read_no_data(rec) else ()),
+    )
     protocol = {k: v for k, v in rec["protocol"].items() if k not in free}
     method_params = {k: v for k, v in rec["method_params"].items() if k not in unused}
     params = tuple(sorted((k, str(v)) for k, v in {**method_params, **protocol}.items()))

@@ -63,7 +63,7 @@ def overrides_for(record: dict) -> list[str]:
             if value != "[]":
                 overrides.append(f"{key}={_tasks(value)}")
             continue
-        if name == "zs_limit" and protocol.get("zs_tasks") in (None, "[]"):
+        if name in ("zs_limit", "zs_sample", "zs_sample_seed") and protocol.get("zs_tasks") in (None, "[]"):
             continue
         overrides.append(f"{key}={_value(value)}")
     if record.get("cpu_gemm"):  # not in the key, but it moves rounding-sensitive methods (harness.records)

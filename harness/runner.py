@@ -90,7 +90,14 @@ def spec_from_config(cfg: DictConfig) -> RunSpec:
         tasks=tuple(zs_cfg.get("tasks") or ()),
         limit=zs_cfg.get("limit"),
         batch_size=int(zs_cfg.get("batch_size", 8)),
+        sample=zs_cfg.get("sample"),
+        sample_seed=int(zs_cfg.get("sample_seed", 0)),
     )
+    if zeroshot.limit is not None and zeroshot.sample is not None:
+        raise SpecError(
+            f"eval.zeroshot.limit={zeroshot.limit} and eval.zeroshot.sample={zeroshot.sample} are both set: limit "
+            "scores each task's first documents, sample a seeded subset (eval=zs1k); set one of them to null"
+        )
     if zeroshot.tasks:
         from harness.evaluate.zeroshot import TaskUnavailable, check_tasks
 

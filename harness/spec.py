@@ -63,11 +63,15 @@ class PerplexitySpec:
 
 @dataclass(frozen=True)
 class ZeroShotSpec:
-    """lm-eval tasks scored zero-shot; `limit` = documents per task (None = whole split)."""
+    """lm-eval tasks scored zero-shot: `limit` = the first documents of each task, or `sample` = a seeded random
+    subset of that many documents (`sample_seed`; the whole split where smaller), the same documents for every
+    run so two runs can be compared document by document; neither = whole splits."""
 
     tasks: tuple[str, ...] = ()
     limit: int | None = valid(None, ge=1, none=True)
     batch_size: int = valid(8, ge=1)
+    sample: int | None = valid(None, ge=1, none=True)
+    sample_seed: int = valid(0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -174,11 +178,17 @@ class RunSpec:
             "seed": self.seed,
             **({"train": asdict(self.train)} if self.train is not None else {}),
             **(
-                {"zeroshot": {"tasks": list(self.zeroshot.tasks), "limit": self.zeroshot.limit}}
+                {"zeroshot": {"tasks": list(self.zeroshot.tasks), "limit": self.zeroshot.limit, **self._zs_sample()}}
                 if self.zeroshot.tasks
                 else {}
             ),
         }
+
+    def _zs_sample(self) -> dict:
+        """The seeded document subset, in the key only when asked for (keys of earlier runs stay as they were)."""
+        if self.zeroshot.sample is None:
+            return {}
+        return {"sample": self.zeroshot.sample, "sample_seed": self.zeroshot.sample_seed}
 
     @property
     def run_key(self) -> str:

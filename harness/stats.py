@@ -34,6 +34,21 @@ def paired_p_value(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.ttest_rel(a, b).pvalue)
 
 
+def mcnemar_p_value(a: Sequence[int], b: Sequence[int]) -> float:
+    """Two-sided p-value of McNemar's exact test: two runs scored right (1) or wrong (0) on the same documents,
+    in the same order; under "equally accurate" the documents only one of them got right split 50/50 (a binomial
+    test on those). 1.0 when no document separates them; nan when the lists do not pair."""
+    from scipy import stats
+
+    if len(a) != len(b) or not len(a):
+        return math.nan
+    only_a = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    if only_a + only_b == 0:
+        return 1.0
+    return float(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
 def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
     """Two-sided p-value of Welch's t-test (unequal variances) between two independent samples, e.g. one method's
     PPL over seeds against another's; nan with fewer than two values on either side."""

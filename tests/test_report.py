@@ -331,6 +331,30 @@ def test_zero_shot_columns_and_each_runs_wall_time_are_shown():
     assert "| 66.0 ± 1.0 | 38.0 ± 0.5 | 52.0 |" in row
 
 
+def test_zero_shot_gaps_the_same_documents_cannot_separate_from_fp_are_marked():
+    """eval=zs1k: every run scores the same seeded documents, so each row is paired with FP's by McNemar's test:
+    a row 2 documents of 100 apart is ≈, one 30 apart is not; rows without per-document outcomes get no mark."""
+    zs = {"zs_tasks": "['piqa']", "zs_limit": "null", "zs_sample": "100", "zs_sample_seed": "0"}
+    documents = list(range(0, 300, 3))
+    outcomes = {"fp": [1] * 70 + [0] * 30, "near": [1] * 68 + [0] * 32, "far": [1] * 40 + [0] * 60}
+    records = []
+    for key, correct in outcomes.items():
+        rec = _record(key, "rtn" if key == "fp" else key, "w16a16kv16" if key == "fp" else "w4a16kv16", 10.0)
+        rec["protocol"] |= zs
+        accuracy = sum(correct) / 100
+        rec["metrics"] |= {"zs.piqa.acc_norm": accuracy, "zs.piqa.seconds": 60.0, "zs.avg": accuracy}
+        rec["zs_documents"] = {"piqa": {"documents": documents, "correct": correct}}
+        records.append(rec)
+    unpaired = _record("old", "old", "w4a16kv16", 10.0)
+    unpaired["protocol"] |= zs
+    unpaired["metrics"] |= {"zs.piqa.acc_norm": 0.69, "zs.piqa.seconds": 60.0, "zs.avg": 0.69}
+    board = render_leaderboard([*records, unpaired])
+    assert "the same 100 documents per task for every run (seeded subset, seed 0" in board
+    assert "≈ = not separable from the FP row on the same documents" in board
+    rows = {line.split(" |")[0][2:]: line for line in board.splitlines() if line.startswith("| ")}
+    assert "| 68.0 ≈ |" in rows["near"] and "| 40.0 |" in rows["far"] and "| 69.0 |" in rows["old"]
+
+
 def test_the_header_counts_quantized_runs_without_kl_and_names_the_command_that_fills_them():
     fp = _record("fp", "rtn", "w16a16kv16", 10.0)
     old = _record("old", "rtn", "w4g128a16kv16", 12.0)

@@ -158,7 +158,10 @@ def test_finished_tasks_are_reused_and_the_task_in_flight_resumes_from_cached_re
 
 class _Tracker:
     def __init__(self):
-        self.metrics, self.tags = {}, {}
+        self.metrics, self.tags, self.series = {}, {}, {}
+
+    def log_series(self, name, values):
+        self.series[name] = list(values)
 
     def log_metrics(self, metrics):
         self.metrics.update(metrics)
@@ -182,7 +185,7 @@ def test_killed_run_resumes_at_the_next_task_on_the_same_model(tmp_path, monkeyp
     )
     evaluated = []
 
-    def fake_evaluate(model, tokenizer, tasks, data_dir, batch_size, limit, cache, kill_after=None):
+    def fake_evaluate(model, tokenizer, tasks, data_dir, batch_size, limit, cache, kill_after=None, **sample):
         done, scores = cache.load(), []
         for task in tasks:
             if task in done:
@@ -219,3 +222,63 @@ def test_killed_run_resumes_at_the_next_task_on_the_same_model(tmp_path, monkeyp
     tracker = _Tracker()
     steps.zeroshot(spec, None, None, tracker, (3.0, 2.5000001))  # another model: nothing reused
     assert evaluated[3:] == ["piqa", "winogrande"] and "zs.from_earlier_attempt" not in tracker.tags
+
+
+def test_a_seeded_sample_is_the_same_sorted_documents_for_every_run():
+    drawn = zs.sampled_documents(1838, 1000, seed=0)
+    assert drawn == zs.sampled_documents(1838, 1000, seed=0) and drawn == sorted(set(drawn))
+    assert len(drawn) == 1000 and 0 <= drawn[0] and drawn[-1] < 1838
+    assert drawn != zs.sampled_documents(1838, 1000, seed=1)
+    assert zs.sampled_documents(1000, 1000, seed=0) is None  # not larger than the sample: the whole split
+
+
+def test_a_sampled_task_keeps_each_documents_outcome(tiny, data_dir):
+    """The scored documents are the seeded sample, and the accuracy is the mean of the per-document outcomes;
+    they are logged as series for paired comparisons (zs_doc.<task>.id / .correct)."""
+    model, tok = tiny
+    (score,) = evaluate_zeroshot(model, tok, ["piqa"], data_dir, batch_size=4, sample=7, sample_seed=3)
+    assert list(score.documents) == zs.sampled_documents(1838, 7, seed=3)
+    assert set(score.correct) <= {0, 1} and sum(score.correct) / 7 == pytest.approx(score.value)
+    (first,) = evaluate_zeroshot(model, tok, ["piqa"], data_dir, batch_size=4, limit=4)
+    assert list(first.documents) == [0, 1, 2, 3]
+
+
+def test_mcnemar_counts_only_the_documents_where_the_runs_differ():
+    from harness.stats import mcnemar_p_value
+
+    a = [1] * 8 + [0] * 40 + [1] * 50
+    b = [0] * 8 + [0] * 40 + [1] * 50  # a right on 8 documents b got wrong, never the other way
+    assert mcnemar_p_value(a, b) == pytest.approx(2 * 0.5**8)
+    assert mcnemar_p_value(a, a) == 1.0
+    assert mcnemar_p_value([1, 0, 0, 0], [0, 1, 1, 1]) == pytest.approx(10 / 16)  # 1 vs 3: P(X <= 1 or X >= 3)
+    assert math.isnan(mcnemar_p_value(a, b[:-1]))
+
+
+def test_a_sampled_run_records_its_documents_and_refuses_limit_with_sample(tmp_path, data_dir):
+    """Through the runner and the store: the record keeps each task's documents and outcomes (not as metrics),
+    its protocol names the sample; asking for both the first documents and a sample is refused at planning."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli_sweep import CONF_DIR
+    from harness.records import export_records
+    from harness.runner import execute, spec_from_config
+    from harness.spec import SpecError
+    from harness.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = [
+        *("model=tiny-llama", "budget=smoke", "eval.ppl.seqlen=256", "method=rtn", "bits=w4a16kv16"),
+        *(f"data_dir={data_dir}", "eval=zs1k", "eval.zeroshot.tasks=[piqa]", "eval.zeroshot.sample=5"),
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+        both = compose("config", overrides=[*overrides, "eval.zeroshot.limit=5"])
+    with pytest.raises(SpecError, match="both set"):
+        spec_from_config(both)
+    assert execute(spec_from_config(cfg), cfg, Tracker(uri)).status == "finished"
+    (record,) = export_records(uri, "quantbench")
+    assert record["protocol"]["zs_sample"] == "5" and record["protocol"]["zs_sample_seed"] == "0"
+    kept = record["zs_documents"]["piqa"]
+    assert kept["documents"] == zs.sampled_documents(1838, 5, seed=0) and len(kept["correct"]) == 5
+    assert sum(kept["correct"]) / 5 == pytest.approx(record["metrics"]["zs.piqa.acc_norm"])
+    assert not any(name.startswith("zs_doc.") for name in record["metrics"])

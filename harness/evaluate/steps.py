@@ -95,6 +95,7 @@ def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker, window_nll: tupl
     """lm-eval's tasks on the in-memory model, resumable: a killed attempt at this run key on the same model (same
     per-window NLLs: `zeroshot.model_fingerprint`) left its finished tasks and cached responses, which are used."""
     from harness.evaluate.zeroshot import ScoreCache, evaluate_zeroshot, model_fingerprint
+    from harness.records import ZS_DOC_PREFIX
 
     cache = ScoreCache(models.cache_dir() / "zeroshot", spec.run_key, model_fingerprint(spec.run_key, window_nll))
     done = cache.load()
@@ -108,6 +109,8 @@ def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker, window_nll: tupl
         spec.zeroshot.batch_size,
         spec.zeroshot.limit,
         cache=cache,
+        sample=spec.zeroshot.sample,
+        sample_seed=spec.zeroshot.sample_seed,
     )
     metrics, tags = {}, {}
     for score in scores:
@@ -117,6 +120,9 @@ def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker, window_nll: tupl
         tags[f"zs.{score.task}.config_hash"] = score.config_hash
         tags[f"zs.{score.task}.metric"] = score.metric
         log.info("%s: %s %s %.4f", run_name(spec), score.task, score.metric, score.value)
+    for score in scores:  # per document: paired comparisons between runs scored on the same documents (report)
+        tracker.log_series(f"{ZS_DOC_PREFIX}{score.task}.id", score.documents)
+        tracker.log_series(f"{ZS_DOC_PREFIX}{score.task}.correct", score.correct)
     metrics["zs.avg"] = sum(s.value for s in scores) / len(scores)
     if done:  # the record says which scores an earlier attempt on the same model measured
         tags["zs.from_earlier_attempt"] = ", ".join(sorted(done))

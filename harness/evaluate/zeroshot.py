@@ -62,6 +62,8 @@ class TaskScore:
     all_metrics: dict[str, float]
     config_hash: str
     seconds: float
+    documents: tuple[int, ...] = ()  # the scored documents' indices in the task's evaluation split
+    correct: tuple[int, ...] = ()  # per document (same order): 1 where `metric` scored it right
 
 
 def _hellaswag_mirror_docs(dataset):
@@ -161,6 +163,26 @@ def config_hash(task_config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def sampled_documents(total: int, sample: int, seed: int) -> list[int] | None:
+    """`sample` document indices of a split of `total`, drawn without replacement from a generator seeded with
+    `seed` and sorted; None (the whole split) where the split is not larger. Depends on nothing but its arguments,
+    so every run scores the same documents."""
+    import torch
+
+    if total <= sample:
+        return None
+    drawn = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:sample]
+    return sorted(drawn.tolist())
+
+
+def _task_size(spec) -> tuple[str, int]:
+    """(lm-eval's name of the task, its number of evaluation documents)."""
+    loaded = task_manager().load([spec])
+    tasks = loaded.get("tasks", loaded) if isinstance(loaded, dict) else loaded
+    name, task = next(iter(tasks.items()))
+    return name, len(task.eval_docs)
+
+
 def evaluate_zeroshot(
     model,
     tokenizer,
@@ -170,10 +192,14 @@ def evaluate_zeroshot(
     limit: int | None = None,
     bootstrap_iters: int = 1000,
     cache: ScoreCache | None = None,
+    sample: int | None = None,
+    sample_seed: int = 0,
 ) -> list[TaskScore]:
-    """Score `tasks` zero-shot on the in-memory model; one TaskScore per task, in the given order. With a `cache`,
-    tasks it holds are not evaluated again, each new score is saved as its task ends, and the task in flight is
-    resumed from the cached responses (its `seconds` include the earlier attempts' time on it)."""
+    """Score `tasks` zero-shot on the in-memory model; one TaskScore per task, in the given order, with each
+    scored document's index and whether the task's metric counted it right. `limit`: the first documents of each
+    task; `sample`: a seeded subset (`sampled_documents`). With a `cache`, tasks it holds are not evaluated again,
+    each new score is saved as its task ends, and the task in flight is resumed from the cached responses (its
+    `seconds` include the earlier attempts' time on it)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -188,13 +214,19 @@ def evaluate_zeroshot(
         carried = cache.start(task) if cache is not None else 0.0
         start = time.perf_counter()
         try:
+            subset = None
+            if sample is not None:
+                name, total = _task_size(spec)
+                documents = sampled_documents(total, sample, sample_seed)
+                subset = None if documents is None else {name: documents}
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=[spec],
                 num_fewshot=0,
                 limit=limit,
+                samples=subset,
                 bootstrap_iters=bootstrap_iters,
-                log_samples=False,
+                log_samples=True,
                 task_manager=task_manager(),
                 use_cache=None if cache is None else str(cache.request_prefix),
             )
@@ -211,6 +243,7 @@ def evaluate_zeroshot(
             if isinstance(v, (int, float)) and not k.startswith("alias")
         }
         metric = PAPER_METRIC.get(name, "acc")
+        scored = sorted(out["samples"][name], key=lambda doc: doc["doc_id"])
         task_config = out["configs"][name]
         score = TaskScore(
             task=name,
@@ -220,11 +253,20 @@ def evaluate_zeroshot(
             all_metrics=metrics,
             config_hash=config_hash(task_config),
             seconds=seconds,
+            documents=tuple(int(doc["doc_id"]) for doc in scored),
+            correct=tuple(int(float(doc[metric]) > 0) for doc in scored),
         )
         scores.append(score)
         if cache is not None:
             cache.save(task, score)
     return scores
+
+
+def _task_score(fields: dict) -> TaskScore:
+    """A TaskScore from its JSON fields (lists back to tuples; entries saved before per-document outcomes were
+    kept have none)."""
+    per_document = {name: tuple(fields.get(name, ())) for name in ("documents", "correct")}
+    return TaskScore(**{**fields, **per_document})
 
 
 def model_fingerprint(run_key: str, window_nll) -> str:
@@ -270,7 +312,7 @@ class ScoreCache:
 
     def load(self) -> dict[str, TaskScore]:
         """The finished tasks kept for this fingerprint; {} when there are none or they belong to another model."""
-        return {task: TaskScore(**fields) for task, fields in self._read().get("scores", {}).items()}
+        return {task: _task_score(fields) for task, fields in self._read().get("scores", {}).items()}
 
     def start(self, task: str) -> float:
         """Mark `task` in flight; return the seconds earlier attempts spent on it (each from its start to the
