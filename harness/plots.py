@@ -1,12 +1,16 @@
-"""`reports/pareto.png` (PPL relative to FP against true bits or bit setting, per model and kind of setting) and
-`reports/paretoq.png` (ParetoQ's size-vs-quality curve beside the paper's)."""
+"""`reports/pareto.png` (PPL relative to FP against true bits or bit setting, per model and kind of setting),
+`reports/paretoq.png` (ParetoQ's size-vs-quality curve beside the paper's) and `reports/loss/<method>.png` (the
+training methods' loss per step)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from harness.frame import records_frame, whole_split
-from harness.overview import method_of
+from harness.labels import row_label
+from harness.overview import bits_order, method_of
+from harness.recipes import is_recipe
 from methods.core.atomic import atomic_write
 from methods.core.bits import BitSpec
 
@@ -285,6 +289,51 @@ def plot_paretoq(records: list[dict], claims: dict, path: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
+    _save(fig, path)
+    return True
+
+
+def loss_curve_runs(records: list[dict], method: str, model: str = "smollm2-135m") -> dict[str, list[dict]]:
+    """{bits: the finished whole-split runs of `method` on `model` that kept their training loss per step}."""
+    found: dict[str, list[dict]] = {}
+    for rec in records:
+        if (
+            rec["method"] == method
+            and rec["model"] == model
+            and rec["status"] == "FINISHED"
+            and rec.get("train_loss")
+            and whole_split(rec["protocol"].get("ppl_max_windows"))
+        ):
+            found.setdefault(rec["bits"], []).append(rec)
+    return dict(sorted(found.items(), key=lambda item: bits_order(item[0])))
+
+
+def plot_training_loss(records: list[dict], method: str, path: Path, model: str = "smollm2-135m") -> bool:
+    """`reports/loss/<method>.png`: the training loss per step of each of the method's whole-split runs that kept
+    it, one panel per bit setting, one line per configuration (its label, budget and final PPL in the legend), so
+    a diverging learning rate or an unfinished curve is seen next to the number it produced. False if none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = loss_curve_runs(records, method, model)
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
+    for ax, (bits, runs) in zip(axes[0], panels.items(), strict=True):
+        for rec in sorted(runs, key=lambda r: r["metrics"].get("wikitext2_ppl", math.inf)):
+            ppl = rec["metrics"].get("wikitext2_ppl")
+            recipe = " (recipe)" if is_recipe(rec) else ""
+            label = f"{row_label(rec)} [{rec['protocol'].get('budget')}]{recipe}: PPL {ppl:,.2f}"
+            ax.plot(range(1, len(rec["train_loss"]) + 1), rec["train_loss"], linewidth=1.2, label=label)
+        ax.set_title(f"{model} · {method} · {bits}", fontsize=10)
+        ax.set_xlabel("training step", fontsize=9)
+        ax.set_ylabel("training loss (the method's objective)", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=7, frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, path)
     return True
 

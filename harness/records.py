@@ -89,6 +89,12 @@ def export_records(tracking_uri: str, experiment: str) -> list[dict]:
                     )
                 ),
                 **_zs_documents(client, run.info.run_id, run.data.metrics),
+                # a training method's loss per step (methods.core.trainer logs `loss` as a series)
+                **(
+                    {"train_loss": _series(client, run.info.run_id, TRAIN_LOSS)}
+                    if TRAIN_LOSS in run.data.metrics and _trains(tags.get("method"))
+                    else {}
+                ),
                 **(
                     {"window_nll": _series(client, run.info.run_id, WINDOW_NLL)}
                     if WINDOW_NLL in run.data.metrics
@@ -118,6 +124,7 @@ def _hardware(tags: dict) -> dict:
 
 
 WINDOW_NLL = "ppl_window_nll"  # a per-window series: the record keeps it as a list (report's paired tests)
+TRAIN_LOSS = "loss"  # the trainer's per-step loss series: the record keeps it as a list (loss-curve plots)
 ZS_DOC_PREFIX = "zs_doc."  # per-document zero-shot series `zs_doc.<task>.id` / `.correct` (paired tests)
 
 

@@ -69,6 +69,9 @@ def _hardware_lines(group: pd.DataFrame) -> list[str]:
     ]
 
 
+TRAINING_PLOTS = ("rcp", "r2q", "bitdistiller", "paretoq")  # the QAT methods whose loss curves go to reports/loss/
+
+
 def _section_order(item) -> tuple:
     """Sections by model, the papers' protocol (whole test split) first, then by protocol."""
     (model, protocol), _ = item
@@ -332,7 +335,7 @@ def main(argv: list[str]) -> int:
                 return 1
         print(f"{board_path} and reproduction.md match {records_path} ({len(records)} runs)")
         return 0
-    from harness.plots import plot_pareto, plot_paretoq
+    from harness.plots import plot_pareto, plot_paretoq, plot_training_loss
 
     fresh = export_records(args.tracking_uri, args.experiment)
     kept = read_records(out / "runs.jsonl") if (out / "runs.jsonl").exists() else []
@@ -348,6 +351,9 @@ def main(argv: list[str]) -> int:
     claims = OmegaConf.to_container(OmegaConf.load(CLAIMS_DIR / "paretoq.yaml"))
     if plot_paretoq(records, claims, out / "paretoq.png"):
         print(f"wrote {out / 'paretoq.png'}")
+    for method in TRAINING_PLOTS:
+        if plot_training_loss(records, method, out / "loss" / f"{method}.png"):
+            print(f"wrote {out / 'loss' / f'{method}.png'}")
     print(
         f"wrote {out / 'runs.jsonl'} ({len(records)} runs: {len(records) - from_file} from {args.tracking_uri}, "
         f"{from_file} kept from the file), {out / 'leaderboard.md'}, {out / 'reproduction.md'}, "

@@ -397,3 +397,21 @@ def test_the_header_names_the_package_versions_runs_ran_with():
     older = "torch 2.13.0+cpu, transformers 5.24.0, lm_eval 0.4.13, auto_round 0.16.1, mlflow 3.17.2, triton 3.9.0"
     assert f"{older} (1 runs)" in line
     assert "transformers 5.25.0" in line and line.endswith("not recorded for 1 runs (logged before versions were kept)")
+
+
+def test_training_loss_curves_are_drawn_per_setting_for_runs_that_kept_them(tmp_path):
+    from harness.plots import loss_curve_runs, plot_training_loss
+
+    kept = [_record(k, "rcp", bits, ppl) for k, bits, ppl in (("a", "w2a4kv4", 90.0), ("b", "w4a4kv4", 30.0))]
+    for rec in kept:
+        rec["train_loss"] = [3.0, 2.0, 1.5]
+    subset = _record("s", "rcp", "w2a4kv4", 80.0)
+    subset["train_loss"] = [1.0]
+    subset["protocol"] = {**subset["protocol"], "ppl_max_windows": "4"}  # not the whole split: not drawn
+    older = _record("o", "rcp", "w2a4kv4", 95.0)  # logged before curves were kept
+    panels = loss_curve_runs([*kept, subset, older], "rcp", model=kept[0]["model"])
+    assert list(panels) == ["w4a4kv4", "w2a4kv4"] and [r["run_key"] for r in panels["w2a4kv4"]] == ["a"]
+    assert plot_training_loss([*kept, older], "rcp", tmp_path / "loss" / "rcp.png", model=kept[0]["model"])
+    assert (tmp_path / "loss" / "rcp.png").stat().st_size > 1000
+    assert not plot_training_loss([older], "rcp", tmp_path / "none.png", model=kept[0]["model"])
+    assert not (tmp_path / "none.png").exists()
