@@ -26,10 +26,15 @@ Implementations:
   at 3/4 bits a second, residual index (8 or 16 bits). Storage: 2/3/4 bits per weight + one fp16 scale + the two
   transforms' seeds (+ fp16 d per input when rescaled).
   CPU reference decode only; no packed layout or kernel.
+* `VQWeight` — vector quantization (RSAVQ's base; `methods/core/vq.py`): per column block of `dim` inputs, an
+  index into that block's fp16 codebook (blocks may use different codebook sizes). Storage: indices at log2(K)
+  bits packed per row in int32 words, the codebooks, a selector per block when there are several codebooks.
+  CPU reference decode only; no kernel.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -385,11 +390,68 @@ class E8PWeight:
         return None  # CPU reference decode only: the latency column shows "no kernel"
 
 
+def _index_bits(size: int) -> int:
+    return max(1, math.ceil(math.log2(size)))
+
+
+@dataclass
+class VQWeight:
+    """Codebook indices [rows, cols / dim] (int64 in memory), codebooks (fp16 [K_i, dim]) and the codebook each
+    column block uses ([cols / dim]); see the module docstring."""
+
+    indices: torch.Tensor
+    codebooks: list[torch.Tensor]
+    block_codebook: torch.Tensor
+    dim: int
+    format_name: ClassVar[str] = "vq"
+
+    def dequantize(self) -> torch.Tensor:
+        rows, blocks = self.indices.shape
+        out = torch.empty(rows, blocks, self.dim)
+        for which, book in enumerate(self.codebooks):
+            columns = (self.block_codebook == which).nonzero().flatten()
+            out[:, columns] = book.float()[self.indices[:, columns]]
+        return out.reshape(rows, blocks * self.dim)
+
+    def bits_per_block(self) -> torch.Tensor:
+        """Index bits of each column block (log2 of its codebook's size)."""
+        sizes = torch.tensor([_index_bits(book.shape[0]) for book in self.codebooks])
+        return sizes[self.block_codebook]
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        """Per codebook: its fp16 entries and its blocks' indices packed in int32 words per row (`index_bits`
+        each, never split across words); the int32-packed selector of each column block."""
+        packed = {}
+        for which, book in enumerate(self.codebooks):
+            columns = (self.block_codebook == which).nonzero().flatten()
+            packed[f"codebook{which}"] = book.to(torch.float16)
+            packed[f"indices{which}"] = _pack_words(self.indices[:, columns], _index_bits(book.shape[0]))
+        if len(self.codebooks) > 1:
+            packed["selectors"] = _pack_words(self.block_codebook[None, :], _index_bits(len(self.codebooks)))
+        return packed
+
+    def storage_bits(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.pack().values()) * 8
+
+    def kernel_format(self, a_bits: int):
+        return None  # CPU reference decode only (`dequantize`); the latency column shows "no kernel"
+
+
+def _pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned values [rows, n] < 2^bits into int32 words [rows, ceil(n / per_word)], per_word = ⌊32 / bits⌋."""
+    per_word = 32 // bits
+    rows, n = values.shape
+    padded = torch.nn.functional.pad(values.to(torch.int64), (0, (-n) % per_word)).reshape(rows, -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (padded << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 FORMATS: dict[str, type] = {
     cls.format_name: cls
     for cls in (
         QuantizedWeight, LUTWeight, SignedLUTWeight, TernaryWeight, BinaryWeight, BCQWeight, IncoherentWeight,
-        E8PWeight,
+        E8PWeight, VQWeight,
     )
 }  # fmt: skip
 
