@@ -9,7 +9,7 @@ from pathlib import Path
 
 from harness.frame import records_frame, whole_split
 from harness.labels import row_label
-from harness.overview import bits_order, method_of
+from harness.overview import bits_order, fmt, method_of
 from harness.recipes import is_recipe
 from methods.core.atomic import atomic_write
 from methods.core.bits import BitSpec
@@ -323,9 +323,9 @@ def plot_training_loss(records: list[dict], method: str, path: Path, model: str 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
     for ax, (bits, runs) in zip(axes[0], panels.items(), strict=True):
         for rec in sorted(runs, key=lambda r: r["metrics"].get("wikitext2_ppl", math.inf)):
-            ppl = rec["metrics"].get("wikitext2_ppl")
+            ppl = fmt(rec["metrics"].get("wikitext2_ppl"))
             recipe = " (recipe)" if is_recipe(rec) else ""
-            label = f"{row_label(rec)} [{rec['protocol'].get('budget')}]{recipe}: PPL {ppl:,.2f}"
+            label = f"{row_label(rec)} [{rec['protocol'].get('budget')}]{recipe}: PPL {ppl}"
             ax.plot(range(1, len(rec["train_loss"]) + 1), rec["train_loss"], linewidth=1.2, label=label)
         ax.set_title(f"{model} · {method} · {bits}", fontsize=10)
         ax.set_xlabel("training step", fontsize=9)
