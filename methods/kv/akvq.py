@@ -35,6 +35,7 @@ same rule for keys and values.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -201,11 +202,10 @@ class _LayerCodec:
         return out.to(dtype)
 
 
+@functools.lru_cache(maxsize=8)
 def _hadamard(n: int) -> torch.Tensor:
-    return _HADAMARD.setdefault(n, hadamard_matrix(n).float())
-
-
-_HADAMARD: dict[int, torch.Tensor] = {}
+    """The orthonormal Hadamard matrix of order n (Sylvester's for a power of two), float32, built once."""
+    return hadamard_matrix(n).float()
 
 
 @dataclass
