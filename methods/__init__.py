@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from methods import bcq, bitdistiller, gptq, paretoq, quarot, quip, quip_sharp, rcp, rtn, signround, spinquant
+from methods import bcq, bitdistiller, gptq, paretoq, quarot, quip, quip_sharp, rcp, rsavq, rtn, signround, spinquant
 from methods.base import MethodEntry
 
 METHODS: dict[str, MethodEntry] = {
@@ -19,6 +19,7 @@ METHODS: dict[str, MethodEntry] = {
         spinquant.SpinQuantConfig, supports=spinquant.supports, quantize=spinquant.quantize, trains=True
     ),
     "quip": MethodEntry(quip.QuIPConfig, supports=quip.supports, quantize=quip.quantize),
+    "rsavq": MethodEntry(rsavq.RSAVQConfig, supports=rsavq.supports, quantize=rsavq.quantize),
     "quipsharp": MethodEntry(quip_sharp.QuIPSharpConfig, supports=quip_sharp.supports, quantize=quip_sharp.quantize),
     "bcq": MethodEntry(bcq.BCQConfig, supports=bcq.supports, quantize=bcq.quantize),
     "bitdistiller": MethodEntry(

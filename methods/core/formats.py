@@ -28,8 +28,8 @@ Implementations:
   CPU reference decode only; no packed layout or kernel.
 * `VQWeight` — vector quantization (RSAVQ's base; `methods/core/vq.py`): per column block of `dim` inputs, an
   index into that block's fp16 codebook (blocks may use different codebook sizes). Storage: indices at log2(K)
-  bits packed per row in int32 words, the codebooks, a selector per block when there are several codebooks.
-  CPU reference decode only; no kernel.
+  bits packed per row in int32 words, the codebooks, a selector per block when there are several codebooks
+  (`buffers()`). CPU reference decode only; no packed layout or kernel.
 """
 
 from __future__ import annotations
@@ -418,9 +418,9 @@ class VQWeight:
         sizes = torch.tensor([_index_bits(book.shape[0]) for book in self.codebooks])
         return sizes[self.block_codebook]
 
-    def pack(self) -> dict[str, torch.Tensor]:
-        """Per codebook: its fp16 entries and its blocks' indices packed in int32 words per row (`index_bits`
-        each, never split across words); the int32-packed selector of each column block."""
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """What is stored, per codebook: its fp16 entries and its blocks' indices packed in int32 words per row
+        (`index_bits` each, never split across words); the int32-packed selector of each column block."""
         packed = {}
         for which, book in enumerate(self.codebooks):
             columns = (self.block_codebook == which).nonzero().flatten()
@@ -431,7 +431,10 @@ class VQWeight:
         return packed
 
     def storage_bits(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.pack().values()) * 8
+        return sum(t.numel() * t.element_size() for t in self.buffers().values()) * 8
+
+    def pack(self) -> None:
+        return None  # no deployed layout in qkernels: the packed b/w column shows –
 
     def kernel_format(self, a_bits: int):
         return None  # CPU reference decode only (`dequantize`); the latency column shows "no kernel"

@@ -6,7 +6,7 @@ RSAVQ's plain-VQ baseline and its Fisher-guided variants compose (issue 44).
   j·dim … j·dim + dim − 1); `dim` must divide the input width.
 * `VQWeight` (in `methods.core.formats`, with the other formats): per column block, an index into that block's
   codebook (blocks may use different codebooks, e.g. sizes 16 / 256 / 4096 for 1 / 2 / 3 bits per weight at dim
-  4); codebooks in fp16; `storage_bits()` = the packed buffers' bytes × 8.
+  4); codebooks in fp16; `storage_bits()` = the stored buffers' bytes × 8.
 * `weighted_kmeans`: Lloyd's algorithm where each entry of each vector carries a weight (a diagonal metric,
   e.g. the diagonal Fisher information): assignment by Σ_j w_j (x_j − c_j)², centroids the weighted means per
   dimension. With equal weights it is plain k-means (scikit-learn's KMeans gives the same result from the same
