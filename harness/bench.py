@@ -1,8 +1,9 @@
-"""`python -m harness bench forward|eval|quantize|deploy|load|kernels|runs|gemm`: model load time; fake-quantized vs
-FP forward time; the perplexity evaluator vs the bare forward (`eval`); a method's quantization time (`quantize`);
-MKL vs oneDNN fp32 matmuls on the FP and a quantized model, speed and PPL (`gemm`, harness/bench_gemm.py);
-packed-format kernels against dense matmuls (qkernels/bench.py); `runs` backfills the per-run latency into finished
-runs of the tracking store logged without it (harness/latency_backfill.py).
+"""`python -m harness bench forward|eval|quantize|deploy|load|kernels|runs|gemm|zeroshot`: model load time;
+fake-quantized vs FP forward time; the perplexity evaluator vs the bare forward (`eval`); a method's quantization
+time (`quantize`); lm-eval's default scoring vs shared-prefix scoring of a zero-shot task (`zeroshot`,
+harness/bench_zeroshot.py); MKL vs oneDNN fp32 matmuls on the FP and a quantized model, speed and PPL (`gemm`,
+harness/bench_gemm.py); packed-format kernels against dense matmuls (qkernels/bench.py); `runs` backfills the
+per-run latency into finished runs of the tracking store logged without it (harness/latency_backfill.py).
 
 Both models are built in the same process and timed alternately (warm-up first) on the same random
 2048-token batch; min / median / max over repetitions and the median ratio are printed. The forward's
@@ -172,7 +173,9 @@ def _bench_load(model_name: str, reps: int) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness bench")
-    parser.add_argument("what", choices=["forward", "eval", "quantize", "deploy", "load", "kernels", "runs", "gemm"])
+    parser.add_argument(
+        "what", choices=["forward", "eval", "quantize", "deploy", "load", "kernels", "runs", "gemm", "zeroshot"]
+    )
     parser.add_argument("--models", default="smollm2-135m,llama-2-7b", help="kernels: comma list of shape sets")
     parser.add_argument("--tokens", default="1,2048", help="kernels: comma list of token counts")
     parser.add_argument("--device", default="cpu", help="kernels: cpu, or cuda for the Triton kernels")
@@ -182,6 +185,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--windows", type=int, default=4, help="eval: WikiText-2 windows timed per repetition")
+    parser.add_argument("--task", default="hellaswag_mirror", help="zeroshot: the lm-eval task")
+    parser.add_argument("--limit", type=int, default=500, help="zeroshot: the task's first documents")
+    parser.add_argument("--batch-size", type=int, default=8, help="zeroshot: requests (or packed rows) per forward")
     parser.add_argument("--eager", action="store_true", help="forward, gemm: act/KV quantizers without torch.compile")
     parser.add_argument(
         "--ppl-windows", type=int, default=0, help="quantize, gemm: PPL on the first windows afterwards"
@@ -219,6 +225,10 @@ def main(argv: list[str]) -> int:
         return backfill_latency(uri, DEFAULT_EXPERIMENT, args.reps, args.device)
     if args.what == "load":
         return _bench_load(args.model, args.reps)
+    if args.what == "zeroshot":
+        from harness.bench_zeroshot import print_comparison
+
+        return print_comparison(args.model, args.task, args.limit, args.batch_size)
 
     if args.what == "quantize":
         result = bench_quantize(args.model, args.method, args.bits, args.overrides, args.ppl_windows)

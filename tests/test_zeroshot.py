@@ -10,6 +10,7 @@ import pytest
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks.hellaswag.utils import preprocess
 from lm_eval.utils import apply_template
+from torch import nn
 
 from harness.evaluate import steps
 from harness.evaluate import zeroshot as zs
@@ -142,17 +143,14 @@ def test_finished_tasks_are_reused_and_the_task_in_flight_resumes_from_cached_re
     def no_forward(*args, **kwargs):
         raise AssertionError("a cached request reached the model")
 
-    from lm_eval.models.huggingface import HFLM
-
-    original = HFLM._model_call
-    HFLM._model_call = no_forward
+    hook = model.register_forward_pre_hook(no_forward)  # whichever scoring path runs, the model is not reached
     try:
         (again,) = evaluate_zeroshot(model, tok, ["piqa"], data_dir, batch_size=4, limit=4, cache=cache)
         other_model = ScoreCache(tmp_path, "key", "model-b")  # another fingerprint: nothing cached, the model runs
         with pytest.raises(AssertionError, match="reached the model"):
             evaluate_zeroshot(model, tok, ["piqa"], data_dir, batch_size=4, limit=4, cache=other_model)
     finally:
-        HFLM._model_call = original
+        hook.remove()
     assert again.all_metrics == piqa.all_metrics
 
 
@@ -200,27 +198,29 @@ def test_killed_run_resumes_at_the_next_task_on_the_same_model(tmp_path, monkeyp
 
     monkeypatch.setattr(zs, "evaluate_zeroshot", lambda *a, **k: fake_evaluate(*a, **k, kill_after=1))
     with pytest.raises(KeyboardInterrupt):
-        steps.zeroshot(spec, None, None, _Tracker(), (3.0, 2.5))
+        steps.zeroshot(spec, nn.Identity(), None, _Tracker(), (3.0, 2.5))
     assert evaluated == ["piqa"]
 
     monkeypatch.setattr(zs, "evaluate_zeroshot", fake_evaluate)
     tracker = _Tracker()
-    steps.zeroshot(spec, None, None, tracker, (3.0, 2.5))
+    steps.zeroshot(spec, nn.Identity(), None, tracker, (3.0, 2.5))
     assert evaluated == ["piqa", "winogrande"]
     assert tracker.metrics["zs.piqa.acc"] == pytest.approx(0.6) and tracker.metrics[
         "zs.winogrande.acc"
     ] == pytest.approx(0.7)
     assert tracker.metrics["zs.avg"] == pytest.approx(0.65)
     assert tracker.tags["zs.from_earlier_attempt"] == "piqa"
+    assert tracker.tags["zs.scoring"] == "shared-prefix"  # no quantizer looks across tokens
     assert not (tmp_path / "zeroshot" / f"{spec.run_key}.json").exists()  # recorded: the cache is gone
 
     monkeypatch.setattr(zs, "evaluate_zeroshot", lambda *a, **k: fake_evaluate(*a, **k, kill_after=3))
     with pytest.raises(KeyboardInterrupt):
-        steps.zeroshot(spec, None, None, _Tracker(), (3.0, 2.5))  # piqa again (cache cleared), killed before winogrande
+        # piqa again (cache cleared), killed before winogrande
+        steps.zeroshot(spec, nn.Identity(), None, _Tracker(), (3.0, 2.5))
     assert evaluated == ["piqa", "winogrande", "piqa"]
     monkeypatch.setattr(zs, "evaluate_zeroshot", fake_evaluate)
     tracker = _Tracker()
-    steps.zeroshot(spec, None, None, tracker, (3.0, 2.5000001))  # another model: nothing reused
+    steps.zeroshot(spec, nn.Identity(), None, tracker, (3.0, 2.5000001))  # another model: nothing reused
     assert evaluated[3:] == ["piqa", "winogrande"] and "zs.from_earlier_attempt" not in tracker.tags
 
 

@@ -94,6 +94,7 @@ def deploy(spec: RunSpec, model, token_ids, tracker: Tracker) -> None:
 def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker, window_nll: tuple[float, ...]) -> None:
     """lm-eval's tasks on the in-memory model, resumable: a killed attempt at this run key on the same model (same
     per-window NLLs: `zeroshot.model_fingerprint`) left its finished tasks and cached responses, which are used."""
+    from harness.evaluate.shared_prefix import scorer_for
     from harness.evaluate.zeroshot import ScoreCache, evaluate_zeroshot, model_fingerprint
     from harness.records import ZS_DOC_PREFIX
 
@@ -101,6 +102,7 @@ def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker, window_nll: tupl
     done = cache.load()
     if done:
         log.info("%s: zero-shot tasks %s scored by an earlier attempt on the same model", run_name(spec), sorted(done))
+    scorer, scoring = scorer_for(model)
     scores = evaluate_zeroshot(
         model,
         tokenizer,
@@ -111,8 +113,9 @@ def zeroshot(spec: RunSpec, model, tokenizer, tracker: Tracker, window_nll: tupl
         cache=cache,
         sample=spec.zeroshot.sample,
         sample_seed=spec.zeroshot.sample_seed,
+        scorer=scorer,
     )
-    metrics, tags = {}, {}
+    metrics, tags = {}, {"zs.scoring": scoring}
     for score in scores:
         for name, value in score.all_metrics.items():
             metrics[f"zs.{score.task}.{name}"] = value

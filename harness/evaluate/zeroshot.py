@@ -194,17 +194,21 @@ def evaluate_zeroshot(
     cache: ScoreCache | None = None,
     sample: int | None = None,
     sample_seed: int = 0,
+    scorer: type | None = None,
 ) -> list[TaskScore]:
     """Score `tasks` zero-shot on the in-memory model; one TaskScore per task, in the given order, with each
     scored document's index and whether the task's metric counted it right. `limit`: the first documents of each
     task; `sample`: a seeded subset (`sampled_documents`). With a `cache`, tasks it holds are not evaluated again,
     each new score is saved as its task ends, and the task in flight is resumed from the cached responses (its
-    `seconds` include the earlier attempts' time on it)."""
+    `seconds` include the earlier attempts' time on it). `scorer`: the lm-eval model class (default: the one
+    `shared_prefix.scorer_for` picks for this model)."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+
+    from harness.evaluate.shared_prefix import scorer_for
 
     specs = task_specs(tasks, data_dir)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=2048)
+    scorer = scorer or scorer_for(model)[0]
+    lm = scorer(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=2048)
     scores = []
     done = cache.load() if cache is not None else {}
     for task, spec in zip(tasks, specs, strict=True):
