@@ -9,11 +9,14 @@ import pandas as pd
 from harness.labels import row_label
 from harness.recipes import is_recipe
 from harness.records import PROTOCOL_DEFAULTS
+from harness.zs_fold import fold_zeroshot
 
 # Calibration is a property of a row (what the method read), not of the evaluation: sections group runs by
 # the evaluation protocol only, and the `calib` column says what each method used.
 CALIB_PARAMS = ("calib_dataset", "calib_nsamples", "calib_seqlen", "budget")
-SECTION_FREE = (*CALIB_PARAMS, "seed")  # runs that differ only in these share a section (seeds: one cell, mean ± CI)
+ZS_PROTOCOL = ("zs_tasks", "zs_limit", "zs_sample", "zs_sample_seed")
+# Runs that differ only in these share a section (seeds: one cell, mean ± CI; zero-shot runs: harness/zs_fold.py).
+SECTION_FREE = (*CALIB_PARAMS, "seed", *ZS_PROTOCOL)
 UNRECORDED = "not recorded"
 
 
@@ -57,7 +60,8 @@ def versions_text(versions: dict | None) -> str:
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per record: the leaderboard's cells plus `p_<field>` for each protocol field."""
+    """One row per record: the leaderboard's cells plus `p_<field>` for each protocol field; a zero-shot run of a
+    model that has a row already is folded into that row (`fold_zeroshot`)."""
     rows = []
     for rec in records:
         metrics = rec["metrics"]
@@ -92,7 +96,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
                 **{f"p_{k}": v for k, v in protocol.items()},
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(fold_zeroshot(rows))
 
 
 def whole_split(max_windows) -> bool:

@@ -10,6 +10,7 @@ import pandas as pd
 from harness.recipes import family_budgets
 from harness.spec import BitSpec
 from harness.stats import SIGNIFICANCE, mean_ci, paired_p_value, welch_p_value
+from harness.zs_fold import zs_scope_marks
 
 
 def bits_order(bits: str) -> tuple:
@@ -89,6 +90,47 @@ def ppl_overview(group: pd.DataFrame) -> list[str]:
         notes.append('"recipe not run": only variants ran at that setting (table 2 names them)')
     notes += _notes(seeds_shown, ties_shown)
     return lines + ["", f"*{'; '.join(notes)}.*", ""]
+
+
+def zeroshot_overview(group: pd.DataFrame) -> list[str]:
+    """The at-a-glance table's second panel (issue 47 item 3): per bit setting, the recipe with the lowest PPL (the
+    bold cell above) and its average zero-shot accuracy (mean over its seeds that ran zero-shot), with the gap to
+    the FP row where both were scored on the same documents. Only in sections where some run has zero-shot."""
+    done = _finished_cells(group)
+    if done.empty or not any("zs.avg" in metrics for metrics in done.metrics):
+        return []
+    recipes = recipe_cells(done)
+    marks = zs_scope_marks(done)
+    fp = done[done.bits == "w16a16kv16"]
+    fp = fp[[("zs.avg" in metrics) for metrics in fp.metrics]]
+    fp_avg = (float(fp.metrics.iloc[0]["zs.avg"]), fp.zs_scope.iloc[0]) if len(fp) else None
+    lines = [
+        "### Zero-shot at a glance: the best recipe of each setting",
+        "",
+        "| bits | best recipe (lowest PPL) | PPL | avg zero-shot | Δ avg vs FP |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for bits in sorted(done.bits.unique(), key=bits_order):
+        cells = {column: _overview_cell(runs) for column, runs in recipes[recipes.bits == bits].groupby("column")}
+        if not cells:
+            continue
+        best = min(cells, key=lambda column: (cells[column][0], column))
+        runs = recipes[(recipes.bits == bits) & (recipes.column == best)]
+        scored = runs[[("zs.avg" in metrics) for metrics in runs.metrics]]
+        average, delta = "–", "–"
+        if len(scored):
+            value = 100 * sum(float(m["zs.avg"]) for m in scored.metrics) / len(scored)
+            scope = scored.zs_scope.iloc[0]
+            seeds = f" ({len(scored)} seeds)" if len(scored) > 1 else ""
+            average = f"{value:.1f}{marks.get(scope, '')}{seeds}"
+            if fp_avg is not None and fp_avg[1] == scope and scored.zs_scope.nunique() == 1:
+                delta = f"{value - 100 * fp_avg[0]:+.1f}"
+        lines.append(f"| `{bits}` | {best} | {cells[best][1]} | {average} | {delta} |")
+    note = (
+        "Each row is the setting's bold cell of the table above; avg zero-shot = the mean of the row's task "
+        "accuracies in % (– = not run on that row); Δ only between rows scored on the same documents"
+    )
+    return lines + ["", f"*{note}.*", ""]
 
 
 def best_overview(group: pd.DataFrame) -> list[str]:

@@ -19,13 +19,14 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from harness.frame import UNRECORDED, records_frame, whole_split
-from harness.overview import best_overview, ppl_overview, seed_spread
+from harness.overview import best_overview, ppl_overview, seed_spread, zeroshot_overview
 from harness.overview import bits_order as _bits_order
 from harness.overview import fmt as _fmt
 from harness.records import export_records, merge_records, read_records, write_records
 from harness.reproduction import ambiguous_claims, load_claims, render_reproduction
 from harness.stats import SIGNIFICANCE, mcnemar_p_value
 from harness.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from harness.zs_fold import zs_scope_marks
 from methods.core.atomic import atomic_write
 
 CLAIMS_DIR = Path(__file__).resolve().parent.parent / "conf" / "claims"
@@ -87,10 +88,7 @@ def _section_header(group: pd.DataFrame) -> list[str]:
     max_windows = first.p_ppl_max_windows
     scope = "whole test split" if whole_split(max_windows) else f"first {max_windows} windows only"
     date = datetime.fromtimestamp(group.end_time.max() / 1000, tz=UTC).strftime("%Y-%m-%d")
-    title = f"## {first.model} — WikiText-2 {scope}"
-    if first.p_zs_tasks not in (None, "[]"):
-        title += ", with zero-shot"
-    lines = [title, ""]
+    lines = [f"## {first.model} — WikiText-2 {scope}", ""]
     if len(tokens):
         lines.append(
             f'- Perplexity: WikiText-2 raw test ({scope}), rows joined with "\\n\\n", {int(tokens.iloc[0]):,} tokens, '
@@ -113,23 +111,25 @@ def _section_header(group: pd.DataFrame) -> list[str]:
     )
     tasks = zeroshot_tasks(group)
     if tasks:
-        limit, sample = first.p_zs_limit, first.p_zs_sample
-        scope = "whole splits" if limit in (None, "None", "null") else f"first {limit} documents per task"
-        if sample not in (None, "None", "null"):
-            scope = (
-                f"the same {int(sample):,} documents per task for every run (seeded subset, seed "
-                f"{first.p_zs_sample_seed}; whole split where smaller)"
-            )
+        scopes = zs_scope_marks(group)
         metrics = ", ".join(f"{task} {_zs_metric(group, task)}" for task in tasks)
         paired = (
             f"; ≈ = not separable from the FP row on the same documents (McNemar's exact test, p ≥ {SIGNIFICANCE})"
             if any(group.zs_documents)
             else ""
         )
+        if len(scopes) == 1:
+            documents = next(iter(scopes))
+        else:
+            documents = "the letter after a row's avg names its documents: " + "; ".join(
+                f"{mark} {scope}" for scope, mark in scopes.items()
+            )
         lines.append(
-            f"- Zero-shot: lm-eval, 0-shot, {scope}; accuracy in % ± stderr ({metrics}){paired}. `hellaswag_mirror` "
-            "is HellaSwag from the offline mirror (no ctx_a/ctx_b: close to, not equal to, lm-eval's hellaswag)"
+            f"- Zero-shot: lm-eval, 0-shot, {documents}; accuracy in % ± stderr ({metrics}){paired}; – = not run. "
+            "`hellaswag_mirror` is HellaSwag from the offline mirror (no ctx_a/ctx_b: close to, not equal to, "
+            "lm-eval's hellaswag)"
         )
+        lines += _zs_other_lines(group, tasks)
         lines += _zs_wall_time_lines(group, tasks)
     lines += _contamination_lines(group)
     lines += _hardware_lines(group)
@@ -160,6 +160,22 @@ def _zs_wall_time_lines(group: pd.DataFrame, tasks: list[str]) -> list[str]:
             total = sum(seconds.values()) / 60
             parts.append(f"{row.method} · {row.bits} {total:,.1f} min ({longest} {seconds[longest] / 60:,.1f})")
     return ["- Zero-shot wall time per run, all tasks (longest task): " + "; ".join(parts)] if parts else []
+
+
+def _zs_other_lines(group: pd.DataFrame, tasks: list[str]) -> list[str]:
+    """Scores of a row's model on other document sets than the row shows (harness/zs_fold.py)."""
+    parts = []
+    for row in group.sort_values(["bits", "method"]).itertuples():
+        for scope, metrics in row.zs_other:
+            cells = ", ".join(
+                f"{task} {100 * metrics[f'zs.{task}.{_zs_metric(group, task)}']:.1f}"
+                for task in tasks
+                if f"zs.{task}.{_zs_metric(group, task)}" in metrics
+            )
+            average = metrics.get("zs.avg")
+            cells += "" if average is None else f", avg {100 * average:.1f}"
+            parts.append(f"{row.method} · {row.bits} on {scope}: {cells}")
+    return ["- The same model on other zero-shot documents: " + "; ".join(parts)] if parts else []
 
 
 def _contamination_lines(group: pd.DataFrame) -> list[str]:
@@ -241,21 +257,23 @@ def render_leaderboard(records: list[dict]) -> str:
     for (_, _), group in sorted(frame.groupby(["model", "protocol"], sort=True), key=_section_order):
         lines += _section_header(group)
         lines += ppl_overview(group)
+        lines += zeroshot_overview(group)
         lines += best_overview(group)
         lines += seed_spread(group)
         fp = group[(group.bits == FP_BITS) & (group.status == "FINISHED")].sort_values("method")
         fp_ppl = float(fp.ppl.iloc[0]) if len(fp) else None
         fp_documents = fp.zs_documents.iloc[0] if len(fp) else {}
         marks = hardware_marks(group)
-        tasks = zeroshot_tasks(group)
-        task_metrics = [(task, _zs_metric(group, task)) for task in tasks]
-        zs_head = "".join(f" {task} |" for task in tasks) + (" avg |" if tasks else "")
-        zs_rule = "---:|" * (len(tasks) + (1 if tasks else 0))
+        scope_marks = zs_scope_marks(group)
         for bits in sorted(group.bits.unique(), key=_bits_order):
             table = group[group.bits == bits].copy()
             table["failed"] = table.status != "FINISHED"
             table = table.sort_values(["failed", "ppl", "method"], na_position="last")
             seeded = table.groupby("method").p_seed.nunique().to_dict()
+            tasks = zeroshot_tasks(table)
+            task_metrics = [(task, _zs_metric(group, task)) for task in tasks]
+            zs_head = "".join(f" {task} |" for task in tasks) + (" avg zero-shot |" if tasks else "")
+            zs_rule = "---:|" * (len(tasks) + (1 if tasks else 0))
             lines += [
                 f"### `{bits}`",
                 "",
@@ -275,7 +293,8 @@ def render_leaderboard(records: list[dict]) -> str:
                 )
                 if tasks:
                     avg = row.metrics.get("zs.avg")
-                    zs_cells += f" {'–' if avg is None else f'{100 * avg:.1f}'} |"
+                    mark = scope_marks.get(row.zs_scope, "") if row.zs_scope else ""
+                    zs_cells += f" {'–' if avg is None else f'{100 * avg:.1f}{mark}'} |"
                 kl, top1 = row.metrics.get("kl_vs_fp"), row.metrics.get("top1_vs_fp")
                 fidelity = f" {'–' if kl is None else f'{kl:.4f}'} | {'–' if top1 is None else f'{100 * top1:.1f}%'} |"
                 label = f"{row.method} (seed {row.p_seed})" if seeded.get(row.method, 1) > 1 else row.method

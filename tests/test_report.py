@@ -322,7 +322,7 @@ def test_zero_shot_columns_and_each_runs_wall_time_are_shown():
             "zs.avg": (piqa + hs) / 2,
         }
     board = render_leaderboard([fp, q])
-    assert "whole test split, with zero-shot" in board and "lm-eval, 0-shot, whole splits" in board
+    assert "with zero-shot" not in board and "lm-eval, 0-shot, whole splits" in board
     assert (
         "- Zero-shot wall time per run, all tasks (longest task): rtn · w16a16kv16 65.0 min (hellaswag_mirror 60.0); "
         "gptq · w4g128a16kv16 66.0 min (hellaswag_mirror 61.0)"
@@ -353,6 +353,47 @@ def test_zero_shot_gaps_the_same_documents_cannot_separate_from_fp_are_marked():
     assert "≈ = not separable from the FP row on the same documents" in board
     rows = {line.split(" |")[0][2:]: line for line in board.splitlines() if line.startswith("| ")}
     assert "| 68.0 ≈ |" in rows["near"] and "| 40.0 |" in rows["far"] and "| 69.0 |" in rows["old"]
+
+
+def _zs_run(key, method, bits, ppl, piqa, scope, start=2):
+    rec = _record(key, method, bits, ppl, start=start)
+    rec["protocol"] |= {"zs_tasks": "['piqa']", "zs_limit": "null"} | scope
+    rec["metrics"] |= {"zs.piqa.acc_norm": piqa, "zs.piqa.seconds": 60.0, "zs.avg": piqa}
+    return rec
+
+
+def test_a_zero_shot_run_folds_into_the_row_of_the_same_model_and_no_ppl_moves():
+    """Issue 47 item 3: one section, one row per model; a zero-shot run of another model (another PPL) stays a row."""
+    fp, q = _record("fp", "rtn", "w16a16kv16", 10.0), _record("q", "gptq", "w4g128a16kv16", 11.0)
+    q_zs = _zs_run("q-zs", "gptq", "w4g128a16kv16", 11.0 * (1 + 3e-8), 0.61, {})  # same model, another code version
+    other = _zs_run("other", "gptq", "w4g128a16kv16", 11.5, 0.59, {})  # a different model: not folded
+    board = render_leaderboard([fp, q, q_zs, other])
+    assert board.count("## m — WikiText-2") == 1
+    rows = [line for line in board.splitlines() if line.startswith("| gptq |")]
+    assert len(rows) == 2
+    assert "| 11.00 |" in rows[0] and "| 61.0 | 61.0 |" in rows[0]  # q's own PPL, q_zs's accuracy and avg
+    assert "| 11.50 |" in rows[1] and "| 59.0 | 59.0 |" in rows[1]
+    fp_row = next(line for line in board.splitlines() if line.startswith("| rtn |"))
+    assert "| – | – |" in fp_row  # piqa and avg not run
+
+
+def test_several_document_sets_are_lettered_and_the_glance_panel_shows_the_best_recipes_average():
+    fp = _record("fp", "rtn", "w16a16kv16", 10.0)
+    zs1k = {"zs_sample": "1000", "zs_sample_seed": "0"}
+    fp_sampled = _zs_run("fp-1k", "rtn", "w16a16kv16", 10.0, 0.70, zs1k)
+    fp_whole = _zs_run("fp-whole", "rtn", "w16a16kv16", 10.0, 0.72, {})
+    q = _zs_run("q", "gptq", "w4g128a16kv16", 11.0, 0.66, zs1k)
+    old = _zs_run("old", "rtn", "w4g128a16kv16", 12.0, 0.65, {"zs_limit": "200"})
+    board = render_leaderboard([as_recipe(r) for r in (fp, fp_sampled, fp_whole, q, old)])
+    assert "ᵃ first 200 documents per task; ᵇ the same 1,000 documents per task" in board
+    assert (
+        "- The same model on other zero-shot documents: rtn · w16a16kv16 on whole splits: piqa 72.0, avg 72.0" in board
+    )
+    fp_row = next(line for line in board.splitlines() if line.startswith("| rtn |") and "| 10.00 |" in line)
+    assert "| 70.0 | 70.0ᵇ |" in fp_row  # the seeded sample is the row's: it pairs with the methods' rows
+    panel = board[board.index("### Zero-shot at a glance") :].split("\n\n")[1].splitlines()
+    assert panel[2] == "| `w16a16kv16` | rtn | 10.00 | 70.0ᵇ | +0.0 |"
+    assert panel[3] == "| `w4g128a16kv16` | gptq | 11.00 | 66.0ᵇ | -4.0 |"
 
 
 def test_the_header_counts_quantized_runs_without_kl_and_names_the_command_that_fills_them():
