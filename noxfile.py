@@ -1,6 +1,6 @@
 """nox sessions: tests (default pytest run), slow (real-model tests), lint, leaderboard (report --check), lock
 (regenerate requirements.lock), latest (the newest versions pyproject.toml allows, no lock: the early warning for
-upstream breaks), ray (the Ray launcher, in an environment of its own).
+upstream breaks), ray (the Ray launcher, in an environment of its own), peers (the peer methods' libraries: hqq).
 
 Every session but `latest` and `lock` installs from requirements.lock, the versions the whole suite passed with."""
 
@@ -80,6 +80,29 @@ def ray(session: nox.Session) -> None:
     _install(session)
     session.install("hydra-ray-launcher==1.2.2", "ray[default]<3", "cloudpickle<3")
     session.run("pytest", "-m", "slow", "-k", "ray_launcher", *session.posargs, env={"QUANTBENCH_DATA": DATA})
+
+
+PEER_LIBRARIES = ("hqq==0.2.8.post1", "termcolor")  # hqq's own imports; its other dependencies are ours already
+
+
+@nox.session
+def peers(session: nox.Session) -> None:
+    """The peer methods' libraries (issue 46: `method=hqq` ...) on top of the locked environment, kept out of the
+    default one and CI; runs the tests that need them. `--no-deps`: hqq's loose bounds would otherwise move our
+    locked packages; DISABLE_CUDA skips its CUDA extension build. Sweep there with .nox/peers/bin/python -m harness."""
+    _install(session)
+    session.install("--no-deps", *PEER_LIBRARIES, env={"DISABLE_CUDA": "1"})
+    session.run(
+        "pytest",
+        "-n",
+        "0",
+        "tests/test_hqq.py",
+        "tests/test_conformance.py",
+        "-k",
+        "hqq",
+        *session.posargs,
+        env={"QUANTBENCH_DATA": DATA},
+    )
 
 
 @nox.session

@@ -22,6 +22,7 @@ from harness import spool
 from harness.runner import check_supported, spec_from_config
 from harness.spec import RunSpec, SpecError, run_name
 from harness.tracking import StoreUnreachable, Tracker, is_unreachable
+from methods.base import MissingLibrary
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "act", "kv", "eval", "budget")
@@ -163,7 +164,7 @@ def main(overrides: list[str], multirun: bool) -> int:
         return 0
     try:
         runnable, unsupported = plan_specs(overrides)
-    except SpecError as err:
+    except (SpecError, MissingLibrary) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not multirun and len(runnable) + len(unsupported) > 1:

@@ -33,7 +33,7 @@ from harness.spec import (
 from harness.tracking import KeyClaimed, Tracker, flatten, provenance_tags
 from methods import METHODS
 from methods.act import ACT_QUANTIZERS
-from methods.base import QuantContext, Request
+from methods.base import MissingLibrary, QuantContext, Request
 from methods.core.arch import ARCHS
 from methods.core.cpu_gemm import CPU_GEMMS, use_cpu_gemm
 from methods.core.quantizers import compile_quantizers
@@ -177,8 +177,26 @@ def build_plugins(spec: RunSpec) -> tuple:
     return tuple(built)
 
 
+PEER_ENVIRONMENT = "nox -s peers"  # the environment that installs the peer methods' libraries (noxfile.py)
+
+
+def check_library(method: str) -> None:
+    """A peer method's library, before anything loads: one line naming the environment that has it."""
+    import importlib.util
+
+    required = METHODS[method].requires
+    if required is not None and importlib.util.find_spec(required) is None:
+        raise MissingLibrary(
+            f"method={method} runs the `{required}` package, which this environment lacks: run it in the peers "
+            f"environment (`{PEER_ENVIRONMENT}` builds it; then .nox/peers/bin/python -m harness sweep "
+            f"method={method} ...)"
+        )
+
+
 def check_supported(spec: RunSpec) -> None:
-    """The method's `supports` on the full request (bits, architecture family, plug-ins), before loading."""
+    """The method's library and `supports` on the full request (bits, architecture family, plug-ins), before
+    loading."""
+    check_library(spec.method)
     act, kv = build_plugins(spec)
     METHODS[spec.method].supports(Request(spec.bits, ARCHS[models.family(spec.model)], act, kv))
 

@@ -4,7 +4,21 @@
 
 from __future__ import annotations
 
-from methods import bcq, bitdistiller, gptq, paretoq, quarot, quip, quip_sharp, rcp, rsavq, rtn, signround, spinquant
+from methods import (
+    bcq,
+    bitdistiller,
+    gptq,
+    hqq,
+    paretoq,
+    quarot,
+    quip,
+    quip_sharp,
+    rcp,
+    rsavq,
+    rtn,
+    signround,
+    spinquant,
+)
 from methods.base import MethodEntry
 
 METHODS: dict[str, MethodEntry] = {
@@ -36,5 +50,6 @@ METHODS: dict[str, MethodEntry] = {
         trains=True,
         family="qat",
     ),
+    "hqq": MethodEntry(hqq.HQQConfig, supports=hqq.supports, quantize=hqq.quantize, requires=hqq.LIBRARY),
     "rcp": MethodEntry(rcp.RCPConfig, supports=rcp.supports, quantize=rcp.quantize, trains=True, family="qat"),
 }

@@ -27,6 +27,10 @@ class UnsupportedBits(ValueError):
     """The method cannot run this request (bits, architecture or composition); raised before loading."""
 
 
+class MissingLibrary(RuntimeError):
+    """A peer method's library is not installed in this environment; the message names the one that has it."""
+
+
 class ActQuantizer(Protocol):
     """Quantizes the input of decoder linears (per token, or as the plug-in defines)."""
 
@@ -126,6 +130,7 @@ class MethodEntry(ConfigEntry):
     quantize: Callable[..., QuantSummary] = None
     trains: bool = False  # reads `ctx.training()`: the run gets a `train:` data spec (in its run key)
     family: str = "ptq"  # "ptq" or "qat" (the paper's kind): its recipe's budget is the family's (conf/recipes.yaml)
+    requires: str | None = None  # a peer method's library (import name): missing -> MissingLibrary before loading
 
 
 @dataclass(frozen=True)

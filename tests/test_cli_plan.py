@@ -12,7 +12,7 @@ from harness.spec import BITS_GRAMMAR, SpecError
     [
         (
             ["method=nope"],
-            "unknown method 'nope'; valid: bcq, bitdistiller, gptq, paretoq, quarot, quip, quipsharp, r2q, rcp, "
+            "unknown method 'nope'; valid: bcq, bitdistiller, gptq, hqq, paretoq, quarot, quip, quipsharp, r2q, rcp, "
             "rsavq, rtn",
         ),
         (["model=gpt9"], "unknown model 'gpt9'; valid: gemma3-270m, hf, smollm2-135m, tiny-gemma3, tiny-llama"),

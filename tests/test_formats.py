@@ -97,7 +97,7 @@ def test_an_unknown_format_is_an_error_naming_the_known_ones(tiny):
         def storage_bits(self):
             return 0
 
-    with pytest.raises(UnknownFormat, match="known: int, lut, lut-signed, ternary, binary"):
+    with pytest.raises(UnknownFormat, match="known: int, int-fpzero, lut, lut-signed, ternary, binary"):
         check_format(Mystery())
     model, _ = tiny
     name, parent, attr, module = next(iter(decoder_linears(model)))

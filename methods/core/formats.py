@@ -134,6 +134,23 @@ class QuantizedWeight:
 
 
 @dataclass
+class FloatZeroWeight(QuantizedWeight):
+    """Integer codes with an fp16 scale and an fp16 zero point per (row, group) that need not be an integer: HQQ's
+    layout (its solver moves the zero off the integer grid, so the zero is stored at the scale's precision). No
+    packed layout in qkernels (its zero words are integers): the packed b/w column shows –."""
+
+    format_name: ClassVar[str] = "int-fpzero"
+
+    def storage_bits(self) -> int:
+        """Code bits + one fp16 scale and one fp16 zero per group."""
+        return self.codes.numel() * self.bits + self.scales.numel() * 2 * SCALE_BITS
+
+    @property
+    def packable(self) -> bool:
+        return False
+
+
+@dataclass
 class LUTWeight:
     """b-bit codes into a table of 2^b levels: per (row, group) (`levels` [out, n_groups, 2^b], no scales) or
     shared (`levels` [2^b]) times a per-(row, group) `scales` [out, n_groups]."""
@@ -453,8 +470,8 @@ def _pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
 FORMATS: dict[str, type] = {
     cls.format_name: cls
     for cls in (
-        QuantizedWeight, LUTWeight, SignedLUTWeight, TernaryWeight, BinaryWeight, BCQWeight, IncoherentWeight,
-        E8PWeight, VQWeight,
+        QuantizedWeight, FloatZeroWeight, LUTWeight, SignedLUTWeight, TernaryWeight, BinaryWeight, BCQWeight,
+        IncoherentWeight, E8PWeight, VQWeight,
     )
 }  # fmt: skip
 
