@@ -9,6 +9,7 @@ from methods import (
     bitdistiller,
     gptq,
     hqq,
+    omniquant,
     paretoq,
     quarot,
     quip,
@@ -51,5 +52,6 @@ METHODS: dict[str, MethodEntry] = {
         family="qat",
     ),
     "hqq": MethodEntry(hqq.HQQConfig, supports=hqq.supports, quantize=hqq.quantize, requires=hqq.LIBRARY),
+    "omniquant": MethodEntry(omniquant.OmniQuantConfig, supports=omniquant.supports, quantize=omniquant.quantize),
     "rcp": MethodEntry(rcp.RCPConfig, supports=rcp.supports, quantize=rcp.quantize, trains=True, family="qat"),
 }
