@@ -83,10 +83,11 @@ def _override_error(err: HydraException) -> str:
     return message
 
 
-def plan_specs(overrides: list[str]) -> tuple[list[tuple[RunSpec, str]], list[str]]:
+def plan_specs(overrides: list[str], need_library: bool = True) -> tuple[list[tuple[RunSpec, str]], list[str]]:
     """Validate every combination: ([(spec, tracking uri + experiment)] to run, ['name: reason'] unsupported).
 
-    Raises SpecError on a malformed combination, so nothing runs when any of them is wrong.
+    Raises SpecError on a malformed combination, so nothing runs when any of them is wrong; MissingLibrary when a
+    peer method's library is absent, unless `need_library` is False (composing a run key needs no library).
     """
     runnable, unsupported, malformed = [], [], {}
     combos = expand(overrides)
@@ -102,7 +103,7 @@ def plan_specs(overrides: list[str]) -> tuple[list[tuple[RunSpec, str]], list[st
                 malformed.setdefault(str(err), []).append(combo)
                 continue
             try:
-                check_supported(spec)
+                check_supported(spec, need_library)
                 runnable.append((spec, (cfg.tracking_uri, cfg.experiment)))
             except ValueError as err:
                 unsupported.append(f"{run_name(spec)}: {err}")

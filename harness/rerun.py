@@ -97,8 +97,9 @@ def unrecorded_params(record: dict) -> list[str]:
     return [f.name for f in dataclasses.fields(config_cls) if f.name not in recorded and f.name not in legacy]
 
 
-def checked_overrides(record: dict) -> list[str]:
-    """`overrides_for(record)` once composing them gives the record's run key; else SpecError naming the key."""
+def checked_overrides(record: dict, need_library: bool = True) -> list[str]:
+    """`overrides_for(record)` once composing them gives the record's run key; else SpecError naming the key.
+    MissingLibrary when the record's peer method lacks its library here, unless `need_library` is False."""
     from harness.cli_sweep import plan_specs
 
     overrides = overrides_for(record)
@@ -108,7 +109,7 @@ def checked_overrides(record: dict) -> list[str]:
             f"run {record['run_key']}: method {record['method']} gained {', '.join(unmarked)} after this run without "
             "marking them added_later (methods.core.params), so today's key for its settings differs; run it anew"
         )
-    runnable, unsupported = plan_specs(overrides)
+    runnable, unsupported = plan_specs(overrides, need_library)
     if unsupported:
         raise SpecError(f"run {record['run_key']}: no longer supported ({unsupported[0]})")
     key = runnable[0][0].run_key

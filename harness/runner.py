@@ -193,10 +193,11 @@ def check_library(method: str) -> None:
         )
 
 
-def check_supported(spec: RunSpec) -> None:
-    """The method's library and `supports` on the full request (bits, architecture family, plug-ins), before
-    loading."""
-    check_library(spec.method)
+def check_supported(spec: RunSpec, need_library: bool = True) -> None:
+    """The method's library (unless `need_library` is False) and `supports` on the full request (bits, architecture
+    family, plug-ins), before loading."""
+    if need_library:
+        check_library(spec.method)
     act, kv = build_plugins(spec)
     METHODS[spec.method].supports(Request(spec.bits, ARCHS[models.family(spec.model)], act, kv))
 

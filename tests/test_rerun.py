@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 
 from harness import rerun
 from harness.records import read_records
 from harness.spec import SpecError
+from methods import METHODS
+from methods.base import MissingLibrary
 
 RECORDS = read_records(rerun.RECORDS)
 
@@ -31,7 +34,15 @@ def test_every_recorded_run_rebuilds_its_run_key_or_names_the_parameters_that_mo
             with pytest.raises(SpecError, match=", ".join(unmarked)):
                 rerun.checked_overrides(record)
             continue
-        rerun.checked_overrides(record)
+        if _library_missing(record["method"]):
+            with pytest.raises(MissingLibrary, match=r"nox -s peers"):
+                rerun.checked_overrides(record)
+        rerun.checked_overrides(record, need_library=False)
+
+
+def _library_missing(method: str) -> bool:
+    required = METHODS[method].requires
+    return required is not None and importlib.util.find_spec(required) is None
 
 
 def test_a_changed_parameter_is_caught_before_anything_runs():
