@@ -177,19 +177,16 @@ def build_plugins(spec: RunSpec) -> tuple:
     return tuple(built)
 
 
-PEER_ENVIRONMENT = "nox -s peers"  # the environment that installs the peer methods' libraries (noxfile.py)
-
-
 def check_library(method: str) -> None:
     """A peer method's library, before anything loads: one line naming the environment that has it."""
     import importlib.util
 
-    required = METHODS[method].requires
-    if required is not None and importlib.util.find_spec(required) is None:
+    entry = METHODS[method]
+    if entry.requires is not None and importlib.util.find_spec(entry.requires) is None:
         raise MissingLibrary(
-            f"method={method} runs the `{required}` package, which this environment lacks: run it in the peers "
-            f"environment (`{PEER_ENVIRONMENT}` builds it; then .nox/peers/bin/python -m harness sweep "
-            f"method={method} ...)"
+            f"method={method} runs the `{entry.requires}` package, which this environment lacks: run it in the "
+            f"`{entry.environment}` environment (`nox -s {entry.environment}` builds it; then "
+            f".nox/{entry.environment}/bin/python -m harness sweep method={method} ...)"
         )
 
 

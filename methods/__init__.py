@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 from methods import (
+    awq,
     bcq,
     bitdistiller,
     gptq,
+    gptq_llmc,
     hqq,
     omniquant,
     paretoq,
@@ -52,6 +54,16 @@ METHODS: dict[str, MethodEntry] = {
         family="qat",
     ),
     "hqq": MethodEntry(hqq.HQQConfig, supports=hqq.supports, quantize=hqq.quantize, requires=hqq.LIBRARY),
+    "awq": MethodEntry(
+        awq.AWQConfig, supports=awq.supports, quantize=awq.quantize, requires=awq.LIBRARY, environment="llmc"
+    ),
+    "gptq_llmc": MethodEntry(
+        gptq_llmc.GPTQLLMCConfig,
+        supports=gptq_llmc.supports,
+        quantize=gptq_llmc.quantize,
+        requires=gptq_llmc.LIBRARY,
+        environment="llmc",
+    ),
     "omniquant": MethodEntry(omniquant.OmniQuantConfig, supports=omniquant.supports, quantize=omniquant.quantize),
     "rcp": MethodEntry(rcp.RCPConfig, supports=rcp.supports, quantize=rcp.quantize, trains=True, family="qat"),
 }

@@ -131,6 +131,7 @@ class MethodEntry(ConfigEntry):
     trains: bool = False  # reads `ctx.training()`: the run gets a `train:` data spec (in its run key)
     family: str = "ptq"  # "ptq" or "qat" (the paper's kind): its recipe's budget is the family's (conf/recipes.yaml)
     requires: str | None = None  # a peer method's library (import name): missing -> MissingLibrary before loading
+    environment: str = "peers"  # the nox session that installs `requires` (noxfile.py)
 
 
 @dataclass(frozen=True)

@@ -164,8 +164,8 @@ def test_list_names_models_methods_and_grammar(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert (
-        "bcq, bitdistiller, gptq, hqq, omniquant, paretoq, quarot, quip, quipsharp, r2q, rcp, rsavq, rtn, signround, "
-        "spinquant" in out
+        "awq, bcq, bitdistiller, gptq, gptq_llmc, hqq, omniquant, paretoq, quarot, quip, quipsharp, r2q, rcp, rsavq, "
+        "rtn, signround, spinquant" in out
     )
     assert "smollm2-135m" in out and BITS_GRAMMAR in out
     assert "MISSING" not in out and "method=paretoq: loop.steps=null [>= 0 or null]" in out  # nested leaves, rules
@@ -192,8 +192,8 @@ def test_bench_unknown_method_lists_valid(capsys):
     assert main(["bench", "forward", "--method", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(
-        "error: unknown method 'nope'; valid: bcq, bitdistiller, gptq, hqq, omniquant, paretoq, quarot, quip, "
-        "quipsharp, r2q, rcp, rsavq, rtn"
+        "error: unknown method 'nope'; valid: awq, bcq, bitdistiller, gptq, gptq_llmc, hqq, omniquant, paretoq, "
+        "quarot, quip, quipsharp, r2q, rcp, rsavq, rtn"
     )
     assert "\n" not in err
 

@@ -12,8 +12,8 @@ from harness.spec import BITS_GRAMMAR, SpecError
     [
         (
             ["method=nope"],
-            "unknown method 'nope'; valid: bcq, bitdistiller, gptq, hqq, omniquant, paretoq, quarot, quip, quipsharp, "
-            "r2q, rcp, rsavq, rtn",
+            "unknown method 'nope'; valid: awq, bcq, bitdistiller, gptq, gptq_llmc, hqq, omniquant, paretoq, quarot, "
+            "quip, quipsharp, r2q, rcp, rsavq, rtn",
         ),
         (["model=gpt9"], "unknown model 'gpt9'; valid: gemma3-270m, hf, smollm2-135m, tiny-gemma3, tiny-llama"),
         (["bits=w2a4"], BITS_GRAMMAR),

@@ -46,11 +46,13 @@ PROBE_BITS = ("w16a16kv16", "w8a8kv8", "w4g32a16kv16", "w3a4kv4", "w2g64a16kv4",
 
 
 def _with_library(method: str, *rest):
-    """The case, skipped where the method is a peer whose library this environment lacks (`nox -s peers` has it)."""
-    required = METHODS[method].requires
+    """The case, skipped where the method is a peer whose library this environment lacks (its nox session has it)."""
+    required, environment = METHODS[method].requires, METHODS[method].environment
     if required is None or importlib.util.find_spec(required) is not None:
         return pytest.param(method, *rest)
-    return pytest.param(method, *rest, marks=pytest.mark.skip(reason=f"needs the `{required}` package (nox -s peers)"))
+    return pytest.param(
+        method, *rest, marks=pytest.mark.skip(reason=f"needs the `{required}` package (nox -s {environment})")
+    )
 
 
 CASES = [_with_library(method, model) for method in METHODS for model in FAMILIES]
