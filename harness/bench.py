@@ -181,6 +181,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="kernels: cpu, or cuda for the Triton kernels")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="quarot")
+    parser.add_argument(
+        "--against", default=None, help="quantize: a second method timed in the same process (ours vs a peer)"
+    )
     parser.add_argument("--bits", default="w4a4kv4")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=5)
@@ -231,14 +234,20 @@ def main(argv: list[str]) -> int:
         return print_comparison(args.model, args.task, args.limit, args.batch_size)
 
     if args.what == "quantize":
-        result = bench_quantize(args.model, args.method, args.bits, args.overrides, args.ppl_windows)
-        print(f"quantize {args.model} with {args.method} {args.bits} {' '.join(args.overrides)}")
-        print(
-            "\n".join(
-                f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}"
-                for name, value in result.items()
+        methods = [args.method] + ([args.against] if args.against else [])
+        results = {}
+        for method in methods:  # each on a fresh load, the same calibration windows (same calib spec and seed)
+            results[method] = bench_quantize(args.model, method, args.bits, args.overrides, args.ppl_windows)
+            print(f"quantize {args.model} with {method} {args.bits} {' '.join(args.overrides)}")
+            print(
+                "\n".join(
+                    f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}"
+                    for name, value in results[method].items()
+                )
             )
-        )
+        if args.against:
+            ratio = results[args.against]["quantize_seconds"] / results[args.method]["quantize_seconds"]
+            print(f"time ratio {args.against} / {args.method}: {ratio:.2f}x (one process, same windows)")
         return 0
     if args.what == "deploy":
         windows = args.ppl_windows or 2

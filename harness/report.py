@@ -22,6 +22,7 @@ from harness.frame import UNRECORDED, records_frame, whole_split
 from harness.overview import best_overview, ppl_overview, seed_spread, zeroshot_overview
 from harness.overview import bits_order as _bits_order
 from harness.overview import fmt as _fmt
+from harness.peers import peer_crosscheck
 from harness.records import export_records, merge_records, read_records, write_records
 from harness.reproduction import ambiguous_claims, load_claims, render_reproduction
 from harness.stats import SIGNIFICANCE, mcnemar_p_value
@@ -304,6 +305,7 @@ def render_leaderboard(records: list[dict]) -> str:
                     f"{row.speedup}{marks.get(row.hardware, '') if '×' in row.speedup else ''} | {status} |"
                 )
             lines.append("")
+    lines += peer_crosscheck(records)
     return "\n".join(lines)
 
 

@@ -126,3 +126,18 @@ def test_awq_refuses_a_ragged_group_before_calibrating():
     model, tokenizer = tiny_llama()
     with pytest.raises(UnsupportedBits, match="awq: llm-compressor quantizes whole groups only"):
         _run("awq", "w4g128a16kv16", model, tokenizer, [])
+
+
+@needs_library
+def test_bench_times_the_peer_and_ours_in_one_process_and_they_agree(capsys):
+    """`bench quantize --method gptq_llmc --against gptq`: both timed on the same windows, the ratio printed; at the
+    same settings the two GPTQs give the same PPL on the tiny model (within 1%: they differ only in whose code ran)."""
+    from harness.bench import main as bench_main
+
+    args = ["quantize", "--model", "tiny-llama", "--method", "gptq_llmc", "--against", "gptq"]
+    args += ["--bits", "w4g16a16kv16", "--ppl-windows", "1", "calib.nsamples=4", "calib.seqlen=64"]
+    assert bench_main(args) == 0
+    out = capsys.readouterr().out
+    ppls = [float(line.split(": ")[1]) for line in out.splitlines() if line.startswith("ppl: ")]
+    assert len(ppls) == 2 and abs(ppls[0] / ppls[1] - 1) < 0.01
+    assert "time ratio gptq / gptq_llmc: " in out
