@@ -1,7 +1,7 @@
 """nox sessions: tests (default pytest run), slow (real-model tests), lint, leaderboard (report --check), lock
 (regenerate requirements.lock), latest (the newest versions pyproject.toml allows, no lock: the early warning for
 upstream breaks), ray (the Ray launcher, in an environment of its own), peers (the peer methods' libraries: hqq), llmc
-(llm-compressor's peers: awq, gptq_llmc; its pins sit below our lock, so no lock there).
+(llm-compressor's peers: awq, gptq_llmc, smoothquant; its pins sit below our lock, so no lock there).
 
 Every session but `latest` and `lock` installs from requirements.lock, the versions the whole suite passed with."""
 
@@ -112,11 +112,12 @@ LLMC_UNLOCKED = ("transformers", "auto-round", "huggingface-hub", "hf-xet")  # w
 
 @nox.session
 def llmc(session: nox.Session) -> None:
-    """llm-compressor's peer methods (issue 46: `method=awq`, `method=gptq_llmc`). Its pins clash with the lock
-    (transformers 5.25, auto-round 0.16, and huggingface-hub through transformers), so those packages resolve freely
-    here and everything else stays at the lock — mlflow above all, so rows logged here land in the same store the
-    main environment reads (a newer mlflow migrates the store's schema past it). No autoround extra (SignRound is not
-    run here); runs the tests that need the library. Sweep there with .nox/llmc/bin/python -m harness."""
+    """llm-compressor's peer methods (issue 46: `method=awq`, `method=gptq_llmc`, `method=smoothquant`). Its pins
+    clash with the lock (transformers 5.25, auto-round 0.16, and huggingface-hub through transformers), so those
+    packages resolve freely here and everything else stays at the lock — mlflow above all, so rows logged here land
+    in the same store the main environment reads (a newer mlflow migrates the store's schema past it). No autoround
+    extra (SignRound is not run here); runs the tests that need the library. Sweep there with
+    .nox/llmc/bin/python -m harness."""
     session.install(TORCH)
     with open(LOCK, encoding="utf-8") as lock:
         kept = [line for line in lock if not line.startswith(tuple(f"{name}==" for name in LLMC_UNLOCKED))]
@@ -132,7 +133,7 @@ def llmc(session: nox.Session) -> None:
         "tests/test_llmc.py",
         "tests/test_conformance.py",
         "-k",
-        "llmc or awq",
+        "llmc or awq or smoothquant",
         *session.posargs,
         env={"QUANTBENCH_DATA": DATA},
     )

@@ -20,6 +20,7 @@ from methods import (
     rsavq,
     rtn,
     signround,
+    smoothquant,
     spinquant,
 )
 from methods.base import MethodEntry
@@ -62,6 +63,13 @@ METHODS: dict[str, MethodEntry] = {
         supports=gptq_llmc.supports,
         quantize=gptq_llmc.quantize,
         requires=gptq_llmc.LIBRARY,
+        environment="llmc",
+    ),
+    "smoothquant": MethodEntry(
+        smoothquant.SmoothQuantConfig,
+        supports=smoothquant.supports,
+        quantize=smoothquant.quantize,
+        requires=smoothquant.LIBRARY,
         environment="llmc",
     ),
     "omniquant": MethodEntry(omniquant.OmniQuantConfig, supports=omniquant.supports, quantize=omniquant.quantize),

@@ -165,7 +165,7 @@ def test_list_names_models_methods_and_grammar(capsys):
     out = capsys.readouterr().out
     assert (
         "awq, bcq, bitdistiller, gptq, gptq_llmc, hqq, omniquant, paretoq, quarot, quip, quipsharp, r2q, rcp, rsavq, "
-        "rtn, signround, spinquant" in out
+        "rtn, signround, smoothquant, spinquant" in out
     )
     assert "smollm2-135m" in out and BITS_GRAMMAR in out
     assert "MISSING" not in out and "method=paretoq: loop.steps=null [>= 0 or null]" in out  # nested leaves, rules

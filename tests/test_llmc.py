@@ -141,3 +141,50 @@ def test_bench_times_the_peer_and_ours_in_one_process_and_they_agree(capsys):
     ppls = [float(line.split(": ")[1]) for line in out.splitlines() if line.startswith("ppl: ")]
     assert len(ppls) == 2 and abs(ppls[0] / ppls[1] - 1) < 0.01
     assert "time ratio gptq / gptq_llmc: " in out
+
+
+def test_smoothquant_refuses_weight_only_bits_and_gemma3_before_loading():
+    from methods import smoothquant
+    from methods.base import Request
+    from methods.core.arch import ARCHS
+
+    with pytest.raises(UnsupportedBits, match="quantize activations"):
+        smoothquant.supports(Request(BitSpec.parse("w8a16kv16"), ARCHS["llama"]))
+    with pytest.raises(UnsupportedBits, match="Gemma-3 with Llama's norm mappings"):
+        smoothquant.supports(Request(BitSpec.parse("w8a8kv16"), ARCHS["gemma3"]))
+    smoothquant.supports(Request(BitSpec.parse("w8a8kv16"), ARCHS["llama"]))
+
+
+def _logit_error(model, before, ids) -> float:
+    with torch.no_grad():
+        after = model(ids).logits
+    return float((after - before).norm() / before.norm())
+
+
+@needs_library
+@pytest.mark.parametrize("build,exact", [(tiny_llama, True), (tiny_gemma3, False)])
+def test_the_library_smoothing_alone_is_exact_on_llama_and_not_on_gemma3(build, exact):
+    """Why smoothquant refuses Gemma-3: the library's smoothing, with no quantization after it, should leave the FP
+    model's logits unchanged; it does on Llama and does not on Gemma-3."""
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    model, tokenizer = build()
+    windows = _windows(model, count=8, seqlen=64)
+    ids = _windows(model, count=1, seqlen=64)[0]
+    with torch.no_grad():
+        before = model(ids).logits
+    llmc.run_oneshot(model, windows, tokenizer, [SmoothQuantModifier(smoothing_strength=0.8)])
+    error = _logit_error(model, before, ids)
+    assert error < 1e-5 if exact else error > 0.1
+
+
+@needs_library
+@pytest.mark.parametrize("weights", ["gptq", "rtn"])
+def test_smoothquant_stores_symmetric_per_channel_codes(weights):
+    model, tokenizer = tiny_llama()
+    norm = model.model.layers[0].input_layernorm.weight.detach().clone()
+    _run("smoothquant", "w8a8kv16", model, tokenizer, _windows(model), weights=weights)
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm)
+    linears = [linear for _, _, _, linear in llmc.decoder_linears(model)]
+    assert all(isinstance(linear, QLinear) and linear.qweight.sym and linear.qweight.bits == 8 for linear in linears)
+    assert all(linear.qweight.group_size == linear.in_features for linear in linears)
