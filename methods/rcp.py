@@ -48,7 +48,6 @@ from torch import nn
 
 from methods.base import QuantContext, QuantSummary, Request, UnsupportedBits
 from methods.core.arch import decoder_linears
-from methods.core.attention import attention_states
 from methods.core.bits import BitSpec
 from methods.core.clip_search import ClipSearchSettings, clip_model_weights
 from methods.core.ldp import LDPQuantizer, clip_ratios, level_histogram, logit_of, uniform_grid_fake_quant
@@ -56,10 +55,10 @@ from methods.core.learned_rotation import RotationLearning, fuse, learn_rotation
 from methods.core.losses import KL_KINDS, LossSettings, cross_entropy, distillation, teacher_confidence
 from methods.core.params import Valid, added_later, flag, valid
 from methods.core.qat import TrainableQLinear, convert, prepare
-from methods.core.qlinear import QLinear
 from methods.core.quantizers import WeightQuantizer
-from methods.core.rotation import RotatedQuantizer, quarot_rotate, rotation_refusal
+from methods.core.rotation import quarot_rotate, rotation_refusal
 from methods.core.selfdistill import GenerationSettings, cached_generations, pack, select_prompts
+from methods.core.straight_through import straight_through_plugins
 from methods.core.trainer import LoopConfig, ParamGroup, batch_at, train
 
 RCP_BITS = (2, 3, 4)
@@ -120,20 +119,6 @@ def _check(cfg: RCPConfig) -> None:
             raise ValueError(f"rcp {name} must be one of {', '.join(choices)}, got {value!r}")
     if not 0 < cfg.clip_ratio <= 1:
         raise ValueError(f"rcp clip_ratio must be in (0, 1], got {cfg.clip_ratio}")
-
-
-def _straight_through_plugins(model: nn.Module) -> None:
-    """Put each attached act/KV quantizer behind a straight-through estimator, so the loss reaches the weights
-    through 4-bit activations and cache (the runner re-attaches the plain ones to the final model)."""
-    identity = lambda x: x  # noqa: E731
-    for _, _, _, module in decoder_linears(model):
-        if isinstance(module, QLinear | TrainableQLinear) and module.act_quant is not None:
-            module.act_quant = RotatedQuantizer(module.act_quant, identity, identity)
-    for state in attention_states(model):
-        if state.key_quant is not None:
-            state.key_quant = RotatedQuantizer(state.key_quant, identity, identity)
-        if state.value_quant is not None:
-            state.value_quant = RotatedQuantizer(state.value_quant, identity, identity)
 
 
 def _starting_clips(model: nn.Module, cfg: RCPConfig, bits: int, ctx: QuantContext, metrics: dict) -> dict:
@@ -240,7 +225,7 @@ def quantize(model: nn.Module, cfg: RCPConfig, bits: BitSpec, ctx: QuantContext)
         model,
         lambda name, weight: LDPQuantizer(weight.shape[0], w_bits, *ratios[name], learn_partition, cfg.learn_clip),
     )
-    _straight_through_plugins(model)
+    straight_through_plugins(model)  # the loss reaches the weights through the 4-bit activations and cache
     if trains:
         _train(model, teacher, cfg, ctx, metrics)
     quantizers, weights = {}, {}

@@ -34,18 +34,23 @@ class TrainableQLinear(nn.Module):
         self.weight_quantizer = weight_quantizer
         self.act_quant = getattr(linear, "act_quant", None)
         self.input_transform = getattr(linear, "input_transform", None)
+        # an equivalent transformation trained with the quantizer (OmniQuant's LET): W -> T(W) before Q_w
+        self.weight_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def transformed_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_transform is None else self.weight_transform(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
             x = self.input_transform(x)
         if self.act_quant is not None:
             x = self.act_quant(x)
-        weight = self.weight_quantizer(self.weight).to(x.dtype)
+        weight = self.weight_quantizer(self.transformed_weight()).to(x.dtype)
         return nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     def to_qlinear(self) -> QLinear:
         with torch.no_grad():
-            qweight = self.weight_quantizer.freeze(self.weight)
+            qweight = self.weight_quantizer.freeze(self.transformed_weight())
             deq = qweight.dequantize().to(self.weight.dtype)
         return QLinear(deq, self.bias, qweight=qweight, act_quant=self.act_quant, input_transform=self.input_transform)
 
