@@ -35,7 +35,8 @@ def test_every_recorded_run_rebuilds_its_run_key_or_names_the_parameters_that_mo
                 rerun.checked_overrides(record)
             continue
         if _library_missing(record["method"]):
-            with pytest.raises(MissingLibrary, match=r"nox -s peers"):
+            environment = METHODS[record["method"]].environment
+            with pytest.raises(MissingLibrary, match=rf"nox -s {environment}\b"):
                 rerun.checked_overrides(record)
         rerun.checked_overrides(record, need_library=False)
 
