@@ -36,6 +36,7 @@ from methods.act import ACT_QUANTIZERS
 from methods.base import MissingLibrary, QuantContext, Request
 from methods.core.arch import ARCHS
 from methods.core.cpu_gemm import CPU_GEMMS, use_cpu_gemm
+from methods.core.params import with_choice_spelling
 from methods.core.quantizers import compile_quantizers
 from methods.kv import KV_QUANTIZERS
 
@@ -58,6 +59,7 @@ def _entry_and_params(cfg: DictConfig, group: str, registry: dict) -> tuple[str,
     name = params.pop("name")
     if name not in registry:
         raise SpecError(f"unknown {group} {name!r}; valid: {', '.join(sorted(registry))}")
+    params = with_choice_spelling(registry[name].config_cls, params)  # the run key hashes the spelling it runs
     try:
         registry[name].make_config(f"{group} {name!r}", params)
     except (TypeError, ValueError) as err:

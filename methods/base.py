@@ -20,7 +20,7 @@ from torch import nn
 
 from methods.core.arch import ArchAdapter
 from methods.core.bits import BitSpec
-from methods.core.params import violations
+from methods.core.params import violations, with_choice_spelling
 
 
 class UnsupportedBits(ValueError):
@@ -100,7 +100,7 @@ class ConfigEntry:
     def make_config(self, label: str, params: dict[str, Any]):
         """The config dataclass from `params`; every value outside its field's declared rule (methods.core.params)
         is refused in one message naming each."""
-        config = _build(self.config_cls, label, params)
+        config = _build(self.config_cls, label, with_choice_spelling(self.config_cls, params))
         problems = violations(config)
         if problems:
             raise ValueError(f"{label}: " + "; ".join(problems))

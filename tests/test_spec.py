@@ -118,3 +118,24 @@ def test_dataset_inputs_name_what_the_run_read():
     assert training["training"].endswith("seed 3)")
     digests = {d for _, d, _, _ in run_datasets(gptq, True)}
     assert len(digests) == 2  # evaluation and calibration data are told apart
+
+
+@pytest.mark.parametrize("typed", ["false", "False", "true", "'false'"])
+def test_a_text_choice_typed_as_a_boolean_runs_under_its_choice_spelling(typed):
+    """Hydra reads `method.duo_scaling=false` as a boolean; the str field then holds "False". The run must still
+    plan, under the choice's own spelling, so a recorded "false" rebuilds the same run key (the CI failure of
+    stop 54: the AWQ record's duo_scaling="true" came back as "True" and was refused)."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli_sweep import CONF_DIR
+    from harness.runner import spec_from_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        typed_spec = spec_from_config(compose("config", overrides=["method=awq", f"method.duo_scaling={typed}"]))
+        both = spec_from_config(compose("config", overrides=["method=awq", "method.duo_scaling=both"]))
+    spelled = typed.strip("'").lower()
+    assert typed_spec.method_params["duo_scaling"] == spelled
+    assert both.method_params["duo_scaling"] == "both"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        quoted = spec_from_config(compose("config", overrides=["method=awq", f"method.duo_scaling='{spelled}'"]))
+    assert quoted.run_key == typed_spec.run_key != both.run_key

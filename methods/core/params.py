@@ -107,6 +107,29 @@ def violations(config: Any, prefix: str = "") -> list[str]:
     ]
 
 
+def with_choice_spelling(config_cls: type, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with a boolean-looking value of a text-choice field spelled as its choice: Hydra reads
+    `method.duo_scaling=false` as a boolean and a typed str node keeps it as "False", which a choice of
+    ("true", "false", "both") must still match. Nested settings blocks too; other values are left as they are."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    spelled = dict(params)
+    for name, value in params.items():
+        field = fields.get(name)
+        if field is None:
+            continue
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            spelled[name] = with_choice_spelling(type(default), value)
+            continue
+        rule = rule_of(field)
+        if rule is None or not rule.choices or not all(isinstance(c, str) for c in rule.choices):
+            continue
+        text = str(value).lower() if isinstance(value, bool | str) else None
+        if text in ("true", "false") and text in rule.choices:
+            spelled[name] = text
+    return spelled
+
+
 def undeclared(config_cls: type, prefix: str = "") -> list[str]:
     """The numeric, boolean or text fields of `config_cls` (and its nested settings blocks) without a rule."""
     missing = []
