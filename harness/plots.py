@@ -90,6 +90,7 @@ def plot_pareto(records: list[dict], path: Path) -> None:
     legend_rows = max(len(g.method.unique()) for _, g in frame.groupby(["model", "panel"]))
     row_height = 4.2 + 0.2 * legend_rows
     fig, axes = plt.subplots(len(models), 3, figsize=(19, row_height * len(models)), squeeze=False)
+    names = {}  # axes -> its method-name labels, spread apart once the layout is final
     for row, model in enumerate(models):
         for panel, (title, xcol, xlabel) in enumerate(PANELS):
             ax = axes[row][panel]
@@ -100,7 +101,7 @@ def plot_pareto(records: list[dict], path: Path) -> None:
             if xcol == "setting":
                 _draw_settings_panel(ax, group, colours)
             else:
-                _draw_panel(ax, group, xcol, colours)
+                names[ax] = _draw_panel(ax, group, xcol, colours)
             ax.set_title(
                 f"{model}: {title}\nFP PPL {group.fp_ppl.iloc[0]:.2f} (whole WikiText-2 test split); recipes only",
                 fontsize=10,
@@ -108,6 +109,8 @@ def plot_pareto(records: list[dict], path: Path) -> None:
             ax.set_xlabel(xlabel, fontsize=9)
             ax.set_ylabel("PPL / FP PPL (log)", fontsize=9)
     fig.tight_layout(h_pad=2.0)
+    for ax, labels in names.items():
+        spread_labels(ax, labels)
     _save(fig, path)
 
 
@@ -123,9 +126,11 @@ def method_colours(methods: list[str]) -> dict[str, tuple]:
     return {m: cmap(i / len(methods)) for i, m in enumerate(methods)}
 
 
-def _draw_panel(ax, group, xcol: str, colours) -> None:
+def _draw_panel(ax, group, xcol: str, colours) -> list:
     """One panel against true bits: each method's runs (its Pareto-optimal ones filled and joined), collapsed
-    runs as triangles on the ceiling with their PPL in the legend, bit settings named on the top axis."""
+    runs as triangles on the ceiling with their PPL in the legend, bit settings named on the top axis. Returns
+    the method-name labels (for `spread_labels`)."""
+    labels = []
     for method, rows in sorted(group.groupby("method")):
         colour = colours[method]
         shown = rows[rows.rel <= CEILING]
@@ -140,12 +145,31 @@ def _draw_panel(ax, group, xcol: str, colours) -> None:
         down = rows[rows.rel > CEILING]
         ax.scatter(down[xcol], [CEILING] * len(down), marker="^", s=45, color=colour, zorder=3)
         if front:
-            _name_point(ax, method, front[0], colour)
+            labels.append(_name_point(ax, method, front[0], colour))
         _legend_entry(ax, method, colour, down)
     settings = group.groupby("bits")[xcol].median().sort_values()
     top = ax.secondary_xaxis("top")
     top.set_xticks(list(settings), [_short_bits(b) for b in settings.index], fontsize=7, rotation=45, ha="left")
     _finish_axes(ax)
+    return labels
+
+
+def spread_labels(ax, labels: list) -> None:
+    """Move labels up (in points, from the lowest anchor up) until no two overlap: methods whose runs land at
+    the same true bits (AWQ, both GPTQs and RTN at W4 g64 all hold 4.31 b/w) keep a readable name each, in the
+    order of their points' height. Call it after the layout is final: overlap is measured in display space."""
+    renderer = ax.figure.canvas.get_renderer()
+    pixels_per_point = ax.figure.dpi / 72
+    placed = []
+    for label in sorted(labels, key=lambda a: tuple(ax.transData.transform(a.xy))[::-1]):
+        for _ in range(len(labels)):
+            box = label.get_window_extent(renderer)
+            hit = next((b for b in placed if box.overlaps(b)), None)
+            if hit is None:
+                break
+            dx, dy = label.xyann
+            label.xyann = (dx, dy + (hit.y1 - box.y0) / pixels_per_point + 1)
+        placed.append(label.get_window_extent(renderer))
 
 
 def setting_positions(group) -> tuple[list[str], dict[tuple[str, str], float]]:
@@ -193,10 +217,10 @@ def _draw_settings_panel(ax, group, colours) -> None:
     ax.grid(False, which="both", axis="x")  # the slot separators stand in for vertical grid lines
 
 
-def _name_point(ax, method: str, point: tuple[float, float], colour, rotation: float = 0) -> None:
+def _name_point(ax, method: str, point: tuple[float, float], colour, rotation: float = 0):
     """The method's name beside a point (the left end of its line, or each point of the settings panel), in
-    its colour, so the eye need not go to the legend."""
-    ax.annotate(method, point, xytext=(5, 3), textcoords="offset points", fontsize=7, color=colour,
+    its colour, so the eye need not go to the legend. Returns the annotation."""
+    return ax.annotate(method, point, xytext=(5, 3), textcoords="offset points", fontsize=7, color=colour,
                 rotation=rotation, ha="left", va="bottom", rotation_mode="anchor", zorder=4)  # fmt: skip
 
 

@@ -456,3 +456,34 @@ def test_training_loss_curves_are_drawn_per_setting_for_runs_that_kept_them(tmp_
     assert (tmp_path / "loss" / "rcp.png").stat().st_size > 1000
     assert not plot_training_loss([older], "rcp", tmp_path / "none.png", model=kept[0]["model"])
     assert not (tmp_path / "none.png").exists()
+
+
+def test_names_of_methods_at_the_same_bits_are_spread_until_none_overlap():
+    """AWQ, both GPTQs and RTN at W4 g64 share 4.31 b/w and nearly the same PPL: their names must not overlap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harness.plots import _name_point, spread_labels
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.set_yscale("log")
+    ax.set_xlim(1, 4.5)
+    ax.set_ylim(0.9, 16)
+    points = [(4.31, 1.16), (4.31, 1.17), (4.31, 1.21), (4.3, 1.32), (3.1, 2.0)]
+    labels = [_name_point(ax, f"method{i}", p, "black") for i, p in enumerate(points)]
+    renderer = fig.canvas.get_renderer()
+
+    def overlapping():
+        boxes = [a.get_window_extent(renderer) for a in labels]
+        return sum(boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i))
+
+    assert overlapping() > 0  # the case this exists for
+    spread_labels(ax, labels)
+    assert overlapping() == 0
+    assert labels[4].xyann == (5, 3)  # a label clear of the others stays where it was
+    assert [a.get_window_extent(renderer).y0 for a in labels[:4]] == sorted(
+        a.get_window_extent(renderer).y0 for a in labels[:4]
+    )  # stacked in the order of their points' height
+    plt.close(fig)
