@@ -362,6 +362,53 @@ def plot_training_loss(records: list[dict], method: str, path: Path, model: str 
     return True
 
 
+def claim_loss_pairs(records: list[dict], claims: dict, model: str = "smollm2-135m") -> list[tuple[str, dict, dict]]:
+    """(claim text, its run, the run it is compared with) for each claim of one claims file whose two sides are
+    both training runs that kept their loss per step: the runs the claim's verdict reads (the latest seed of each
+    side's best configuration, as `reproduction.best_configuration` picks it)."""
+    from harness.reproduction import best_configuration
+
+    pairs = []
+    for claim in claims.get("claims", []):
+        other = claim.get("below", claim.get("near"))
+        if other is None:
+            continue
+        runs, _ = best_configuration(records, model, claim["run"])
+        others, _ = best_configuration(records, model, other)
+        if runs and others and runs[-1].get("train_loss") and others[-1].get("train_loss"):
+            pairs.append((claim["text"], runs[-1], others[-1]))
+    return pairs
+
+
+def plot_claim_losses(records: list[dict], claims: dict, path: Path, model: str = "smollm2-135m") -> bool:
+    """`reports/loss/claims-<file>.png`: per claim that compares two training runs, both runs' training loss per
+    step on one panel (the claim's run solid, the one it is compared with dashed, final PPL in the legend), so a
+    claim about convergence or stability (R2Q's) is read off the curves of the very runs its verdict reads."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = claim_loss_pairs(records, claims, model)
+    if not pairs:
+        return False
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6.5 * len(pairs), 4.8), squeeze=False)
+    for ax, (text, run, other) in zip(axes[0], pairs, strict=True):
+        for rec, style in ((run, "-"), (other, "--")):
+            ppl = fmt(rec["metrics"].get("wikitext2_ppl"))
+            label = f"{row_label(rec)} {rec['bits']} [{rec['protocol'].get('budget')}]: PPL {ppl}"
+            ax.plot(range(1, len(rec["train_loss"]) + 1), rec["train_loss"], style, linewidth=1.2, label=label)
+        ax.set_title(f"{model}: {text}", fontsize=9, wrap=True)
+        ax.set_xlabel("training step", fontsize=9)
+        ax.set_ylabel("training loss (the trainer's objective)", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=7, frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    return True
+
+
 def _save(fig, path: Path) -> None:
     """PNG written atomically (a full disk leaves the previous plot), then the figure closed."""
     import matplotlib.pyplot as plt

@@ -356,7 +356,7 @@ def main(argv: list[str]) -> int:
                 return 1
         print(f"{board_path} and reproduction.md match {records_path} ({len(records)} runs)")
         return 0
-    from harness.plots import plot_pareto, plot_paretoq, plot_training_loss
+    from harness.plots import plot_claim_losses, plot_pareto, plot_paretoq, plot_training_loss
 
     fresh = export_records(args.tracking_uri, args.experiment)
     kept = read_records(out / "runs.jsonl") if (out / "runs.jsonl").exists() else []
@@ -375,6 +375,10 @@ def main(argv: list[str]) -> int:
     for method in TRAINING_PLOTS:
         if plot_training_loss(records, method, out / "loss" / f"{method}.png"):
             print(f"wrote {out / 'loss' / f'{method}.png'}")
+    for claims_file in load_claims(CLAIMS_DIR):
+        claims_plot = out / "loss" / f"claims-{Path(claims_file['file']).stem}.png"
+        if plot_claim_losses(records, claims_file, claims_plot):
+            print(f"wrote {claims_plot}")
     print(
         f"wrote {out / 'runs.jsonl'} ({len(records)} runs: {len(records) - from_file} from {args.tracking_uri}, "
         f"{from_file} kept from the file), {out / 'leaderboard.md'}, {out / 'reproduction.md'}, "

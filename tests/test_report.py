@@ -487,3 +487,38 @@ def test_names_of_methods_at_the_same_bits_are_spread_until_none_overlap():
         a.get_window_extent(renderer).y0 for a in labels[:4]
     )  # stacked in the order of their points' height
     plt.close(fig)
+
+
+def test_a_claim_between_two_training_runs_plots_both_loss_curves_on_one_panel(tmp_path):
+    """R2Q's claim (issue 43) is about convergence as well as PPL: the claim plot holds the loss per step of the
+    two runs the verdict reads, and leaves out a claim whose other side kept no loss curve."""
+    from harness.plots import claim_loss_pairs, plot_claim_losses
+
+    r2q = _record("r2q", "paretoq", "w2a16kv16", 900.0, params={"quantizer": "r2q"})
+    seq = _record("seq", "paretoq", "w2a16kv16", 2900.0, params={"quantizer": "paretoq"})
+    int2 = _record("int2", "bitdistiller", "w2g64a16kv16", 485.0)
+    r2q_g64 = _record("r2qg", "r2q", "w2g64a16kv16", 400.0)
+    for rec, curve in ((r2q, [5.0, 4.0, 3.5]), (seq, [6.0, 5.5, 5.0]), (r2q_g64, [2.0, 1.0])):
+        rec["train_loss"] = curve
+    claims = {
+        "claims": [
+            {
+                "text": "R2Q below SEQ",
+                "run": {"method": "paretoq", "bits": "w2a16kv16", "params": {"quantizer": "r2q"}},
+                "below": {"method": "paretoq", "bits": "w2a16kv16", "params": {"quantizer": "paretoq"}},
+            },
+            {
+                "text": "R2Q below INT2",
+                "run": {"method": "r2q", "bits": "w2g64a16kv16"},
+                "below": {"method": "bitdistiller", "bits": "w2g64a16kv16"},
+            },
+        ]
+    }
+    records = [r2q, seq, int2, r2q_g64]
+    pairs = claim_loss_pairs(records, claims, model="m")
+    assert [(text, run["run_key"], other["run_key"]) for text, run, other in pairs] == [("R2Q below SEQ", "r2q", "seq")]
+    assert plot_claim_losses(records, claims, tmp_path / "loss" / "claims-r2q.png", model="m")
+    assert (tmp_path / "loss" / "claims-r2q.png").stat().st_size > 1000
+    int2["train_loss"] = [3.0, 2.5]
+    assert len(claim_loss_pairs(records, claims, model="m")) == 2
+    assert not plot_claim_losses(records, {"claims": []}, tmp_path / "none.png", model="m")
