@@ -1,6 +1,7 @@
 """`reports/pareto.png` (PPL relative to FP against true bits or bit setting, per model and kind of setting),
-`reports/paretoq.png` (ParetoQ's size-vs-quality curve beside the paper's) and `reports/loss/<method>.png` (the
-training methods' loss per step)."""
+`reports/paretoq.png` (ParetoQ's size-vs-quality curve beside the paper's), `reports/loss/<method>.png` (the
+training methods' loss per step) and `reports/loss/claims-<file>.png` (the two loss curves of each claim between
+training runs)."""
 
 from __future__ import annotations
 
