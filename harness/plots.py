@@ -385,6 +385,8 @@ def plot_claim_losses(records: list[dict], claims: dict, path: Path, model: str 
     """`reports/loss/claims-<file>.png`: per claim that compares two training runs, both runs' training loss per
     step on one panel (the claim's run solid, the one it is compared with dashed, final PPL in the legend), so a
     claim about convergence or stability (R2Q's) is read off the curves of the very runs its verdict reads."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,7 +399,7 @@ def plot_claim_losses(records: list[dict], claims: dict, path: Path, model: str 
     for ax, (text, run, other) in zip(axes[0], pairs, strict=True):
         for rec, style in ((run, "-"), (other, "--")):
             ppl = fmt(rec["metrics"].get("wikitext2_ppl"))
-            label = f"{row_label(rec)} {rec['bits']} [{rec['protocol'].get('budget')}]: PPL {ppl}"
+            label = textwrap.fill(f"{row_label(rec)} {rec['bits']} [{rec['protocol'].get('budget')}]: PPL {ppl}", 75)
             ax.plot(range(1, len(rec["train_loss"]) + 1), rec["train_loss"], style, linewidth=1.2, label=label)
         ax.set_title(f"{model}: {text}", fontsize=9, wrap=True)
         ax.set_xlabel("training step", fontsize=9)
