@@ -353,14 +353,8 @@ def plot_training_loss(records: list[dict], method: str, path: Path, model: str 
             label = f"{row_label(rec)} [{rec['protocol'].get('budget')}]{recipe}: PPL {ppl}"
             ax.plot(range(1, len(rec["train_loss"]) + 1), rec["train_loss"], linewidth=1.2, label=label)
         ax.set_title(f"{model} · {method} · {bits}", fontsize=10)
-        ax.set_xlabel("training step", fontsize=9)
-        ax.set_ylabel("training loss (the method's objective)", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=7, frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, path)
-    return True
+        _finish_loss_axes(ax)
+    return _save_loss_figure(fig, path)
 
 
 def claim_loss_pairs(records: list[dict], claims: dict, model: str = "smollm2-135m") -> list[tuple[str, dict, dict]]:
@@ -402,10 +396,19 @@ def plot_claim_losses(records: list[dict], claims: dict, path: Path, model: str 
             label = textwrap.fill(f"{row_label(rec)} {rec['bits']} [{rec['protocol'].get('budget')}]: PPL {ppl}", 75)
             ax.plot(range(1, len(rec["train_loss"]) + 1), rec["train_loss"], style, linewidth=1.2, label=label)
         ax.set_title(f"{model}: {text}", fontsize=9, wrap=True)
-        ax.set_xlabel("training step", fontsize=9)
-        ax.set_ylabel("training loss (the trainer's objective)", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=7, frameon=False)
+        _finish_loss_axes(ax)
+    return _save_loss_figure(fig, path)
+
+
+def _finish_loss_axes(ax) -> None:
+    """Axis labels, grid and the legend below a training-loss panel."""
+    ax.set_xlabel("training step", fontsize=9)
+    ax.set_ylabel("training loss (the method's objective)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=7, frameon=False)
+
+
+def _save_loss_figure(fig, path: Path) -> bool:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, path)
